@@ -1,0 +1,1 @@
+"""Differentiable hardware cost models and co-design (source in ``hardware/``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from jaxcore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure functional kernels: ``jaxcore.kernels`` (source in ``kernels/``)."""

@@ -1,0 +1,1 @@
+"""Low-precision arithmetic (see issue: low precision)."""

@@ -1,0 +1,1 @@
+"""Flax NNX models and generated tasks: ``jaxcore.models`` (source in ``models/``)."""
