@@ -23,7 +23,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from jaxcore import backend, devices
 
     try:
-        import jaxcore.kernels  # noqa: F401  (registers the kernel families)
+        import jaxcore.kernels
+
+        jaxcore.kernels.load_all()  # registers the kernel families
     except ImportError as e:  # a broken optional kernel must not hide the device report
         print(f"warning: jaxcore.kernels failed to import: {e}", file=sys.stderr)
     info = devices.describe()

@@ -1,0 +1,1 @@
+"""Parallel and speculative decoding: ``jaxcore.kernels.decoding``."""

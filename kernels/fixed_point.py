@@ -1,0 +1,1 @@
+"""Parallel fixed-point solvers: ``jaxcore.kernels.fixed_point``."""

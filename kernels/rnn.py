@@ -1,0 +1,1 @@
+"""LSTM and GRU as pure functions: ``jaxcore.kernels.rnn``."""

@@ -1,0 +1,1 @@
+"""Selective scans and linear recurrences: ``jaxcore.kernels.scan``."""
