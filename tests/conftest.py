@@ -26,23 +26,3 @@ def strict_promotion():
     """Run the test body under ``jax_numpy_dtype_promotion="strict"``."""
     with jax.numpy_dtype_promotion("strict"):
         yield
-
-
-# Tolerances keyed by dtype (after jax/_src/public_test_util.py).
-TOLERANCE = {
-    "float8": 1e-1,
-    "bfloat16": 1e-2,
-    "float16": 1e-3,
-    "float32": 1e-5,
-    "float64": 1e-12,
-}
-
-
-def tol(dtype) -> float:
-    """The comparison tolerance for results computed in ``dtype``."""
-    import jax.numpy as jnp
-
-    name = jnp.dtype(dtype).name
-    if name.startswith("float8"):
-        return TOLERANCE["float8"]
-    return TOLERANCE.get(name, 1e-5)

@@ -109,3 +109,12 @@ def test_cli_bench_lists_and_rejects_unknown(capsys):
     assert "matmul" in capsys.readouterr().out
     assert cli.main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_tolerances_by_dtype():
+    from jaxcore.testing import assert_close, tol
+
+    assert tol(jnp.bfloat16) == 1e-2 and tol(jnp.float32) == 1e-5 and tol("float8_e4m3fn") == 0.1
+    assert_close(jnp.ones(3, jnp.bfloat16) * 1.004, jnp.ones(3))
+    with pytest.raises(AssertionError):
+        assert_close(jnp.ones(3) * 1.001, jnp.ones(3))

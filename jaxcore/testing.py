@@ -1,0 +1,43 @@
+"""Test utilities shared by jaxcore's tests (and usable by downstream kernels' tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+# Tolerances keyed by dtype (after jax/_src/public_test_util.py).
+TOLERANCE = {
+    "float8": 1e-1,
+    "bfloat16": 1e-2,
+    "float16": 1e-3,
+    "float32": 1e-5,
+    "float64": 1e-12,
+}
+
+
+def tol(dtype: Any) -> float:
+    """Relative/absolute tolerance for results computed in ``dtype``."""
+    name = jnp.dtype(dtype).name
+    if name.startswith("float8") or name.startswith("float6") or name.startswith("float4"):
+        return TOLERANCE["float8"]
+    return TOLERANCE.get(name, TOLERANCE["float32"])
+
+
+def assert_close(
+    actual: Any, expected: Any, *, dtype: Any = None, scale: float = 1.0, err_msg: str = ""
+) -> None:
+    """``assert_allclose`` with rtol = atol = scale * tol(dtype) (dtype defaults to actual's)."""
+    dt = dtype if dtype is not None else jnp.result_type(actual)
+    t = scale * tol(dt)
+    np.testing.assert_allclose(
+        np.asarray(
+            jnp.asarray(actual, jnp.float32) if jnp.dtype(dt).itemsize < 4 else actual,
+            dtype=np.float64,
+        ),
+        np.asarray(expected, dtype=np.float64),
+        rtol=t,
+        atol=t,
+        err_msg=err_msg,
+    )
