@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one GPU script (H100/H200, JAX with CUDA, no network). Runs in under 5 minutes:
+# installs jaxcore without dependencies, then each GPU benchmark, each of which also checks the
+# compiled kernels against the reference before timing. Output: stdout, plus JSON files in $OUT.
+#   bash benchmarks/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/jaxcore_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || $PY -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -3
+$PY -m jaxcore info
+status=0
+run() {  # run NAME TIMEOUT_S ARGS...: one benchmark, bounded, failures recorded but not fatal
+  local name=$1 limit=$2; shift 2
+  if [ ! -f "benchmarks/$name.py" ]; then echo "== $name: missing"; return; fi
+  echo "== $name $*"
+  timeout "$limit" $PY "benchmarks/$name.py" --json-out "$OUT/$name.json" "$@" 2>&1 \
+    | grep -vE "^\s*$|TF_CPP|absl" | tail -n 60
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "== $name FAILED rc=$rc"; status=1; }
+}
+run gpu_attention 150
+run gpu_scan 75
+run gpu_fixed_point 60
+exit $status
