@@ -1,0 +1,176 @@
+"""Multi-process JAX on one machine: 2 processes x 2 CPU devices over gloo == 1 process x 4.
+
+Run as a script with ``--worker`` this file is the program each launched process runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+STEPS = 4
+LR = 0.1
+GLOBAL_BATCH = 16
+FEATURES = 6
+HIDDEN = 8
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((GLOBAL_BATCH, FEATURES)).astype(np.float32)
+    y = np.sin(x @ rng.standard_normal((FEATURES, 1)).astype(np.float32))
+    w1 = (rng.standard_normal((FEATURES, HIDDEN)) / np.sqrt(FEATURES)).astype(np.float32)
+    w2 = (rng.standard_normal((HIDDEN, 1)) / np.sqrt(HIDDEN)).astype(np.float32)
+    return x, y, {"w1": w1, "b1": np.zeros((HIDDEN,), np.float32), "w2": w2}
+
+
+def data_parallel_sgd(devices) -> dict:
+    """A few SGD steps of a tiny MLP, data parallel over ``devices`` (any number of processes).
+
+    The batch is sharded over a 1-D mesh axis "data"; gradients are averaged with ``lax.pmean``
+    inside ``shard_map`` (the collective crosses processes when the mesh does). Also checks a
+    psum and an all-gather of the device ranks. Returns plain lists (replicated values).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(devices), ("data",))
+    x_np, y_np, p_np = _data()
+    shard = NamedSharding(mesh, P("data"))
+    repl = NamedSharding(mesh, P())
+
+    def put(a, sharding):
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    x, y = put(x_np, shard), put(y_np, shard)
+    params = {k: put(v, repl) for k, v in p_np.items()}
+    ranks = put(np.arange(len(devices), dtype=np.float32), shard)
+
+    def loss(p, xb, yb):
+        h = jnp.tanh(xb @ p["w1"] + p["b1"][None, :])
+        return jnp.mean((h @ p["w2"] - yb) ** 2)
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()))
+    def step(p, xb, yb):
+        val, g = jax.value_and_grad(loss)(p, xb, yb)
+        g = jax.lax.pmean(g, "data")
+        val = jax.lax.pmean(val, "data")
+        return jax.tree.map(lambda a, b: a - LR * b, p, g), val
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=P("data"), out_specs=(P(), P("data")))
+    def collectives(r):  # all_gather's result stays device-varying: every device's copy comes back
+        return jax.lax.psum(r, "data"), jax.lax.all_gather(r, "data", tiled=True)
+
+    total, gathered = collectives(ranks)
+    losses = []
+    for _ in range(STEPS):
+        params, val = step(params, x, y)
+        losses.append(float(val.addressable_data(0)))
+
+    def local(a):
+        return np.asarray(a.addressable_data(0)).tolist()
+
+    return {
+        "psum": local(total),
+        "all_gather": np.asarray(gathered.addressable_data(0)).tolist(),
+        "all_gather_shape": list(gathered.shape),
+        "losses": losses,
+        "params": {k: local(v) for k, v in params.items()},
+    }
+
+
+def _worker() -> None:
+    from jaxcore import distributed
+
+    info = distributed.initialize()
+    import jax
+
+    out = data_parallel_sgd(jax.devices())
+    out["process_count"] = info["process_count"]
+    out["device_count"] = info["device_count"]
+    out["local_device_count"] = info["local_device_count"]
+    print("RESULT " + json.dumps(out), flush=True)
+    distributed.shutdown()
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tests (the pytest session has 8 host devices from conftest)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxcore import distributed  # noqa: E402
+
+
+def _result(res) -> dict:
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"process {res.process_id} printed no RESULT; stderr:\n{res.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_two_processes_equal_one_process_four_devices():
+    results = distributed.launch(
+        [__file__, "--worker"], 2, local_device_count=2, timeout=120, env={"JAX_PLATFORMS": "cpu"}
+    )
+    single = data_parallel_sgd(jax.devices()[:4])
+    assert single["psum"] == [6.0]
+    for res in results:
+        got = _result(res)
+        assert got["process_count"] == 2
+        assert got["device_count"] == 4
+        assert got["local_device_count"] == 2
+        assert got["psum"] == [6.0]
+        assert got["all_gather"] == [0.0, 1.0, 2.0, 3.0]  # device 0's gathered copy
+        assert got["all_gather_shape"] == [16]
+        np.testing.assert_allclose(got["losses"], single["losses"], rtol=1e-6, atol=1e-7)
+        assert got["losses"][-1] < got["losses"][0]
+        for k, v in single["params"].items():
+            np.testing.assert_allclose(got["params"][k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_dying_process_fails_fast_with_its_stderr():
+    prog = (
+        "import os, sys, time\n"
+        "if os.environ['JAXCORE_PROCESS_ID'] == '1':\n"
+        "    sys.stderr.write('worker one is broken\\n'); sys.exit(3)\n"
+        "time.sleep(60)\n"
+    )
+    t0 = time.monotonic()
+    with pytest.raises(distributed.LaunchError, match="worker one is broken") as e:
+        distributed.launch(["-c", prog], 2, timeout=50)
+    assert time.monotonic() - t0 < 20
+    assert "status 3" in str(e.value)
+    assert [r.returncode for r in e.value.results][1] == 3
+    assert e.value.results[0].returncode != 0  # the sleeper was killed, not left running
+
+
+def test_timeout_kills_every_process():
+    t0 = time.monotonic()
+    with pytest.raises(distributed.LaunchError, match="still running after"):
+        distributed.launch(["-c", "import time; time.sleep(60)"], 2, timeout=1.0)
+    assert time.monotonic() - t0 < 15
+
+
+def test_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match="num_processes"):
+        distributed.launch(["-c", "pass"], 0)
+    with pytest.raises(ValueError, match="coordinator_address"):
+        distributed._parse_address("localhost", "coordinator_address")
+    # This pytest process already has a backend: initialize must refuse, not half-work.
+    jax.devices()
+    with pytest.raises(RuntimeError, match="before JAX creates a backend"):
+        distributed.initialize("127.0.0.1:1234", 1, 0)
+    assert not distributed.is_initialized()
+    assert 0 < distributed.free_port() < 65536
