@@ -1,1 +1,48 @@
-"""Differentiable hardware cost models and co-design (source in ``hardware/``)."""
+"""Differentiable hardware cost models and co-design (source in ``hardware/``).
+
+``trace(fn, *args)`` turns any JAX function into a :class:`Workload`; ``cost(hw, workload,
+precision=...)`` prices it on a hardware model (a pytree of continuous parameters) as a pure,
+differentiable JAX function returning :class:`Cost` (latency s, energy J, area mm^2, breakdown).
+Models: :class:`Systolic` (SCALE-Sim-exact cycles and SRAM counts, ZigZag-calibrated energy),
+:class:`PIM` and :class:`GPU` (PIM-GPT / AiM / HBM-PIM vs a GPU roofline), :class:`BitSerial`
+(latency proportional to bits, BitMoD per-group bit-widths) and :class:`StreamingDataflow`
+(units + FIFOs). :func:`objective` gives a jit/vmap-able scalar for co-design.
+"""
+
+from .cost import (
+    Cost,
+    cost,
+    cost_table,
+    project,
+    resolve_precision,
+    soft_max,
+    ste_ceil,
+    ste_round,
+    validate,
+)
+from .energy import EnergyTable, horowitz_45nm
+from .systolic import DATAFLOWS, Systolic, systolic_counts
+from .trace import KINDS, Op, UnknownOp, Workload, gemm_workload, trace
+
+__all__ = [
+    "Cost",
+    "cost",
+    "cost_table",
+    "project",
+    "validate",
+    "resolve_precision",
+    "soft_max",
+    "ste_ceil",
+    "ste_round",
+    "EnergyTable",
+    "horowitz_45nm",
+    "DATAFLOWS",
+    "Systolic",
+    "systolic_counts",
+    "KINDS",
+    "Op",
+    "UnknownOp",
+    "Workload",
+    "gemm_workload",
+    "trace",
+]
