@@ -1,1 +1,22 @@
-"""Attention kernels."""
+"""Attention kernels: exact, O(T) memory, one API on every platform.
+
+* :func:`dot_product_attention` - drop-in superset of :func:`jax.nn.dot_product_attention`
+  (BTNH; GQA/MQA; value head dim may differ; causal, sliding window, lengths, segment ids,
+  bias, mask, soft cap; differentiable float32 log-sum-exp). Implementations "reference",
+  "xla" (chunked flash attention with block skipping and a FlashAttention-2 custom VJP),
+  "pallas" / "pallas_interpret" (a Pallas flash-attention kernel, forward and backward).
+* :func:`merge` - exact combination of attention over disjoint key sets (split-KV decoding,
+  shared prefixes, ring attention).
+* :func:`decode_attention` - flash-decoding of a few new tokens against a KV cache.
+* :func:`linear_attention` - causal linear attention (chunked form, optional decay).
+
+Families registered with :mod:`jaxcore.backend`: "attention", "attention_decode",
+"linear_attention".
+"""
+
+from ._api import dot_product_attention
+from ._decode import decode_attention
+from ._linear import linear_attention
+from ._merge import merge
+
+__all__ = ["decode_attention", "dot_product_attention", "linear_attention", "merge"]

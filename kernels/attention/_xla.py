@@ -1,0 +1,418 @@
+"""Chunked (flash) attention in plain JAX: O(T) memory forward and backward.
+
+Forward: online softmax with deferred normalisation over (query block, key block) pairs. The
+pairs are classified at trace time from the static mask (causal, window, key padding):
+
+* skipped: no visible entry; never computed;
+* full: every entry visible; computed with no mask at all;
+* partial: computed with the mask (and, when a dynamic mask is present: segment ids, key/value
+  lengths or a boolean ``mask``, skipped at run time with ``lax.cond`` when it hides the block).
+
+Each class runs as one ``lax.scan`` over its static list of pairs; the running max, sum and
+accumulator of every query block live in O(T) buffers updated in place. The backward pass is the
+FlashAttention-2 one, recomputing the probabilities per block from the saved output and float32
+log-sum-exp, so nothing of size T x S is ever stored.
+
+Internal layout: query (Z, T*G, H) with Z = B*K and the G query heads of one key/value head
+folded into the rows (GQA without repeating K/V); key (Z, S, H); value (Z, S, Hv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._common import Inputs, MaskSpec, compute_dtype
+
+_INF = float("inf")
+_Z = np.int32(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static configuration of one chunked attention call (hashable)."""
+
+    spec: MaskSpec
+    block_q: int
+    block_k: int
+    groups: int  # G = N // K
+    bias_bcast: tuple[bool, ...] | None  # for (B, K, T, G, S): True where bias has size 1
+    mask_bcast: tuple[bool, ...] | None
+    has_kvlen: bool
+    has_segments: bool
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def default_blocks(t: int, s: int, groups: int) -> tuple[int, int]:
+    """Block sizes: about 512 query rows (tokens x grouped heads) and 512 keys."""
+    bq = max(1, min(_next_pow2(t), max(16, 512 // groups)))
+    bk = max(1, min(_next_pow2(s), 512))
+    return bq, bk
+
+
+def _bounds(spec: MaskSpec) -> tuple[float, float]:
+    """Static mask as k in [q - L, q + R] (L, R may be inf)."""
+    left, right = _INF, _INF
+    if spec.window is not None:
+        left, right = float(spec.window[0]), float(spec.window[1])
+    if spec.is_causal:
+        right = min(right, 0.0)
+    return left, right
+
+
+def plan(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(full_pairs, partial_pairs): int32 arrays (P, 2) of (query block, key block)."""
+    spec = cfg.spec
+    bq, bk = cfg.block_q, cfg.block_k
+    nq, nk = -(-spec.t // bq), -(-spec.s // bk)
+    left, right = _bounds(spec)
+    dynamic = cfg.mask_bcast is not None or cfg.has_kvlen or cfg.has_segments
+    full, partial = [], []
+    for i in range(nq):
+        qlo, qhi = i * bq, min(spec.t, (i + 1) * bq) - 1
+        for j in range(nk):
+            klo, khi = j * bk, min(spec.s, (j + 1) * bk) - 1
+            if klo > qhi + right or khi < qlo - left:
+                continue  # nothing visible
+            all_vis = (j + 1) * bk <= spec.s and (j + 1) * bk - 1 <= qlo + right
+            all_vis = all_vis and klo >= qhi - left
+            (full if all_vis and not dynamic else partial).append((i, j))
+    as_arr = lambda x: np.asarray(x, np.int32).reshape(-1, 2)
+    return as_arr(full), as_arr(partial)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _to_rows(q: jax.Array, kh: int) -> jax.Array:
+    """(B, T, N, H) -> (B*K, T*G, H)."""
+    b, t, n, h = q.shape
+    g = n // kh
+    return q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kh, t * g, h)
+
+
+def _from_rows(x: jax.Array, b: int, kh: int, g: int) -> jax.Array:
+    """(B*K, T*G, H) -> (B, T, N, H)."""
+    z, tg, h = x.shape
+    t = tg // g
+    return x.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, kh * g, h)
+
+
+def _kv_layout(k: jax.Array) -> jax.Array:
+    """(B, S, K, H) -> (B*K, S, H)."""
+    b, s, kh, h = k.shape
+    return k.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
+
+
+def _bnts_to_bktgs(x: jax.Array, kh: int, g: int) -> jax.Array:
+    """(Bb, Nb, Tb, Sb) (Nb in {1, N}) -> (Bb, Kb, Tb, Gb, Sb)."""
+    bb, nb, tb, sb = x.shape
+    if nb == 1:
+        return x.reshape(bb, 1, 1, tb, sb).transpose(0, 1, 3, 2, 4)
+    return x.reshape(bb, kh, g, tb, sb).transpose(0, 1, 3, 2, 4)
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+# ----------------------------------------------------------------------------- block pieces
+
+
+@dataclasses.dataclass
+class _Aux:
+    """Per-call dynamic arrays used by the mask/bias of a block."""
+
+    bias: jax.Array | None  # (Bb, Kb, Tp|1, Gb, Sp|1)
+    mask: jax.Array | None
+    kvlen: jax.Array | None  # (Z,)
+    qseg: jax.Array | None  # (B, Tp)
+    kvseg: jax.Array | None  # (B, Sp)
+
+
+def _block_of(x: jax.Array, bcast: tuple[bool, ...], i: Any, j: Any, cfg: Config, b: int, kh: int):
+    """Slice a (Bb, Kb, Tp|1, Gb, Sp|1) array at block (i, j) -> (Z, R, bk)."""
+    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    t0 = _Z if bcast[2] else i * bq
+    s0 = _Z if bcast[4] else j * bk
+    sizes = list(x.shape)
+    if not bcast[2]:
+        sizes[2] = bq
+    if not bcast[4]:
+        sizes[4] = bk
+    blk = jax.lax.dynamic_slice(x, (_Z, _Z, t0, _Z, s0), sizes)
+    blk = jnp.broadcast_to(blk, (b, kh, bq, g, bk))
+    return blk.reshape(b * kh, bq * g, bk)
+
+
+def _visible(cfg: Config, aux: _Aux, i: Any, j: Any, b: int, kh: int) -> jax.Array | None:
+    """Boolean (Z or 1, R, bk) visibility of block (i, j); None if all visible."""
+    spec = cfg.spec
+    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    qpos = (i * bq + jnp.arange(bq * g, dtype=jnp.int32) // g)[None, :, None]
+    kpos = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, None, :]
+    vis = None
+
+    def _and(a, c):
+        return c if a is None else jnp.logical_and(a, c)
+
+    left, right = _bounds(spec)
+    if right != _INF:
+        vis = _and(vis, kpos <= qpos + int(right))
+    if left != _INF:
+        vis = _and(vis, kpos >= qpos - int(left))
+    if spec.s % bk:
+        vis = _and(vis, kpos < spec.s)
+    if aux.kvlen is not None:
+        vis = _and(vis, kpos < aux.kvlen[:, None, None])
+    if aux.qseg is not None:
+        qs = jax.lax.dynamic_slice_in_dim(aux.qseg, i * bq, bq, axis=1)  # (B, bq)
+        ks = jax.lax.dynamic_slice_in_dim(aux.kvseg, j * bk, bk, axis=1)  # (B, bk)
+        qs = jnp.broadcast_to(qs[:, None, :, None], (b, kh, bq, g)).reshape(b * kh, bq * g)
+        ks = jnp.broadcast_to(ks[:, None, :], (b, kh, bk)).reshape(b * kh, bk)
+        vis = _and(vis, qs[:, :, None] == ks[:, None, :])
+    if aux.mask is not None:
+        vis = _and(vis, _block_of(aux.mask, cfg.mask_bcast, i, j, cfg, b, kh))
+    return vis
+
+
+def _logits(qb, kbt, cfg: Config, aux: _Aux, i, j, b, kh, masked: bool):
+    """Scaled (q pre-scaled), capped, biased, masked logits of block (i, j).
+
+    Returns (logits, tanh or None, visibility or None).
+    """
+    s = jnp.einsum("zrh,zhk->zrk", qb, kbt)
+    th = None
+    if cfg.spec.soft_cap is not None:
+        cap = cfg.spec.soft_cap
+        th = jnp.tanh(s / cap)
+        s = cap * th
+    if aux.bias is not None:
+        s = s + _block_of(aux.bias, cfg.bias_bcast, i, j, cfg, b, kh).astype(s.dtype)
+    vis = _visible(cfg, aux, i, j, b, kh) if masked else None
+    if vis is not None:
+        s = jnp.where(vis, s, -jnp.inf)
+    return s, th, vis
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward(q, k, v, aux: _Aux, cfg: Config, b: int, kh: int):
+    """q (Z, Tp*G, H) pre-scaled, k (Z, Sp, H), v (Z, Sp, Hv) -> (out, lse) in rows layout."""
+    kt = jnp.swapaxes(k, 1, 2)  # (Z, H, Sp): the logits matmul runs untransposed
+    z, rows, _ = q.shape
+    hv = v.shape[-1]
+    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    r = bq * g
+    cdt = q.dtype
+    acc = jnp.zeros((z, rows, hv), cdt)
+    m = jnp.full((z, rows), -jnp.inf, cdt)
+    l = jnp.zeros((z, rows), cdt)
+    full, partial = plan(cfg)
+    dynamic = cfg.mask_bcast is not None or cfg.has_kvlen or cfg.has_segments
+
+    def update(carry, i, j, masked):
+        acc, m, l = carry
+        qb = jax.lax.dynamic_slice_in_dim(q, i * r, r, axis=1)
+        kbt = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        s, _, vis = _logits(qb, kbt, cfg, aux, i, j, b, kh, masked)
+
+        def compute(carry):
+            acc, m, l = carry
+            m_old = jax.lax.dynamic_slice_in_dim(m, i * r, r, axis=1)
+            l_old = jax.lax.dynamic_slice_in_dim(l, i * r, r, axis=1)
+            a_old = jax.lax.dynamic_slice_in_dim(acc, i * r, r, axis=1)
+            m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_use[..., None])
+            alpha = jnp.exp(m_old - m_use)
+            l_new = alpha * l_old + jnp.sum(p, axis=-1)
+            a_new = alpha[..., None] * a_old + jnp.einsum("zrk,zkh->zrh", p, vb)
+            acc = jax.lax.dynamic_update_slice_in_dim(acc, a_new, i * r, axis=1)
+            m = jax.lax.dynamic_update_slice_in_dim(m, m_new, i * r, axis=1)
+            l = jax.lax.dynamic_update_slice_in_dim(l, l_new, i * r, axis=1)
+            return acc, m, l
+
+        if masked and dynamic and vis is not None:
+            return jax.lax.cond(jnp.any(vis), compute, lambda c: c, (acc, m, l))
+        return compute((acc, m, l))
+
+    carry = (acc, m, l)
+    for pairs, masked in ((full, False), (partial, True)):
+        if len(pairs) == 0:
+            continue
+
+        def body(c, ij, masked=masked):
+            return update(c, ij[0], ij[1], masked), None
+
+        carry, _ = jax.lax.scan(body, carry, jnp.asarray(pairs))
+    acc, m, l = carry
+    ok = l > 0
+    out = acc / jnp.where(ok, l, 1.0)[..., None]
+    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _backward(q, k, v, o, lse, do, dlse, aux: _Aux, cfg: Config, b: int, kh: int):
+    """FlashAttention-2 backward in rows layout; q pre-scaled. Returns (dq_s, dk, dv, dbias)."""
+    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    r = bq * g
+    cdt = q.dtype
+    dead = lse == -jnp.inf  # fully masked rows: zero gradients whatever the cotangent
+    do = jnp.where(dead[..., None], 0.0, do)
+    delta = jnp.where(dead, 0.0, jnp.sum(do * o, axis=-1) - dlse)  # (Z, rows)
+    lse_safe = jnp.where(dead, jnp.inf, lse)
+    dq = jnp.zeros_like(q)
+    dk = jnp.zeros_like(k)
+    dv = jnp.zeros_like(v)
+    dbias = None if aux.bias is None else jnp.zeros(aux.bias.shape, cdt)
+    full, partial = plan(cfg)
+    dynamic = cfg.mask_bcast is not None or cfg.has_kvlen or cfg.has_segments
+    kt = jnp.swapaxes(k, 1, 2)
+    vt = jnp.swapaxes(v, 1, 2)
+
+    def update(carry, i, j, masked):
+        qb = jax.lax.dynamic_slice_in_dim(q, i * r, r, axis=1)
+        kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+        kbt = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+        vbt = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
+        s, th, vis = _logits(qb, kbt, cfg, aux, i, j, b, kh, masked)
+
+        def compute(carry):
+            dq, dk, dv, dbias = carry
+            dob = jax.lax.dynamic_slice_in_dim(do, i * r, r, axis=1)
+            lb = jax.lax.dynamic_slice_in_dim(lse_safe, i * r, r, axis=1)
+            db = jax.lax.dynamic_slice_in_dim(delta, i * r, r, axis=1)
+            p = jnp.exp(s - lb[..., None])
+            dv_b = jnp.einsum("zrk,zrh->zkh", p, dob)
+            dp = jnp.einsum("zrh,zhk->zrk", dob, vbt)
+            ds = p * (dp - db[..., None])
+            if dbias is not None:
+                red = ds.reshape(b, kh, bq, g, bk)
+                axes = tuple(a for a, bc in enumerate(cfg.bias_bcast) if bc)
+                red = jnp.sum(red, axis=axes, keepdims=True) if axes else red
+                t0 = _Z if cfg.bias_bcast[2] else i * bq
+                s0 = _Z if cfg.bias_bcast[4] else j * bk
+                cur = jax.lax.dynamic_slice(dbias, (_Z, _Z, t0, _Z, s0), red.shape)
+                dbias = jax.lax.dynamic_update_slice(dbias, cur + red, (_Z, _Z, t0, _Z, s0))
+            if th is not None:
+                ds = ds * (1.0 - th * th)
+            dq_b = jnp.einsum("zrk,zkh->zrh", ds, kb)
+            dk_b = jnp.einsum("zrk,zrh->zkh", ds, qb)
+            cur = jax.lax.dynamic_slice_in_dim(dq, i * r, r, axis=1)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, cur + dq_b, i * r, axis=1)
+            cur = jax.lax.dynamic_slice_in_dim(dk, j * bk, bk, axis=1)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, cur + dk_b, j * bk, axis=1)
+            cur = jax.lax.dynamic_slice_in_dim(dv, j * bk, bk, axis=1)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, cur + dv_b, j * bk, axis=1)
+            return dq, dk, dv, dbias
+
+        if masked and dynamic and vis is not None:
+            return jax.lax.cond(jnp.any(vis), compute, lambda c: c, carry)
+        return compute(carry)
+
+    carry = (dq, dk, dv, dbias)
+    for pairs, masked in ((full, False), (partial, True)):
+        if len(pairs) == 0:
+            continue
+
+        def body(c, ij, masked=masked):
+            return update(c, ij[0], ij[1], masked), None
+
+        carry, _ = jax.lax.scan(body, carry, jnp.asarray(pairs))
+    return carry
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(cfg: Config, b: int, kh: int, q, k, v, bias, mask, kvlen, qseg, kvseg):
+    aux = _Aux(bias, mask, kvlen, qseg, kvseg)
+    return _forward(q, k, v, aux, cfg, b, kh)
+
+
+def _flash_fwd(cfg, b, kh, q, k, v, bias, mask, kvlen, qseg, kvseg):
+    aux = _Aux(bias, mask, kvlen, qseg, kvseg)
+    out, lse = _forward(q, k, v, aux, cfg, b, kh)
+    return (out, lse), (q, k, v, bias, mask, kvlen, qseg, kvseg, out, lse)
+
+
+def _flash_bwd(cfg, b, kh, res, cts):
+    q, k, v, bias, mask, kvlen, qseg, kvseg, out, lse = res
+    do, dlse = cts
+    aux = _Aux(bias, mask, kvlen, qseg, kvseg)
+    dq, dk, dv, dbias = _backward(q, k, v, out, lse, do, dlse, aux, cfg, b, kh)
+    return dq, dk, dv, dbias, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def attention_xla(
+    inp: Inputs, *, block_q: int | None = None, block_k: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked attention. Returns (out (B, T, N, Hv) in query dtype, lse (B, T, N) f32/f64)."""
+    spec = inp.spec
+    q, k, v = inp.query, inp.key, inp.value
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    dbq, dbk = default_blocks(t, s, g)
+    bq, bk = block_q or dbq, block_k or dbk
+    nq, nk = -(-t // bq), -(-s // bk)
+    tp, sp = nq * bq, nk * bk
+    cdt = compute_dtype(q.dtype)
+
+    qr = _to_rows(_pad_axis(q.astype(cdt) * jnp.asarray(spec.scale, cdt), 1, tp), kh)
+    kr = _kv_layout(_pad_axis(k.astype(cdt), 1, sp))
+    vr = _kv_layout(_pad_axis(v.astype(cdt), 1, sp))
+
+    def _prep(x, dtype, fill):
+        if x is None:
+            return None, None
+        x = _bnts_to_bktgs(x.astype(dtype), kh, g)
+        if x.shape[2] != 1:
+            x = _pad_axis(x, 2, tp, fill)
+        if x.shape[4] != 1:
+            x = _pad_axis(x, 4, sp, fill)
+        return x, tuple(d == 1 for d in x.shape)
+
+    bias, bias_bc = _prep(inp.bias, cdt, 0)
+    mask, mask_bc = _prep(inp.mask, jnp.bool_, False)
+    kvlen = None if inp.kv_seqlen is None else jnp.repeat(inp.kv_seqlen, kh)
+    qseg = kvseg = None
+    if inp.q_segment_ids is not None:
+        qseg = _pad_axis(inp.q_segment_ids, 1, tp, -1)
+        kvseg = _pad_axis(inp.kv_segment_ids, 1, sp, -2)
+    cfg = Config(
+        spec=spec,
+        block_q=bq,
+        block_k=bk,
+        groups=g,
+        bias_bcast=bias_bc,
+        mask_bcast=mask_bc,
+        has_kvlen=kvlen is not None,
+        has_segments=qseg is not None,
+    )
+    out, lse = _flash(cfg, b, kh, qr, kr, vr, bias, mask, kvlen, qseg, kvseg)
+    out = _from_rows(out, b, kh, g)[:, :t].astype(q.dtype)
+    lse = _from_rows(lse[..., None], b, kh, g)[:, :t, :, 0]
+    return out, lse
