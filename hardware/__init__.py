@@ -9,6 +9,7 @@ Models: :class:`Systolic` (SCALE-Sim-exact cycles and SRAM counts, ZigZag-calibr
 (units + FIFOs). :func:`objective` gives a jit/vmap-able scalar for co-design.
 """
 
+from .bitserial import BitSerial
 from .cost import (
     Cost,
     cost,
@@ -21,6 +22,9 @@ from .cost import (
     validate,
 )
 from .energy import EnergyTable, horowitz_45nm
+from .objective import METRICS, batch_designs, evaluate_designs, objective
+from .pim import GPU, PIM, compare_pim_gpu
+from .streaming import StreamingDataflow, Unit, attention_pipeline, fifo_depths
 from .systolic import DATAFLOWS, Systolic, systolic_counts
 from .trace import KINDS, Op, UnknownOp, Workload, gemm_workload, trace
 
@@ -34,6 +38,18 @@ __all__ = [
     "soft_max",
     "ste_ceil",
     "ste_round",
+    "BitSerial",
+    "PIM",
+    "GPU",
+    "compare_pim_gpu",
+    "StreamingDataflow",
+    "Unit",
+    "attention_pipeline",
+    "fifo_depths",
+    "objective",
+    "batch_designs",
+    "evaluate_designs",
+    "METRICS",
     "EnergyTable",
     "horowitz_45nm",
     "DATAFLOWS",

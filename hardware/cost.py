@@ -279,7 +279,7 @@ def cost(hw: Any, workload: Any, *, precision: Any = None) -> Cost:
     Concrete parameters are validated (``ValueError`` on unphysical values); traced ones are
     projected to their lower bounds (see module docstring).
     """
-    if not hasattr(hw, "_cost"):
+    if not (hasattr(hw, "_cost") or hasattr(hw, "_cost_items")):
         raise TypeError(f"hw: expected a jaxcore.hardware model, got {type(hw).__name__}")
     validate(hw)
     hw = project(hw)

@@ -1,0 +1,132 @@
+"""Bit-serial accelerators (Stripes / Loom / BitMoD style): latency proportional to bits.
+
+Each of ``pes`` processing elements holds ``lanes`` bit-parallel inputs and consumes
+``bits_per_cycle`` bits of the serial operand per cycle, so one pass over a MAC takes
+``ceil(bits / bits_per_cycle)`` cycles:
+
+* ``serial="weights"`` (BitMoD, Stripes with weights serial): cycles ~ ceil(w_bits / bpc),
+* ``serial="activations"`` (Stripes): cycles ~ ceil(a_bits / bpc),
+* ``serial="both"`` (Loom): cycles ~ ceil(w_bits / bpc) * ceil(a_bits / bpc).
+
+A matmul op takes ``ceil(MACs / (pes * lanes)) * bit_cycles`` cycles, or its memory time if larger
+(operands at their bit-widths over ``mem_bw``). Per-group bit-widths (BitMoD: every group of
+weights carries its own datatype and width) are given as a 1-D array in ``precision`` (see
+:func:`jaxcore.hardware.resolve_precision`); the op's bit cycles are then the mean over groups of
+``ceil(bits_g / bpc)``. Energy per PE-cycle scales with the lane width and the bit-slice width
+from the energy table (an adder tree of ``lanes`` adds of ``a_bits + bpc`` bits plus
+``lanes`` AND/mux gates modelled as 1-bit multiplies); area per PE likewise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .cost import (
+    Cost,
+    ceil_div,
+    finish,
+    hardware_model,
+    op_arrays,
+    param,
+    soft_max,
+    static,
+    ste_ceil,
+    ste_round,
+    vector_unit,
+)
+from .energy import EnergyTable
+from .trace import Workload
+
+__all__ = ["BitSerial"]
+
+
+@hardware_model
+class BitSerial:
+    """``pes`` bit-serial PEs x ``lanes`` lanes; ``freq`` GHz, ``mem_bw`` GB/s, SRAM in KiB."""
+
+    pes: Any = param(256.0, lower=1.0)
+    bits_per_cycle: Any = param(1.0, lower=1.0)
+    lanes: Any = param(16.0, lower=1.0)
+    freq: Any = param(1.0)
+    mem_bw: Any = param(64.0)
+    sram_kb: Any = param(1024.0)
+    vector_lanes: Any = param(64.0, lower=1.0)
+    table: EnergyTable = EnergyTable()
+    serial: str = static("weights")
+
+    def __post_init__(self) -> None:
+        if self.serial not in ("weights", "activations", "both"):
+            raise ValueError(
+                f"serial: expected 'weights', 'activations' or 'both', got {self.serial!r}"
+            )
+
+    def _pe_cycle_pj(self, a_bits) -> jax.Array:
+        bpc = self.bits_per_cycle
+        # lanes partial products of (a_bits x bpc) bits + an adder tree over them
+        mul = self.table.mul_pj(jnp.sqrt(a_bits * bpc))
+        add = self.table.add_pj(a_bits + bpc + jnp.log2(self.lanes))
+        return self.lanes * (mul + add)
+
+    def area_mm2(self, a_bits: Any = 16.0) -> jax.Array:
+        bpc = self.bits_per_cycle
+        per_pe = self.lanes * (
+            self.table.mac_area_um2(jnp.sqrt(a_bits * bpc))
+        )  # lanes small multipliers + accumulators
+        return ste_round(self.pes) * per_pe * 1e-6 + self.table.sram_area_mm2(self.sram_kb)
+
+    def bit_cycles(self, a_bits, w_bits, groups: dict[int, jax.Array], n_ops: int) -> jax.Array:
+        """Per-op cycles per MAC pass, ``ceil(bits / bits_per_cycle)`` (mean over groups)."""
+        bpc = self.bits_per_cycle
+        wc = ste_ceil(w_bits / bpc)
+        if groups:
+            idx = jnp.arange(n_ops)
+            for i, g in groups.items():
+                wc = jnp.where(idx == i, jnp.mean(ste_ceil(g / bpc)), wc)
+        ac = ste_ceil(a_bits / bpc)
+        if self.serial == "weights":
+            return wc
+        if self.serial == "activations":
+            return ac
+        return wc * ac
+
+    def _cost(self, workload: Workload, a_bits, w_bits, groups) -> Cost:
+        ops = op_arrays(workload)
+        is_mm = ops["is_matmul"]
+        macs = ops["batch"] * ops["m"] * ops["n"] * ops["k"]
+        par = ste_round(self.pes) * ste_round(self.lanes)
+        bc = self.bit_cycles(a_bits, w_bits, groups, len(workload.ops))
+        cycles = ceil_div(macs, par) * bc
+        hz = self.freq * 1e9
+        nbytes = ops["batch"] * (ops["m"] * ops["k"] * a_bits + ops["k"] * ops["n"] * w_bits
+                                 + ops["m"] * ops["n"] * a_bits) / 8  # fmt: skip
+        t_mem = nbytes / (self.mem_bw * 1e9)
+        lat_mm = soft_max(cycles / hz, t_mem)
+        sram_bit = self.table.sram_pj_per_bit(self.sram_kb)
+        e_pe = cycles * ste_round(self.pes) * self._pe_cycle_pj(a_bits)
+        e_mem = nbytes * 8 * (sram_bit + self.table.dram_pj_per_bit)
+        en_mm = (e_pe + e_mem) * 1e-12
+        lanes = ste_round(self.vector_lanes)
+        v_lat, v_en = vector_unit(
+            ops,
+            a_bits,
+            lanes=lanes,
+            freq_hz=hz,
+            e_op_pj=self.table.add_pj(16.0, floating=True),
+            onchip_kb=self.sram_kb,
+            onchip_bw=lanes * 8 * hz,
+            e_onchip_pj_per_bit=sram_bit,
+            offchip_bw=self.mem_bw * 1e9,
+            e_offchip_pj_per_bit=self.table.dram_pj_per_bit,
+        )
+        cnt = ops["count"]
+        comps = {
+            "cycles": jnp.sum(jnp.where(is_mm, cycles, 0.0) * cnt),
+            "energy_pe_j": jnp.sum(jnp.where(is_mm, e_pe, 0.0) * cnt) * 1e-12,
+            "energy_mem_j": jnp.sum(jnp.where(is_mm, e_mem, 0.0) * cnt) * 1e-12,
+        }
+        area = self.area_mm2()
+        return finish(jnp.where(is_mm, lat_mm, v_lat), jnp.where(is_mm, en_mm, v_en), cnt, area,
+                      **comps)  # fmt: skip
