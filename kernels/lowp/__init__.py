@@ -3,8 +3,39 @@ block (MX, NVFP4, BFP) formats, differentiable fake quantization and emulated ar
 
 Everything works on the raw float bits with integer ops, so results are bit-exact under jit on
 every backend (XLA on CPU flushes denormals and folds float tricks; the bit kernels do not care).
+Implementation family: ``"lowp.round"`` (``"reference"``: exact Fraction arithmetic on the host;
+``"xla"``: the integer bit kernel).
 """
 
+from .arith import (
+    BitSerialResult,
+    bitserial_dot,
+    dot_general,
+    int8_dot_general,
+    lmul,
+    lmul_dot_general,
+)
+from .bitmod import BitModResult, bitmod_quantize, bitmod_tables
+from .block import (
+    BFP,
+    MXFP4,
+    MXFP6_E2M3,
+    MXFP6_E3M2,
+    MXFP8_E4M3,
+    MXFP8_E5M2,
+    MXINT8,
+    NVFP4,
+    BlockFormat,
+    BlockQuantized,
+    IntQuantized,
+    block_dequantize,
+    block_quantize,
+    block_round,
+    dequantize_int,
+    quantize_int,
+)
+from .codes import decode, encode, pack, unpack
+from .fakequant import fake_quant
 from .formats import (
     PRESETS,
     FixedFormat,
@@ -31,12 +62,36 @@ from .reference import round_reference
 from .rounding import MODES, round
 
 __all__ = [
+    "BFP",
     "MODES",
+    "MXFP4",
+    "MXFP6_E2M3",
+    "MXFP6_E3M2",
+    "MXFP8_E4M3",
+    "MXFP8_E5M2",
+    "MXINT8",
+    "NVFP4",
     "PRESETS",
+    "BitModResult",
+    "BitSerialResult",
+    "BlockFormat",
+    "BlockQuantized",
     "FixedFormat",
     "FloatFormat",
     "IntFormat",
+    "IntQuantized",
     "bfloat16",
+    "bitmod_quantize",
+    "bitmod_tables",
+    "bitserial_dot",
+    "block_dequantize",
+    "block_quantize",
+    "block_round",
+    "decode",
+    "dequantize_int",
+    "dot_general",
+    "encode",
+    "fake_quant",
     "float4_e2m1fn",
     "float6_e2m3fn",
     "float6_e3m2fn",
@@ -51,7 +106,13 @@ __all__ = [
     "float16",
     "float32",
     "format_of",
+    "int8_dot_general",
+    "lmul",
+    "lmul_dot_general",
     "ml_dtype",
+    "pack",
+    "quantize_int",
     "round",
     "round_reference",
+    "unpack",
 ]

@@ -102,9 +102,7 @@ def round_fraction(
     # fixed point: saturate
     if neg:
         res = min(res, -fmt.min_exact)
-        if res == 0:
-            return "-0" if fmt.signed else Fraction(0)
-        return -res
+        return -res if res != 0 else Fraction(0)
     return min(res, fmt.max_exact)
 
 

@@ -200,7 +200,7 @@ def round_bits(
     else:
         ue = jnp.where(is_sub, w.i(1 - bias - mant), ex - w.i(bias + mant))
         if p.is_float:
-            if p.need_clz:
+            if p.need_clz or eoff is not None:
                 lead = w.i(width - 1) - lax.clz(a).astype(I)
                 e = jnp.where(is_sub, lead + w.i(1 - bias - mant), ex - w.i(bias))
             else:
@@ -299,11 +299,10 @@ def round_bits(
             out = jnp.where(r == w.u(0), w.u(0), out)
         out = jnp.where(isnan, nan_bits, out)
     else:
-        fmt_x: FixedFormat = fmt  # type: ignore[assignment]
         r = jnp.where(over | ~finite, lim, r)
         out = r | jnp.where(neg, w.u(w.sign_bit), w.u(0))
-        if not fmt_x.signed:
-            out = jnp.where(neg, w.u(0), out)
+        # two's complement has no -0: zero results are +0, as the codes are
+        out = jnp.where(r == w.u(0), w.u(0), out)
         out = jnp.where(isnan, nan_bits, out)
     return out
 
