@@ -27,6 +27,7 @@ from .pim import GPU, PIM, compare_pim_gpu
 from .streaming import StreamingDataflow, Unit, attention_pipeline, fifo_depths
 from .systolic import DATAFLOWS, Systolic, systolic_counts
 from .trace import KINDS, Op, UnknownOp, Workload, gemm_workload, trace
+from .workloads import GPT2_SIZES, gpt2_decode_step
 
 __all__ = [
     "Cost",
@@ -61,4 +62,6 @@ __all__ = [
     "Workload",
     "gemm_workload",
     "trace",
+    "gpt2_decode_step",
+    "GPT2_SIZES",
 ]

@@ -36,6 +36,7 @@ from .cost import (
     op_arrays,
     param,
     soft_max,
+    static,
     ste_round,
     vector_unit,
 )
@@ -176,6 +177,7 @@ class GPU:
     e_byte: Any = param(31.0, lower=0.0, doc="pJ per DRAM byte (HBM2 ~3.9 pJ/bit)")
     static_w: Any = param(60.0, lower=0.0, doc="W drawn while busy beyond the dynamic energy")
     die_mm2: Any = param(826.0)
+    fused: bool = static(False, doc="XLA-style fusion: elementwise ops pay no launch/traffic")
 
     @classmethod
     def a100(cls, **kw: Any) -> GPU:
@@ -207,12 +209,19 @@ class GPU:
         t_c = ops["flops"] / (self.peak_tflops * 1e12 * self.flop_util)
         t_m = nbytes / (self.mem_bw * 1e9 * self.bw_util)
         free = ops["is_view"]
-        lat = jnp.where(free, 0.0, soft_max(t_c, t_m) + self.launch_us * 1e-6)
+        if self.fused:
+            fusable = ops["is_elementwise"] | ops["is_transcendental"] | ops["is_movement"]
+            t_m = jnp.where(fusable, 0.0, t_m)
+            nbytes = jnp.where(fusable, 0.0, nbytes)
+            launch = jnp.where(fusable, 0.0, self.launch_us * 1e-6)
+        else:
+            launch = self.launch_us * 1e-6
+        lat = jnp.where(free, 0.0, soft_max(t_c, t_m) + launch)
         en = jnp.where(free, 0.0, (ops["flops"] * self.e_flop + nbytes * self.e_byte) * 1e-12)
         en = en + self.static_w * lat
         cnt = ops["count"]
         return finish(lat, en, cnt, self.area_mm2(),
-                      latency_launch_s=jnp.sum(jnp.where(free, 0.0, cnt)) * self.launch_us * 1e-6,
+                      latency_launch_s=jnp.sum(jnp.where(free, 0.0, launch * cnt)),
                       bytes=jnp.sum(nbytes * cnt), flops=jnp.sum(ops["flops"] * cnt))  # fmt: skip
 
 

@@ -217,7 +217,11 @@ _NAME_PRESERVING = {
     "device_put",
     "sharding_constraint",
     "pvary",
+    "slice",
+    "dynamic_slice",
+    "dynamic_update_slice",
 }
+_STATE_VIEWS = {"transpose", "slice", "dynamic_slice", "squeeze", "reshape", "expand_dims"}
 # FLOPs per output element beyond 1 for a few elementwise ops.
 _FLOP_WEIGHT = {"threefry2x32": 20.0, "integer_pow": 2.0, "clamp": 2.0, "select_n": 1.0}
 
@@ -515,6 +519,10 @@ class _Tracer:
         if kind is None:
             self._unknown(eqn, here, count, f"no cost rule for primitive {prim!r}")
             return no_names
+        if prim in _STATE_VIEWS and in_names and in_names[0]:
+            # a transposed / sliced function input (weights, caches): addressing into stored
+            # state, fused into the consumer; its layout is chosen offline
+            kind = "view"
         self._add(eqn, kind, here, count)
         if prim in _NAME_PRESERVING and in_names:
             return [in_names[0]] + no_names[1:]
@@ -548,6 +556,12 @@ class _Tracer:
         bw = float(sum(_size(s) * b / 8 for s, _, b in outs))
         if kind == "view":
             br = bw = 0.0
+        elif prim in ("slice", "dynamic_slice", "gather"):
+            br = bw  # only the selected window is read
+        elif prim == "dynamic_update_slice" and len(ins) > 1:
+            br = bw = _size(ins[1][0]) * ins[1][2] / 8  # in place: the window is rewritten
+        elif prim.startswith("scatter") and len(ins) > 2:
+            br = bw = _size(ins[2][0]) * ins[2][2] / 8
         if flops is None:
             if kind == "elementwise":
                 flops = out_el * _FLOP_WEIGHT.get(prim, 1.0)
