@@ -84,8 +84,15 @@ def _mask(cfg: PallasConfig, qpos, kpos, qseg, kseg):
     return vis
 
 
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """2-D matmul with float32 (float64 for f64) accumulation; the transposes stay in the dot."""
+    out = jnp.float64 if jnp.float64 in (a.dtype, b.dtype) else jnp.float32
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=out)
+
+
 def _logits(cfg: PallasConfig, q, k):
-    s = pl.dot(q, k, trans_b=True) * cfg.spec.scale
+    s = _dot(q, k, trans_b=True) * cfg.spec.scale
     th = None
     if cfg.spec.soft_cap is not None:
         th = jnp.tanh(s / cfg.spec.soft_cap)
@@ -151,7 +158,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, cfg: PallasConfig, nk: int):
             p = jnp.where(vis, p, 0.0)
         alpha = jnp.exp(m - m_new)
         l = alpha * l + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + pl.dot(p.astype(v.dtype), v)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     lo, hi = _k_range(cfg, i, nk, bq, bk)
@@ -235,13 +242,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nq
         p = jnp.exp(s - lse[:, None])
         if vis is not None:
             p = jnp.where(vis, p, 0.0)
-        dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
-        dp = pl.dot(do, v, trans_b=True)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        dp = _dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         if th is not None:
             ds = ds * (1.0 - th * th)
         ds = ds * cfg.spec.scale
-        dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     lo, hi = _q_range(cfg, j, nq, bq, bk)
@@ -277,11 +284,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nk):
         p = jnp.exp(s - lse[:, None])
         if vis is not None:
             p = jnp.where(vis, p, 0.0)
-        dp = pl.dot(do, v, trans_b=True)
+        dp = _dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         if th is not None:
             ds = ds * (1.0 - th * th)
-        return dq + pl.dot(ds.astype(k.dtype), k) * cfg.spec.scale
+        return dq + _dot(ds.astype(k.dtype), k) * cfg.spec.scale
 
     lo, hi = _k_range(cfg, i, nk, bq, bk)
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(dq_ref.shape, acc_dt))
