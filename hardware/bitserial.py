@@ -29,7 +29,6 @@ from .cost import (
     ceil_div,
     finish,
     hardware_model,
-    op_arrays,
     param,
     soft_max,
     static,
@@ -38,7 +37,6 @@ from .cost import (
     vector_unit,
 )
 from .energy import EnergyTable
-from .trace import Workload
 
 __all__ = ["BitSerial"]
 
@@ -92,12 +90,12 @@ class BitSerial:
             return ac
         return wc * ac
 
-    def _cost(self, workload: Workload, a_bits, w_bits, groups) -> Cost:
-        ops = op_arrays(workload)
+    def _cost(self, ops: dict[str, jax.Array], a_bits, w_bits, groups) -> Cost:
+        """Per-op arrays (see ``cost.op_arrays``) and bit-widths -> Cost."""
         is_mm = ops["is_matmul"]
         macs = ops["batch"] * ops["m"] * ops["n"] * ops["k"]
         par = ste_round(self.pes) * ste_round(self.lanes)
-        bc = self.bit_cycles(a_bits, w_bits, groups, len(workload.ops))
+        bc = self.bit_cycles(a_bits, w_bits, groups, ops["m"].shape[0])
         cycles = ceil_div(macs, par) * bc
         hz = self.freq * 1e9
         nbytes = ops["batch"] * (ops["m"] * ops["k"] * a_bits + ops["k"] * ops["n"] * w_bits

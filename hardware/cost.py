@@ -208,9 +208,11 @@ def resolve_precision(
     ``precision`` may be None (traced dtypes), a number (all operands of all ops), an array of
     shape ``(n_ops,)`` (both operands per op) or a mapping whose keys are op indices (int),
     parameter names (``"arg0/w1"`` or a suffix such as ``"w1"``), op names (``"dot_general"``)
-    or kinds (``"matmul"``); values are a number (both operands), a pair ``(w_bits, a_bits)``,
-    or a 1-D array of per-group weight bit-widths (BitMoD-style; ``w_bits`` is their mean and
-    ``groups[i]`` keeps the array for models that cost groups separately). Later keys win.
+    or kinds (``"matmul"``); values are a number (both operands of the matched op; for a
+    parameter name, only the operand that IS that parameter: ``{"w1": 4}`` quantises the weights
+    of ``x @ w1``, not x), a pair ``(w_bits, a_bits)`` (both operands), or a 1-D array of
+    per-group weight bit-widths (BitMoD-style; ``w_bits`` is their mean and ``groups[i]``
+    keeps the array for models that cost groups separately). Later keys win.
     """
     arr = workload.arrays()
     a_bits: Any = jnp.asarray(arr["a_bits"])
@@ -229,42 +231,57 @@ def resolve_precision(
             raise ValueError(f"precision: expected a scalar or shape ({n},), got {p.shape}")
         return p, p, groups
     for key, val in precision.items():
-        idx = _match(workload, key)
-        if not idx:
+        hits = _match(workload, key)
+        if not hits:
             raise ValueError(
                 f"precision: key {key!r} matches no op "
                 f"(ops: {sorted({o.name for o in workload.ops})}, "
                 f"parameters: {list(workload.inputs)[:8]})"
             )
         _as_bits(val, str(key))
-        sel = np.zeros(n, bool)
-        sel[idx] = True
-        mask = jnp.asarray(sel)
-        if isinstance(val, tuple) and len(val) == 2:
+        sel_w = np.zeros(n, bool)
+        sel_a = np.zeros(n, bool)
+        pair = isinstance(val, tuple) and len(val) == 2
+        for i, role in hits:
+            if pair or role in ("both", "w"):
+                sel_w[i] = True
+            if pair or role in ("both", "a"):
+                sel_a[i] = True
+        if pair:
             wv, av = (jnp.asarray(v, jnp.result_type(float)) for v in val)
         else:
             v = jnp.asarray(val, jnp.result_type(float))
             if v.ndim == 1:
-                for i in idx:
-                    groups[i] = v
-                wv, av = jnp.mean(v), None
-            else:
-                wv, av = v, v
-        w_bits = jnp.where(mask, wv, w_bits)
-        if av is not None:
-            a_bits = jnp.where(mask, av, a_bits)
+                for i, _role in hits:
+                    if sel_w[i]:
+                        groups[i] = v
+                v = jnp.mean(v)
+            wv = av = v
+        w_bits = jnp.where(jnp.asarray(sel_w), wv, w_bits)
+        a_bits = jnp.where(jnp.asarray(sel_a), av, a_bits)
     return a_bits, w_bits, groups
 
 
-def _match(workload: Workload, key: Any) -> list[int]:
+def _match(workload: Workload, key: Any) -> list[tuple[int, str]]:
+    """Ops matched by ``key`` with the operand role: "both", "w" (right) or "a" (left)."""
     if isinstance(key, (int, np.integer)):
         if not 0 <= key < len(workload.ops):
             raise ValueError(f"precision: op index {key} out of range [0, {len(workload.ops)})")
-        return [int(key)]
+        return [(int(key), "both")]
+    hit = lambda names: any(p == key or p.endswith("/" + key) for p in names)
     out = []
     for i, o in enumerate(workload.ops):
-        if key in (o.name, o.kind) or any(p == key or p.endswith("/" + key) for p in o.params):
-            out.append(i)
+        if key in (o.name, o.kind):
+            out.append((i, "both"))
+        elif o.kind == "matmul" and (hit(o.lhs_params) or hit(o.rhs_params)):
+            role = (
+                "both"
+                if hit(o.lhs_params) and hit(o.rhs_params)
+                else ("w" if hit(o.rhs_params) else "a")
+            )
+            out.append((i, role))
+        elif hit(o.params):
+            out.append((i, "both"))
     return out
 
 
@@ -290,7 +307,14 @@ def cost(hw: Any, workload: Any, *, precision: Any = None) -> Cost:
         z = jnp.zeros(())
         return Cost(z, z, hw.area_mm2() if hasattr(hw, "area_mm2") else z, {})
     a_bits, w_bits, groups = resolve_precision(workload, precision)
-    return hw._cost(workload, a_bits, w_bits, groups)
+    return _cost_jit(hw, op_arrays(workload), a_bits, w_bits, groups)
+
+
+@jax.jit
+def _cost_jit(hw: Any, ops: dict, a_bits: Any, w_bits: Any, groups: Any) -> Cost:
+    # The workload travels as per-op arrays, so one compilation serves every workload with the
+    # same number of ops (and model structure); inside an outer jit/vmap/grad it inlines.
+    return hw._cost(ops, a_bits, w_bits, groups)
 
 
 def cost_table(hw: Any, workload: Workload, *, precision: Any = None, top: int | None = 30) -> str:
@@ -349,9 +373,9 @@ def _si(x: float, unit: str) -> str:
 def op_arrays(workload: Workload) -> dict[str, jax.Array]:
     """Per-op arrays as float JAX constants (plus boolean masks ``is_<kind>``)."""
     a = workload.arrays()
-    out = {k: jnp.asarray(v, jnp.result_type(float)) for k, v in a.items() if k != "kind"}
+    out = {k: np.asarray(v, np.dtype(jnp.result_type(float))) for k, v in a.items() if k != "kind"}
     for i, k in enumerate(KINDS):
-        out[f"is_{k}"] = jnp.asarray(a["kind"] == i)
+        out[f"is_{k}"] = np.asarray(a["kind"] == i)
     return out
 
 

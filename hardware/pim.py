@@ -6,8 +6,9 @@ banks_per_channel`` banks, one output row per bank row (so no cross-bank reducti
 group of ``vectors_per_pass`` input vectors (the bank-side input buffer) every bank:
 
 * activates ``ceil(bank bytes / row_bytes)`` rows (``tRCD + tRP`` each),
-* reads ``ceil(bank bytes / col_bytes)`` columns; a column feeds ``col_bytes*8/w_bits`` weights to
-  the MACs, taking ``max(tCCD, ceil(weights per column / macs_per_bank) / freq)``,
+* streams ``ceil(bank bytes / col_bytes)`` columns (``tCCD`` each) into the MACs, which need
+  ``ceil(bank weights / macs_per_bank)`` cycles at ``freq``: the slower of the two sets the time
+  (narrow weights shorten the column stream, never the MAC work),
 * after the host broadcast the input vector(s) over each channel's I/O (``K * a_bits / 8`` bytes
   at ``io_bw`` GB/s per channel, channels in parallel); outputs return to the host the same way.
 
@@ -33,7 +34,6 @@ from .cost import (
     ceil_div,
     finish,
     hardware_model,
-    op_arrays,
     param,
     soft_max,
     static,
@@ -111,8 +111,8 @@ class PIM:
             self.table.sram_area_mm2(self.host_sram_kb)
         )
 
-    def _cost(self, workload: Workload, a_bits, w_bits, groups) -> Cost:
-        ops = op_arrays(workload)
+    def _cost(self, ops: dict[str, jax.Array], a_bits, w_bits, groups) -> Cost:
+        """Per-op arrays (see ``cost.op_arrays``) and bit-widths -> Cost."""
         is_mm = ops["is_matmul"]
         one = jnp.ones_like(ops["m"])
         m = jnp.where(is_mm, ops["m"], one)
@@ -125,10 +125,10 @@ class PIM:
         bank_bytes = w_bytes / banks
         rows = ceil_div(bank_bytes, self.row_bytes)
         cols = ceil_div(bank_bytes, self.col_bytes)
-        per_col = self.col_bytes * 8 / w_bits
-        t_col = soft_max(self.tCCD, ceil_div(per_col, self.macs_per_bank) / self.freq)
+        per_bank = b * k * n / banks  # weights per bank
+        t_stream = soft_max(cols * self.tCCD, ceil_div(per_bank, self.macs_per_bank) / self.freq)
         passes = ceil_div(m, self.vectors_per_pass)
-        t_bank = rows * (self.tRCD + self.tRP) + cols * t_col
+        t_bank = rows * (self.tRCD + self.tRP) + t_stream
         vec = jnp.minimum(self.vectors_per_pass, m)
         t_in = b * k * a_bits / 8 * vec / self.io_bw  # ns (GB/s = B/ns), per channel, parallel
         t_out = b * m * n * o_bits / 8 / (self.io_bw * self.channels)
@@ -194,8 +194,8 @@ class GPU:
     def area_mm2(self) -> jax.Array:
         return jnp.asarray(self.die_mm2, jnp.result_type(float))
 
-    def _cost(self, workload: Workload, a_bits, w_bits, groups) -> Cost:
-        ops = op_arrays(workload)
+    def _cost(self, ops: dict[str, jax.Array], a_bits, w_bits, groups) -> Cost:
+        """Per-op arrays (see ``cost.op_arrays``) and bit-widths -> Cost."""
         scale_a = a_bits / jnp.maximum(ops["a_bits"], 1.0)
         scale_w = w_bits / jnp.maximum(ops["w_bits"], 1.0)
         is_mm = ops["is_matmul"]

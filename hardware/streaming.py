@@ -45,6 +45,7 @@ class Unit:
     area_um2: float = 1000.0
     blocking: bool = False
     inputs: tuple[str, ...] = ()
+    width: int = 1  # words per output item (a FIFO on this unit's output holds width words/item)
 
     def __post_init__(self) -> None:
         if self.ii < 1:
@@ -104,14 +105,16 @@ class StreamingDataflow:
     def _cost_items(self, n_items: Any) -> Cost:
         n = int(n_items)
         sch = self.schedule(n)
+        by = {u.name: u for u in self.units}
         depth = sum(sch["fifo"].values())
-        fifo_bits = ste_ceil(jnp.asarray(float(depth))) * self.word_bits
+        words = sum(d * by[p].width for (p, _v), d in sch["fifo"].items())
+        fifo_bits = ste_ceil(jnp.asarray(float(words))) * self.word_bits
         cycles = jnp.asarray(float(sch["cycles"]))
         lat = cycles / (self.freq * 1e9)
         items = {u.name: (1 if u.blocking else n) for u in self.units}
         e_units = sum(n * u.e_item_pj for u in self.units)
         # every item crossing an edge is written to and read from that edge's FIFO
-        moved = sum(items[p] for (p, _v) in sch["fifo"])
+        moved = sum(items[p] * by[p].width for (p, _v) in sch["fifo"])
         e_fifo = moved * self.word_bits * self.fifo_pj_per_bit
         area = (sum(u.area_um2 for u in self.units) + fifo_bits * self.fifo_um2_per_bit) * 1e-6
         bd = {"cycles": cycles, "fifo_entries": jnp.asarray(float(depth)),
@@ -138,7 +141,7 @@ def attention_pipeline(d: int = 64, variant: str = "deferred", **kw: Any) -> Str
         raise ValueError(f"d: expected a positive integer, got {d!r}")
     tree = max(1, math.ceil(math.log2(d)))
     mac = 2.0 * d  # pJ-ish: d MACs per item at ~1 pJ each (16-bit), scaled by d
-    kv = Unit("kv_in", latency=1, e_item_pj=0.0, area_um2=0.0)
+    kv = Unit("kv_in", latency=1, e_item_pj=0.0, area_um2=0.0, width=2 * d)
     score = Unit("score", latency=tree + 1, e_item_pj=mac, area_um2=2000.0 * d, inputs=("kv_in",))
     if variant == "naive":
         units = (

@@ -46,7 +46,6 @@ from .cost import (
     ceil_div,
     finish,
     hardware_model,
-    op_arrays,
     param,
     soft_max,
     static,
@@ -54,7 +53,6 @@ from .cost import (
     vector_unit,
 )
 from .energy import EnergyTable
-from .trace import Workload
 
 __all__ = ["Systolic", "systolic_counts", "DATAFLOWS"]
 
@@ -137,8 +135,8 @@ class Systolic:
         )
         return ste_round(self.rows) * ste_round(self.cols) * pe + sram
 
-    def _cost(self, workload: Workload, a_bits, w_bits, groups) -> Cost:
-        ops = op_arrays(workload)
+    def _cost(self, ops: dict[str, jax.Array], a_bits, w_bits, groups) -> Cost:
+        """Per-op arrays (see ``cost.op_arrays``) and bit-widths -> Cost."""
         is_mm = ops["is_matmul"]
         one = jnp.ones_like(ops["m"])
         m = jnp.where(is_mm, ops["m"], one)
@@ -172,7 +170,7 @@ class Systolic:
         per_lat = jnp.where(is_mm, lat_mm, v_lat)
         per_en = jnp.where(is_mm, en_mm, v_en)
         cnt = ops["count"]
-        area = self.area_mm2(jnp.max(jnp.where(is_mm, w_bits, 0.0)) if workload.ops else 8.0)
+        area = self.area_mm2(jnp.max(jnp.where(is_mm, w_bits, 0.0)))
         comps = {k_: jnp.sum(b * v * cnt) for k_, v in c.items() if k_.startswith("e_")}
         comps = {f"energy_{k_[2:]}_j": v * 1e-12 for k_, v in comps.items()}
         comps["cycles"] = (

@@ -257,6 +257,8 @@ class Op:
     out_bits: float = 32.0
     params: tuple[str, ...] = ()
     transcendentals: float = 0.0
+    lhs_params: tuple[str, ...] = ()
+    rhs_params: tuple[str, ...] = ()
 
     @property
     def macs(self) -> float:
@@ -654,6 +656,8 @@ class _Tracer:
                 w_bits=rb,
                 out_bits=ob,
                 params=names,
+                lhs_params=tuple(in_names[0]),
+                rhs_params=tuple(in_names[1]),
             )
         )
 

@@ -1,0 +1,213 @@
+"""PIM, GPU, BitSerial, StreamingDataflow, energy table, objective, bad input, monotonicity."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jaxcore.hardware import (
+    GPU,
+    PIM,
+    BitSerial,
+    EnergyTable,
+    Systolic,
+    attention_pipeline,
+    batch_designs,
+    cost,
+    cost_table,
+    evaluate_designs,
+    fifo_depths,
+    gemm_workload,
+    objective,
+    project,
+    trace,
+)
+
+GEMV = gemm_workload(1, 1024, 1024, bits=16)
+GEMM = gemm_workload(256, 256, 256, bits=8)
+
+
+def small_decode():
+    from jaxcore.hardware import gpt2_decode_step
+
+    fn, args = gpt2_decode_step(d_model=128, n_layers=2, context=64, vocab=512)
+    return trace(fn, *args)
+
+
+# -- energy table -----------------------------------------------------------------------------
+def test_horowitz_points_reproduced():
+    t = EnergyTable()
+    for got, want in ((t.add_pj(8), 0.03), (t.add_pj(32), 0.1), (t.mul_pj(8), 0.2),
+                      (t.mul_pj(32), 3.1), (t.add_pj(16, floating=True), 0.4),
+                      (t.add_pj(32, floating=True), 0.9), (t.mul_pj(16, floating=True), 1.1),
+                      (t.mul_pj(32, floating=True), 3.7), (64 * t.sram_pj_per_bit(8.0), 10.0),
+                      (64 * t.sram_pj_per_bit(32.0), 20.0),
+                      (64 * t.sram_pj_per_bit(1024.0), 100.0)):  # fmt: skip
+        assert float(got) == pytest.approx(want, rel=1e-5)
+    b = jnp.linspace(2.0, 32.0, 16)
+    assert np.all(np.diff(np.asarray(t.mul_pj(b))) > 0)
+
+
+def test_technology_scaling():
+    t = EnergyTable()
+    s = t.scale_to(22.5, vdd=0.9)
+    assert float(s.int_mul_8) == pytest.approx(0.1, rel=1e-6)  # E ~ L at equal V
+    assert float(s.area_int_mul_8) == pytest.approx(282.0 / 4, rel=1e-6)  # A ~ L^2
+    assert float(s.dram_pj_per_bit) == float(t.dram_pj_per_bit)  # DRAM not scaled
+    assert float(t.scale_to(7).int_add_8) < float(t.scale_to(16).int_add_8)
+    with pytest.raises(ValueError, match="node_nm"):
+        t.scale_to(0)
+    mine = dataclasses.replace(t, int_mul_8=0.5)
+    assert float(mine.mul_pj(8)) == 0.5
+
+
+# -- PIM / GPU -----------------------------------------------------------------------------------
+def test_pim_presets_peak():
+    aim_chip = PIM.aim(channels=2.0)  # one AiM chip: 2 channels x 16 banks
+    assert float(aim_chip.peak_flops()) == pytest.approx(1.024e12)
+    assert float(PIM.hbm_pim().peak_flops()) == pytest.approx(1.2288e12)
+
+
+def test_pim_gemv_hand_computed():
+    hw = PIM(channels=1.0, banks_per_channel=2.0, macs_per_bank=16.0, row_bytes=2048.0,
+             col_bytes=32.0, tRCD=10.0, tRP=10.0, tCCD=1.0, freq=1.0, io_bw=32.0)  # fmt: skip
+    c = cost(hw, gemm_workload(1, 64, 64, bits=16))
+    # 8192 B of weights -> 4096 B per bank = 2 rows, 128 columns; 16 weights per column = 1 cycle
+    t_bank = 2 * 20.0 + 128 * 1.0
+    t_in = 64 * 2 / 32.0
+    t_out = 64 * 2 / 32.0
+    assert float(c.latency_s) == pytest.approx((t_bank + t_in + t_out) * 1e-9, rel=1e-5)
+
+
+def test_gpu_roofline_regimes():
+    g = GPU(launch_us=0.0)
+    big = cost(g, gemm_workload(8192, 8192, 8192, bits=16))
+    assert float(big.latency_s) == pytest.approx(2 * 8192**3 / (312e12 * 0.6), rel=1e-4)
+    small = cost(g, GEMV)
+    assert float(small.latency_s) == pytest.approx(2 * 1024 * 1026 / (1555e9 * 0.8), rel=1e-3)
+
+
+def test_pim_beats_gpu_on_decode():
+    from jaxcore.hardware import compare_pim_gpu
+
+    wl = small_decode()
+    r = compare_pim_gpu(wl, PIM.pim_gpt(), GPU())
+    assert r["speedup"] > 1 and r["energy_ratio"] > 1
+    assert {o.kind for o in wl.ops} >= {"matmul", "transcendental", "reduction"}
+
+
+# -- bit-serial --------------------------------------------------------------------------------
+def test_bitserial_latency_proportional_to_bits():
+    hw = BitSerial(mem_bw=1e6)  # compute bound
+    lat = [float(cost(hw, GEMM, precision=b).latency_s) for b in (2.0, 4.0, 8.0)]
+    assert lat[1] == pytest.approx(2 * lat[0], rel=1e-6)
+    assert lat[2] == pytest.approx(4 * lat[0], rel=1e-6)
+    loom = BitSerial(mem_bw=1e6, serial="both")
+    l4 = float(cost(loom, GEMM, precision=4.0).latency_s)
+    assert l4 == pytest.approx(16 * float(cost(loom, GEMM, precision=1.0).latency_s), rel=1e-6)
+
+
+def test_bitserial_per_group_bits():
+    hw = BitSerial(mem_bw=1e6, bits_per_cycle=2.0)
+    groups = jnp.array([3.0, 4.0, 4.0, 6.0])  # ceil(b/2) = 2, 2, 2, 3 -> mean 2.25
+    lat_g = float(cost(hw, GEMM, precision={"dot_general": groups}).latency_s)
+    lat_1 = float(cost(hw, GEMM, precision=2.0).latency_s)
+    assert lat_g == pytest.approx(2.25 * lat_1, rel=1e-6)
+    g = jax.grad(lambda b: cost(hw, GEMM, precision={"dot_general": b}).latency_s)(groups)
+    assert np.all(np.asarray(g) > 0)
+
+
+# -- streaming ---------------------------------------------------------------------------------
+def test_streaming_attention_fifo_result():
+    naive, deferred = attention_pipeline(64, "naive"), attention_pipeline(64, "deferred")
+    fn = [sum(fifo_depths(naive, n).values()) for n in (64, 128, 256)]
+    fd = [sum(fifo_depths(deferred, n).values()) for n in (64, 128, 256)]
+    assert fd[0] == fd[1] == fd[2]  # O(1)
+    assert fn[2] - fn[1] == 2 * (fn[1] - fn[0]) > 0 and fn[2] >= 2 * 256  # O(n)
+    for sd in (naive, deferred):
+        c = cost(sd, 256)
+        assert float(c.breakdown["ii"]) == 1.0  # full throughput
+    assert float(cost(deferred, 256).area_mm2) < float(cost(naive, 256).area_mm2)
+    with pytest.raises(ValueError, match="variant"):
+        attention_pipeline(64, "other")
+    with pytest.raises(ValueError, match="n_items"):
+        cost(naive, 0)
+
+
+# -- objective ---------------------------------------------------------------------------------
+def test_objective_vmap_10k_designs_and_grad():
+    wl = gemm_workload(64, 64, 64)
+    designs = batch_designs(Systolic(), rows=jnp.linspace(4, 64, 10_000),
+                            dram_bw=jnp.linspace(4, 256, 10_000))  # fmt: skip
+    vals = evaluate_designs(designs, wl, area_budget_mm2=5.0)
+    assert vals.shape == (10_000,) and np.all(np.isfinite(vals))
+    g = jax.grad(lambda h: objective(h, wl, metric="latency"))(Systolic())
+    assert float(g.dram_bw) <= 0
+    base = float(objective(Systolic(), wl))
+    assert float(objective(Systolic(), wl, area_budget_mm2=0.01)) > base
+    with pytest.raises(ValueError, match="metric"):
+        objective(Systolic(), wl, metric="speed")
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "hw, name",
+    [(Systolic(rows=-4.0), "rows"), (Systolic(dram_bw=0.0), "dram_bw"),
+     (PIM(io_bw=0.0), "io_bw"), (GPU(mem_bw=-1.0), "mem_bw"), (BitSerial(pes=0.0), "pes")],
+)  # fmt: skip
+def test_unphysical_parameters_raise(hw, name):
+    with pytest.raises(ValueError, match=name):
+        cost(hw, GEMM)
+
+
+def test_projection_inside_jit():
+    f = jax.jit(lambda bw: cost(dataclasses.replace(Systolic(), dram_bw=bw), GEMM).latency_s)
+    assert np.isfinite(float(f(0.0))) and float(f(0.0)) > float(f(64.0))
+    p = project(Systolic(rows=-3.0, dram_bw=0.0))
+    assert float(p.rows) == 1.0 and float(p.dram_bw) > 0
+    with pytest.raises(ValueError, match="dataflow"):
+        Systolic(dataflow="xs")
+    with pytest.raises(TypeError, match="hw"):
+        cost(object(), GEMM)
+
+
+def test_cost_table_lists_ops_and_unknown():
+    def f(a):
+        return jnp.linalg.cholesky(a @ a.T + jnp.eye(8))
+
+    wl = trace(f, jnp.ones((8, 8)), warn=False)
+    s = cost_table(Systolic(), wl)
+    assert "dot_general" in s and "NOT COSTED" in s and "cholesky" in s
+
+
+# -- monotonicity (property tests) ---------------------------------------------------------------
+MODELS = {
+    "systolic": (Systolic(), "dram_bw"),
+    "tpu_like": (Systolic.tpu_like(), "dram_bw"),
+    "pim": (PIM(), "io_bw"),
+    "gpu": (GPU(), "mem_bw"),
+    "bitserial": (BitSerial(), "mem_bw"),
+}
+WL = gemm_workload(33, 70, 129, bits=8)
+
+
+@settings(max_examples=12, deadline=None)
+@given(name=st.sampled_from(sorted(MODELS)), bw=st.floats(0.5, 2000.0), f=st.floats(1.01, 10.0))
+def test_more_bandwidth_never_slower(name, bw, f):
+    hw, field = MODELS[name]
+    lo = cost(dataclasses.replace(hw, **{field: bw}), WL).latency_s
+    hi = cost(dataclasses.replace(hw, **{field: bw * f}), WL).latency_s
+    assert float(hi) <= float(lo) * (1 + 1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(name=st.sampled_from(sorted(MODELS)), b=st.floats(1.0, 16.0), d=st.floats(0.5, 16.0))
+def test_more_bits_never_cheaper(name, b, d):
+    hw, _ = MODELS[name]
+    lo = cost(hw, WL, precision=b)
+    hi = cost(hw, WL, precision=b + d)
+    assert float(hi.latency_s) >= float(lo.latency_s) * (1 - 1e-6)
+    assert float(hi.energy_j) >= float(lo.energy_j) * (1 - 1e-6)
