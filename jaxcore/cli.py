@@ -113,13 +113,15 @@ def _register_codesign(sub) -> None:
 
 
 def _register_train(sub) -> None:
-    s = sub.add_parser("train", help="train a model on a generated task")
-    s.set_defaults(func=_not_yet("the models issue"))
+    from jaxcore.train import register_cli
+
+    register_cli(sub)
 
 
 def _register_cost(sub) -> None:
-    s = sub.add_parser("cost", help="cost a built-in workload on a hardware model")
-    s.set_defaults(func=_not_yet("the hardware issue"))
+    from jaxcore.hardware.cli import register_cli
+
+    register_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
