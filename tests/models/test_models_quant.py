@@ -1,0 +1,102 @@
+"""QDense / QEinsum: formats, straight-through gradients, learnable bit-widths, export codes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jaxcore.kernels import lowp
+from jaxcore.kernels.lowp import codes
+from jaxcore.models import (
+    BitWidth,
+    QDense,
+    QEinsum,
+    QuantConfig,
+    Transformer,
+    bit_widths,
+    export_quantized,
+    resolve_format,
+)
+from jaxcore.models.quant import relaxed_int_quantize
+
+X = jax.random.normal(jax.random.key(0), (3, 8))
+
+
+def test_resolve_format_names():
+    assert resolve_format("int4") == lowp.IntFormat(4)
+    assert resolve_format("uint8") == lowp.IntFormat(8, signed=False)
+    assert resolve_format("float8_e4m3fn") == lowp.float8_e4m3fn
+    assert resolve_format(jnp.bfloat16) == lowp.bfloat16
+    assert resolve_format(None) is None
+    with pytest.raises(ValueError, match="weight_format: expected a format name"):
+        QuantConfig(weight_format="fp7")
+    with pytest.raises(ValueError, match="init_bits: expected a value in"):
+        QuantConfig(learn_bits=True, init_bits=40.0)
+
+
+def test_float32_format_is_exact_and_lower_formats_round():
+    f = QDense(8, 5, rngs=nnx.Rngs(0))
+    q = QDense(
+        8, 5, quant=QuantConfig(weight_format="float32", act_format="float32"), rngs=nnx.Rngs(0)
+    )
+    np.testing.assert_array_equal(f(X), q(X))
+    q8 = QDense(8, 5, quant=QuantConfig(weight_format="int8"), rngs=nnx.Rngs(0))
+    w = np.asarray(f.kernel[...])
+    scale = np.abs(w).max(0) / 127
+    wq = np.round(w / scale) * scale
+    np.testing.assert_allclose(q8(X), np.asarray(X) @ wq, rtol=1e-5, atol=1e-6)
+
+
+def test_straight_through_gradient_and_export_roundtrip():
+    q = QDense(
+        8, 5, quant=QuantConfig(weight_format="int4", act_format="float8_e4m3fn"), rngs=nnx.Rngs(0)
+    )
+    g = jax.grad(lambda x: jnp.sum(q(x)))(X)
+    # straight through the activation quantizer: d/dx sum(x @ Wq) = Wq summed over outputs
+    e = q.export()
+    wq = codes.decode(e["codes"], lowp.IntFormat(4)) * e["scale"]
+    np.testing.assert_allclose(g, np.broadcast_to(np.sum(wq, 1), X.shape), rtol=1e-5, atol=1e-6)
+    assert e["codes"].dtype == jnp.uint8 and e["format"] == "int4"
+
+
+def test_qeinsum_matches_qdense_per_channel():
+    e = QEinsum("bd,dk->bk", (8, 5), quant=QuantConfig(weight_format="int8"), rngs=nnx.Rngs(1))
+    d = QDense(8, 5, quant=QuantConfig(weight_format="int8"), rngs=nnx.Rngs(0))
+    d.kernel[...] = e.kernel[...]
+    np.testing.assert_allclose(e(X), d(X), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="weight_shape: expected 3 dimensions"):
+        QEinsum("btd,dnh->btnh", (8, 5), rngs=nnx.Rngs(0))
+
+
+def test_relaxed_bits_interpolate_and_have_gradients():
+    x = jnp.linspace(-1.0, 1.0, 41)
+    q4 = relaxed_int_quantize(x, 4.0, (0,))
+    s = np.float32(1.0) / np.float32(7.0)  # absmax 1 over 7 levels
+    np.testing.assert_allclose(q4, np.round(np.asarray(x) / s) * s, atol=1e-6)
+    q45 = relaxed_int_quantize(x, 4.5, (0,))
+    np.testing.assert_allclose(q45, 0.5 * q4 + 0.5 * relaxed_int_quantize(x, 5.0, (0,)), atol=1e-6)
+    gb = jax.grad(lambda b: jnp.sum((relaxed_int_quantize(x, b, (0,)) - x) ** 2))(4.5)
+    assert gb < 0  # one more bit lowers the quantization error
+    gx = jax.grad(lambda v: jnp.sum(relaxed_int_quantize(v, 4.5, (0,))))(x)
+    np.testing.assert_array_equal(gx, np.ones(41))
+
+
+def test_learnable_bit_widths_in_a_model():
+    m = Transformer(
+        7,
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        quant=QuantConfig(learn_bits=True, init_bits=6.0),
+        rngs=nnx.Rngs(0),
+    )
+    bw = bit_widths(m)
+    assert "head" in bw and len(bw) == 1 + 4 + 3  # head, q/k/v/o, gate/up/down
+    gd, bits, rest = nnx.split(m, BitWidth, ...)
+    toks = jnp.arange(10).reshape(2, 5) % 7
+    g = jax.grad(lambda b: jnp.mean(nnx.merge(gd, b, rest)(toks) ** 2))(bits)
+    assert all(np.isfinite(v) and v != 0 for v in jax.tree.leaves(g))
+    # BitWidth is not a Param: ordinary training leaves it alone.
+    assert not jax.tree.leaves(nnx.state(m, nnx.Param).filter(BitWidth))
+    ex = export_quantized(m)
+    assert ex["head"]["format"] == "int6"
