@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from harness import Bench
-
 from jaxcore.hardware import (
     GPT2_SIZES,
     GPU,
@@ -51,8 +50,7 @@ def speed(bench: Bench, designs: int, quick: bool) -> None:
     wl = trace(fn, *args)
     n_ops = len(wl.ops)
     base = {"systolic": Systolic(), "pim": PIM.pim_gpt(), "gpu": GPU(), "bitserial": BitSerial()}
-    field = {"systolic": "rows", "pim": "banks_per_channel", "gpu": "mem_bw",
-             "bitserial": "pes"}  # fmt: skip
+    field = {"systolic": "rows", "pim": "banks_per_channel", "gpu": "mem_bw", "bitserial": "pes"}
     for name, hw in base.items():
         lo = float(getattr(hw, field[name]))
         ds = batch_designs(hw, **{field[name]: jnp.linspace(lo / 2, lo * 2, designs)})
@@ -67,10 +65,18 @@ def speed(bench: Bench, designs: int, quick: bool) -> None:
             f(ds).block_until_ready()
             ts.append(time.perf_counter() - t0)
         t = float(np.median(ts))
-        bench.record({"case": f"vmap(cost) {name}", "peer": "-", "ours_s": t,
-                      "designs": designs, "ops": n_ops, "design_points_per_s": designs / t,
-                      "design_op_evals_per_s": designs * n_ops / t,
-                      "compile_s": compile_s})  # fmt: skip
+        bench.record(
+            {
+                "case": f"vmap(cost) {name}",
+                "peer": "-",
+                "ours_s": t,
+                "designs": designs,
+                "ops": n_ops,
+                "design_points_per_s": designs / t,
+                "design_op_evals_per_s": designs * n_ops / t,
+                "compile_s": compile_s,
+            }
+        )
     # one design, many GEMM layers: the peers' unit of work
     m = jnp.asarray(np.random.default_rng(0).choice([64, 100, 128, 256, 512], 4096), jnp.float32)
     from jaxcore.hardware.systolic import gemm_cost
@@ -81,16 +87,18 @@ def speed(bench: Bench, designs: int, quick: bool) -> None:
     t0 = time.perf_counter()
     g(m).block_until_ready()
     t = time.perf_counter() - t0
-    bench.record({"case": "GEMM layers, tpu_like", "peer": "-", "ours_s": t,
-                  "layers_per_s": m.shape[0] / t})  # fmt: skip
+    bench.record(
+        {"case": "GEMM layers, tpu_like", "peer": "-", "ours_s": t, "layers_per_s": m.shape[0] / t}
+    )
 
 
 def _peer(python: str, code: str) -> dict | None:
     if not os.path.exists(python):
         print(f"# {python} missing: peer not run live", file=sys.stderr)
         return None
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=HERE,
-                         timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=600
+    )
     if out.returncode:
         print(f"# peer failed: {out.stderr[-500:]}", file=sys.stderr)
         return None
@@ -101,39 +109,65 @@ def peers(bench: Bench, live: bool) -> None:
     for name, cache in (("scalesim", "scalesim_gemm.json"), ("zigzag", "zigzag_gemm.json")):
         data = json.loads((HERE / "data" / cache).read_text())
         secs = [c["seconds"] for c in data["cases"]]
-        bench.record({"case": f"{name} cached validation run", "peer": name,
-                      "peer_s": float(sum(secs)), "layers": len(secs),
-                      "peer_layers_per_s": len(secs) / sum(secs),
-                      "peer_median_s_per_layer": float(np.median(secs))})  # fmt: skip
+        bench.record(
+            {
+                "case": f"{name} cached validation run",
+                "peer": name,
+                "peer_s": float(sum(secs)),
+                "layers": len(secs),
+                "peer_layers_per_s": len(secs) / sum(secs),
+                "peer_median_s_per_layer": float(np.median(secs)),
+            }
+        )
     if not live:
         return
-    ss = _peer("/work/venv-scalesim/bin/python", (
-        "import json,tempfile,time,validate_scalesim as v\n"
-        "t=time.perf_counter()\n"
-        "with tempfile.TemporaryDirectory() as d:\n"
-        "  [v._run_one(m,m,m,16,16,'ws',64,d) for m in (64,100,128)]\n"
-        "print(json.dumps({'s':time.perf_counter()-t,'n':3}))"))  # fmt: skip
+    ss = _peer(
+        "/work/venv-scalesim/bin/python",
+        (
+            "import json,tempfile,time,validate_scalesim as v\n"
+            "t=time.perf_counter()\n"
+            "with tempfile.TemporaryDirectory() as d:\n"
+            "  [v._run_one(m,m,m,16,16,'ws',64,d) for m in (64,100,128)]\n"
+            "print(json.dumps({'s':time.perf_counter()-t,'n':3}))"
+        ),
+    )
     if ss:
-        bench.record({"case": "scalesim live (64^3,100^3,128^3 on 16x16 ws)", "peer": "scalesim",
-                      "peer_s": ss["s"], "peer_layers_per_s": ss["n"] / ss["s"]})  # fmt: skip
-    zz = _peer("/work/venv-zigzag/bin/python", (
-        "import json,time,logging,tempfile,zigzag\n"
-        "from pathlib import Path\n"
-        "from zigzag.api import get_hardware_performance_zigzag as g\n"
-        "logging.disable(logging.CRITICAL)\n"
-        "b=Path(zigzag.__file__).parent/'inputs'\n"
-        "t=time.perf_counter()\n"
-        "with tempfile.TemporaryDirectory() as d:\n"
-        "  for m in (256,512):\n"
-        "    wl=[{'id':0,'name':'g','operator_type':'Gemm','equation':'O[d][k]+=I[d][c]*W[c][k]',"
-        "'loop_dims':['D','C','K'],'loop_sizes':[m,m,m],"
-        "'operand_precision':{'I':8,'W':8,'O':16,'O_final':8},'operand_source':{'I':0}}]\n"
-        "    g(wl,str(b/'hardware/tpu_like.yaml'),str(b/'mapping/tpu_like.yaml'),opt='latency',"
-        "dump_folder=d+f'/{m}',loma_show_progress_bar=False)\n"
-        "print(json.dumps({'s':time.perf_counter()-t,'n':2}))"))  # fmt: skip
+        bench.record(
+            {
+                "case": "scalesim live (64^3,100^3,128^3 on 16x16 ws)",
+                "peer": "scalesim",
+                "peer_s": ss["s"],
+                "peer_layers_per_s": ss["n"] / ss["s"],
+            }
+        )
+    zz = _peer(
+        "/work/venv-zigzag/bin/python",
+        (
+            "import json,time,logging,tempfile,zigzag\n"
+            "from pathlib import Path\n"
+            "from zigzag.api import get_hardware_performance_zigzag as g\n"
+            "logging.disable(logging.CRITICAL)\n"
+            "b=Path(zigzag.__file__).parent/'inputs'\n"
+            "t=time.perf_counter()\n"
+            "with tempfile.TemporaryDirectory() as d:\n"
+            "  for m in (256,512):\n"
+            "    wl=[{'id':0,'name':'g','operator_type':'Gemm','equation':'O[d][k]+=I[d][c]*W[c][k]',"
+            "'loop_dims':['D','C','K'],'loop_sizes':[m,m,m],"
+            "'operand_precision':{'I':8,'W':8,'O':16,'O_final':8},'operand_source':{'I':0}}]\n"
+            "    g(wl,str(b/'hardware/tpu_like.yaml'),str(b/'mapping/tpu_like.yaml'),opt='latency',"
+            "dump_folder=d+f'/{m}',loma_show_progress_bar=False)\n"
+            "print(json.dumps({'s':time.perf_counter()-t,'n':2}))"
+        ),
+    )
     if zz:
-        bench.record({"case": "zigzag live (256^3, 512^3 tpu_like)", "peer": "zigzag",
-                      "peer_s": zz["s"], "peer_layers_per_s": zz["n"] / zz["s"]})  # fmt: skip
+        bench.record(
+            {
+                "case": "zigzag live (256^3, 512^3 tpu_like)",
+                "peer": "zigzag",
+                "peer_s": zz["s"],
+                "peer_layers_per_s": zz["n"] / zz["s"],
+            }
+        )
 
 
 def pim_vs_gpu(bench: Bench, workload: Workload, label: str) -> None:
@@ -143,10 +177,18 @@ def pim_vs_gpu(bench: Bench, workload: Workload, label: str) -> None:
     for pn, p in pims.items():
         for gn, g in gpus.items():
             r = compare_pim_gpu(workload, p, g)
-            bench.record({"case": f"{label}: {pn} vs {gn}", "peer": gn,
-                          "ours_s": r["pim_latency_s"], "peer_s": r["gpu_latency_s"],
-                          "ratio": r["speedup"], "energy_ratio": r["energy_ratio"],
-                          "paper_speedup": "41-137x", "paper_energy": "123-383x"})  # fmt: skip
+            bench.record(
+                {
+                    "case": f"{label}: {pn} vs {gn}",
+                    "peer": gn,
+                    "ours_s": r["pim_latency_s"],
+                    "peer_s": r["gpu_latency_s"],
+                    "ratio": r["speedup"],
+                    "energy_ratio": r["energy_ratio"],
+                    "paper_speedup": "41-137x",
+                    "paper_energy": "123-383x",
+                }
+            )
 
 
 def streaming(bench: Bench) -> None:
@@ -154,18 +196,27 @@ def streaming(bench: Bench) -> None:
         for v in ("naive", "deferred"):
             sd = attention_pipeline(64, v)
             c = cost(sd, n)
-            bench.record({"case": f"attention row n={n} {v}", "peer": "-",
-                          "ours_s": float(c.latency_s),
-                          "fifo_entries": int(sum(fifo_depths(sd, n).values())),
-                          "fifo_kbit": float(c.breakdown["fifo_bits"]) / 1e3,
-                          "ii": float(c.breakdown["ii"]),
-                          "area_mm2": float(c.area_mm2)})  # fmt: skip
+            bench.record(
+                {
+                    "case": f"attention row n={n} {v}",
+                    "peer": "-",
+                    "ours_s": float(c.latency_s),
+                    "fifo_entries": int(sum(fifo_depths(sd, n).values())),
+                    "fifo_kbit": float(c.breakdown["fifo_bits"]) / 1e3,
+                    "ii": float(c.breakdown["ii"]),
+                    "area_mm2": float(c.area_mm2),
+                }
+            )
 
 
 def main() -> None:
     bench = Bench("hardware")
-    args = bench.parse(lambda p: (p.add_argument("--no-peers", action="store_true"),
-                                  p.add_argument("--designs", type=int, default=10_000)))  # fmt: skip
+    args = bench.parse(
+        lambda p: (
+            p.add_argument("--no-peers", action="store_true"),
+            p.add_argument("--designs", type=int, default=10_000),
+        )
+    )
     speed(bench, 1000 if args.quick else args.designs, args.quick)
     peers(bench, live=not args.no_peers)
     sizes = ["small"] if args.quick else ["small", "medium"]

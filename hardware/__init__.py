@@ -9,7 +9,7 @@ Models: :class:`Systolic` (SCALE-Sim-exact cycles and SRAM counts, ZigZag-calibr
 (units + FIFOs). :func:`objective` gives a jit/vmap-able scalar for co-design.
 """
 
-from .bitserial import BitSerial
+from .bitserial import BitSerial, bitmod_group_bits, bitserial_plane_cycles
 from .cost import (
     Cost,
     cost,
@@ -40,6 +40,8 @@ __all__ = [
     "ste_ceil",
     "ste_round",
     "BitSerial",
+    "bitmod_group_bits",
+    "bitserial_plane_cycles",
     "PIM",
     "GPU",
     "compare_pim_gpu",

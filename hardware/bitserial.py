@@ -38,7 +38,7 @@ from .cost import (
 )
 from .energy import EnergyTable
 
-__all__ = ["BitSerial"]
+__all__ = ["BitSerial", "bitmod_group_bits", "bitserial_plane_cycles"]
 
 
 @hardware_model
@@ -128,3 +128,37 @@ class BitSerial:
         area = self.area_mm2()
         return finish(jnp.where(is_mm, lat_mm, v_lat), jnp.where(is_mm, en_mm, v_en), cnt, area,
                       **comps)  # fmt: skip
+
+
+def bitmod_group_bits(
+    w: jax.Array, bits: int = 4, group_size: int = 128, *, axis: int = -1, scale_bits: float = 8.0
+) -> jax.Array:
+    """Per-group effective weight bit-widths of BitMoD quantisation of ``w``, flattened.
+
+    Quantises with :func:`jaxcore.kernels.lowp.bitmod_quantize` (one datatype variant and one
+    scale per group of ``group_size`` along ``axis``) and charges each group ``bits`` per element
+    plus its metadata (``scale_bits`` + ``ceil(log2(variants))`` bits) amortised over the group.
+    Pass the result as ``precision={"<param>": groups}`` to cost BitMoD on :class:`BitSerial`.
+    """
+    import math
+
+    from jaxcore.kernels.lowp import bitmod_quantize, bitmod_tables
+
+    r = bitmod_quantize(w, bits, group_size, axis=axis)
+    n_var = bitmod_tables(bits).shape[0]
+    meta = scale_bits + math.ceil(math.log2(max(n_var, 2)))
+    return jnp.full((r.variant.size,), bits + meta / group_size, jnp.result_type(float))
+
+
+def bitserial_plane_cycles(w_codes: jax.Array, bits: int, *, signed: bool = True) -> jax.Array:
+    """Cycles per output column of a 1-bit-per-cycle unit that skips all-zero weight planes.
+
+    Measured by :func:`jaxcore.kernels.lowp.bitserial_dot` (``skip_zero_planes=True``) on the
+    integer weight codes ``w_codes`` (K, N); pass as per-group widths with ``bits_per_cycle=1``.
+    """
+    from jaxcore.kernels.lowp import bitserial_dot
+
+    w = jnp.asarray(w_codes)
+    probe = jnp.zeros((1, w.shape[0]), jnp.int32)
+    res = bitserial_dot(probe, w, bits, signed=signed, skip_zero_planes=True)
+    return res.cycles.astype(jnp.result_type(float))

@@ -40,12 +40,19 @@ def small_decode():
 # -- energy table -----------------------------------------------------------------------------
 def test_horowitz_points_reproduced():
     t = EnergyTable()
-    for got, want in ((t.add_pj(8), 0.03), (t.add_pj(32), 0.1), (t.mul_pj(8), 0.2),
-                      (t.mul_pj(32), 3.1), (t.add_pj(16, floating=True), 0.4),
-                      (t.add_pj(32, floating=True), 0.9), (t.mul_pj(16, floating=True), 1.1),
-                      (t.mul_pj(32, floating=True), 3.7), (64 * t.sram_pj_per_bit(8.0), 10.0),
-                      (64 * t.sram_pj_per_bit(32.0), 20.0),
-                      (64 * t.sram_pj_per_bit(1024.0), 100.0)):  # fmt: skip
+    for got, want in (
+        (t.add_pj(8), 0.03),
+        (t.add_pj(32), 0.1),
+        (t.mul_pj(8), 0.2),
+        (t.mul_pj(32), 3.1),
+        (t.add_pj(16, floating=True), 0.4),
+        (t.add_pj(32, floating=True), 0.9),
+        (t.mul_pj(16, floating=True), 1.1),
+        (t.mul_pj(32, floating=True), 3.7),
+        (64 * t.sram_pj_per_bit(8.0), 10.0),
+        (64 * t.sram_pj_per_bit(32.0), 20.0),
+        (64 * t.sram_pj_per_bit(1024.0), 100.0),
+    ):
         assert float(got) == pytest.approx(want, rel=1e-5)
     b = jnp.linspace(2.0, 32.0, 16)
     assert np.all(np.diff(np.asarray(t.mul_pj(b))) > 0)
@@ -72,8 +79,18 @@ def test_pim_presets_peak():
 
 
 def test_pim_gemv_hand_computed():
-    hw = PIM(channels=1.0, banks_per_channel=2.0, macs_per_bank=16.0, row_bytes=2048.0,
-             col_bytes=32.0, tRCD=10.0, tRP=10.0, tCCD=1.0, freq=1.0, io_bw=32.0)  # fmt: skip
+    hw = PIM(
+        channels=1.0,
+        banks_per_channel=2.0,
+        macs_per_bank=16.0,
+        row_bytes=2048.0,
+        col_bytes=32.0,
+        tRCD=10.0,
+        tRP=10.0,
+        tCCD=1.0,
+        freq=1.0,
+        io_bw=32.0,
+    )
     c = cost(hw, gemm_workload(1, 64, 64, bits=16))
     # 8192 B of weights -> 4096 B per bank = 2 rows, 128 columns; 16 weights per column = 1 cycle
     t_bank = 2 * 20.0 + 128 * 1.0
@@ -140,8 +157,9 @@ def test_streaming_attention_fifo_result():
 # -- objective ---------------------------------------------------------------------------------
 def test_objective_vmap_10k_designs_and_grad():
     wl = gemm_workload(64, 64, 64)
-    designs = batch_designs(Systolic(), rows=jnp.linspace(4, 64, 10_000),
-                            dram_bw=jnp.linspace(4, 256, 10_000))  # fmt: skip
+    designs = batch_designs(
+        Systolic(), rows=jnp.linspace(4, 64, 10_000), dram_bw=jnp.linspace(4, 256, 10_000)
+    )
     vals = evaluate_designs(designs, wl, area_budget_mm2=5.0)
     assert vals.shape == (10_000,) and np.all(np.isfinite(vals))
     g = jax.grad(lambda h: objective(h, wl, metric="latency"))(Systolic())
@@ -155,9 +173,14 @@ def test_objective_vmap_10k_designs_and_grad():
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "hw, name",
-    [(Systolic(rows=-4.0), "rows"), (Systolic(dram_bw=0.0), "dram_bw"),
-     (PIM(io_bw=0.0), "io_bw"), (GPU(mem_bw=-1.0), "mem_bw"), (BitSerial(pes=0.0), "pes")],
-)  # fmt: skip
+    [
+        (Systolic(rows=-4.0), "rows"),
+        (Systolic(dram_bw=0.0), "dram_bw"),
+        (PIM(io_bw=0.0), "io_bw"),
+        (GPU(mem_bw=-1.0), "mem_bw"),
+        (BitSerial(pes=0.0), "pes"),
+    ],
+)
 def test_unphysical_parameters_raise(hw, name):
     with pytest.raises(ValueError, match=name):
         cost(hw, GEMM)
@@ -211,3 +234,22 @@ def test_more_bits_never_cheaper(name, b, d):
     hi = cost(hw, WL, precision=b + d)
     assert float(hi.latency_s) >= float(lo.latency_s) * (1 - 1e-6)
     assert float(hi.energy_j) >= float(lo.energy_j) * (1 - 1e-6)
+
+
+def test_bitmod_and_bitserial_dot_hooks():
+    from jaxcore.hardware import bitmod_group_bits, bitserial_plane_cycles
+
+    w = jax.random.normal(jax.random.key(0), (256, 64))
+    g = bitmod_group_bits(w, bits=4, group_size=128, axis=0)
+    assert g.shape == (2 * 64,) and float(g[0]) == pytest.approx(4 + 10 / 128)
+    wl = gemm_workload(64, 64, 256, bits=8)
+    hw = BitSerial(mem_bw=1e6)
+    lat_bm = float(cost(hw, wl, precision={"dot_general": g}).latency_s)
+    lat_4 = float(cost(hw, wl, precision={"dot_general": (4.0, 8.0)}).latency_s)
+    assert lat_bm == pytest.approx(5 / 4 * lat_4, rel=1e-6)  # ceil(4.08) = 5 cycles per MAC
+    codes = jnp.array([[1, 0], [2, 0], [0, 0]], jnp.int32)  # column 0 uses planes 0,1; col 1 none
+    cyc = bitserial_plane_cycles(codes, 4)
+    assert np.asarray(cyc).tolist() == [2.0, 0.0]
+    assert float(cost(hw, wl, precision={"dot_general": jnp.array([4.0, 4.0])}).latency_s) == (
+        pytest.approx(lat_4, rel=1e-6)
+    )

@@ -31,10 +31,12 @@ def test_scalesim_cache_exact(x64):
         hw = Systolic(rows=float(r), cols=float(col), dataflow=df)
         m, n, k = (jnp.array([c[d] for c in cs], jnp.float64) for d in "MNK")
         got = systolic_counts(hw, m, n, k)
-        for peer, ours in (("compute_cycles", "compute_cycles"),
-                           ("ifmap_sram_count", "ifmap_sram_reads"),
-                           ("filter_sram_count", "filter_sram_reads"),
-                           ("ofmap_sram_count", "ofmap_sram_writes")):  # fmt: skip
+        for peer, ours in (
+            ("compute_cycles", "compute_cycles"),
+            ("ifmap_sram_count", "ifmap_sram_reads"),
+            ("filter_sram_count", "filter_sram_reads"),
+            ("ofmap_sram_count", "ofmap_sram_writes"),
+        ):
             want = np.array([c[peer] for c in cs])
             np.testing.assert_array_equal(np.asarray(got[ours]), want, err_msg=f"{df} {r} {peer}")
 
@@ -87,8 +89,9 @@ def test_gradients_match_finite_differences(x64):
     base = Systolic.tpu_like(timing="scalesim")
 
     def energy(e_dram, e_sram, mac):
-        hw = dataclasses.replace(base, dram_rd_pj_per_bit=e_dram, sram_rd_pj_per_bit=e_sram,
-                                 mac_pj=mac)  # fmt: skip
+        hw = dataclasses.replace(
+            base, dram_rd_pj_per_bit=e_dram, sram_rd_pj_per_bit=e_sram, mac_pj=mac
+        )
         return cost(hw, wl).energy_j * 1e6
 
     check_grads(energy, (10.9, 0.2, 0.04), order=1, modes=["rev"], rtol=1e-4)

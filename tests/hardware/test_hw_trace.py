@@ -35,8 +35,11 @@ def test_mlp_shapes_flops_bytes():
 
 
 def test_batched_dot_and_einsum():
-    wl = trace(lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k),
-               jnp.ones((2, 3, 5, 4)), jnp.ones((2, 3, 7, 4)))  # fmt: skip
+    wl = trace(
+        lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k),
+        jnp.ones((2, 3, 5, 4)),
+        jnp.ones((2, 3, 7, 4)),
+    )
     (o,) = _mm(wl)
     assert (o.m, o.n, o.k, o.batch) == (5, 7, 4, 6)
 
@@ -123,8 +126,9 @@ def test_shard_map_multiplies_by_mesh_size():
 
     def f(x, w):
         body = lambda a, b: jax.lax.psum(a @ b, "d")
-        return jax.shard_map(body, mesh=mesh, in_specs=(P(None, "d"), P("d", None)),
-                             out_specs=P())(x, w)  # fmt: skip
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(None, "d"), P("d", None)), out_specs=P())(
+            x, w
+        )
 
     wl = trace(f, jnp.ones((4, 16)), jnp.ones((16, 4)))
     (mm,) = _mm(wl)
@@ -157,8 +161,11 @@ def test_transposed_or_sliced_input_is_a_view():
 
 
 def test_dynamic_update_slice_costs_the_window():
-    wl = trace(lambda c, u: jax.lax.dynamic_update_slice(c, u, (3, 0)),
-               jnp.ones((1024, 8)), jnp.ones((1, 8)))  # fmt: skip
+    wl = trace(
+        lambda c, u: jax.lax.dynamic_update_slice(c, u, (3, 0)),
+        jnp.ones((1024, 8)),
+        jnp.ones((1, 8)),
+    )
     (o,) = [o for o in wl.ops if o.name == "dynamic_update_slice"]
     assert o.bytes_read == o.bytes_written == 8 * 4
 
