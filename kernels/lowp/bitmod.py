@@ -80,13 +80,17 @@ def bitmod_quantize(
     neg_max = jnp.max(jnp.where(tabs < 0, -tabs, 0), axis=1)
     hi = jnp.max(jnp.maximum(g, 0), axis=-1, keepdims=True)[..., None]  # (..., G, 1, 1)
     lo = jnp.max(jnp.maximum(-g, 0), axis=-1, keepdims=True)[..., None]
-    scale = jnp.maximum(hi / pos_max[:, None], lo / neg_max[:, None])  # (..., G, V, 1)
+    lead = (1,) * (hi.ndim - 2)
+    pm = pos_max.reshape(*lead, -1, 1)
+    nm = neg_max.reshape(*lead, -1, 1)
+    scale = jnp.maximum(hi / pm, lo / nm)  # (..., G, V, 1)
     scale = jnp.where(scale > 0, scale, np.float32(1.0))
     gv = g[..., None, :] / scale  # (..., G, V, S)
     # nearest code per element: tables sorted per variant so ties go to the smaller value
     order = jnp.argsort(tabs, axis=1, stable=True)
     sorted_t = jnp.take_along_axis(tabs, order, axis=1)  # (V, C)
-    dist = jnp.abs(gv[..., None] - sorted_t[:, None, :])  # (..., G, V, S, C)
+    st = sorted_t.reshape(*lead, *sorted_t.shape[:1], 1, sorted_t.shape[1])  # (..., V, 1, C)
+    dist = jnp.abs(gv[..., None] - st)  # (..., G, V, S, C)
     idx = jnp.argmin(dist, axis=-1)  # (..., G, V, S)
     q = jnp.take_along_axis(
         jnp.broadcast_to(sorted_t[:, None, :], (*idx.shape, sorted_t.shape[-1])),
