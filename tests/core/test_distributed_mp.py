@@ -5,6 +5,7 @@ Run as a script with ``--worker`` this file is the program each launched process
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import sys
 import time
@@ -86,6 +87,39 @@ def data_parallel_sgd(devices) -> dict:
     }
 
 
+def train_with_jaxcore() -> dict:
+    """A few steps of ``jaxcore.train`` (data parallel over every device of every process)."""
+    import jax
+    from flax import nnx
+    from jaxcore.models import tasks
+
+    from jaxcore import models
+    from jaxcore import train as jtrain
+
+    task = tasks.get_task("parity")
+    model = models.build_model(
+        "transformer", vocab_size=task.vocab_size, d_model=16, num_layers=1, num_heads=2, seed=0
+    )
+    config = jtrain.TrainConfig(
+        steps=STEPS,
+        batch_size=8,
+        optimizer="sgd",
+        learning_rate=LR,
+        schedule="constant",
+        clip_norm=None,
+        log_every=1,
+        eval_splits=(),
+        progress=False,
+        plot=False,
+    )
+    result = jtrain.train(model, task, config)
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return {
+        "losses": [h["loss"] for h in result.history if h.get("split") == "train"],
+        "params": [np.asarray(x.addressable_data(0)).ravel().tolist() for x in params],
+    }
+
+
 def _worker() -> None:
     from jaxcore import distributed
 
@@ -93,6 +127,7 @@ def _worker() -> None:
     import jax
 
     out = data_parallel_sgd(jax.devices())
+    out["train"] = train_with_jaxcore()
     out["process_count"] = info["process_count"]
     out["device_count"] = info["device_count"]
     out["local_device_count"] = info["local_device_count"]
@@ -121,12 +156,16 @@ def _result(res) -> dict:
 
 
 def test_two_processes_equal_one_process_four_devices():
-    results = distributed.launch(
-        [__file__, "--worker"], 2, local_device_count=2, timeout=120, env={"JAX_PLATFORMS": "cpu"}
-    )
-    single = data_parallel_sgd(jax.devices()[:4])
-    assert single["psum"] == [6.0]
-    for res in results:
+    """2 processes x 2 CPU devices (gloo) give the parameters of 1 process x 4 devices."""
+    env = {"JAX_PLATFORMS": "cpu"}
+    worker = [__file__, "--worker"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both groups at once
+        one = pool.submit(distributed.launch, worker, 1, local_device_count=4, timeout=150, env=env)
+        two = pool.submit(distributed.launch, worker, 2, local_device_count=2, timeout=150, env=env)
+        (single,), pair = one.result(), two.result()
+    want = _result(single)
+    assert want["process_count"] == 1 and want["device_count"] == 4
+    for res in pair:
         got = _result(res)
         assert got["process_count"] == 2
         assert got["device_count"] == 4
@@ -134,10 +173,24 @@ def test_two_processes_equal_one_process_four_devices():
         assert got["psum"] == [6.0]
         assert got["all_gather"] == [0.0, 1.0, 2.0, 3.0]  # device 0's gathered copy
         assert got["all_gather_shape"] == [16]
-        np.testing.assert_allclose(got["losses"], single["losses"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-6, atol=1e-7)
         assert got["losses"][-1] < got["losses"][0]
-        for k, v in single["params"].items():
+        for k, v in want["params"].items():
             np.testing.assert_allclose(got["params"][k], v, rtol=1e-6, atol=1e-7)
+        # the project's training loop, data parallel over the two processes
+        tr, tw = got["train"], want["train"]
+        assert len(tr["losses"]) == STEPS and all(np.isfinite(tr["losses"]))
+        np.testing.assert_allclose(tr["losses"], tw["losses"], rtol=1e-5, atol=1e-6)
+        assert len(tr["params"]) == len(tw["params"]) > 0
+        for a, b in zip(tr["params"], tw["params"]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hand_written_data_parallel_matches_in_process():
+    """The same hand-written DP steps in this process (4 of its 8 devices) as in the workers."""
+    got = data_parallel_sgd(jax.devices()[:4])
+    assert got["psum"] == [6.0]
+    assert got["losses"][-1] < got["losses"][0]
 
 
 def test_dying_process_fails_fast_with_its_stderr():
