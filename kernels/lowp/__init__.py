@@ -56,6 +56,7 @@ from .formats import (
     float16,
     float32,
     format_of,
+    formats_table,
     ml_dtype,
 )
 from .reference import round_reference
@@ -106,6 +107,7 @@ __all__ = [
     "float16",
     "float32",
     "format_of",
+    "formats_table",
     "int8_dot_general",
     "lmul",
     "lmul_dot_general",

@@ -321,3 +321,24 @@ def ml_dtype(fmt: FloatFormat) -> Any:
 
 
 Format = FloatFormat | FixedFormat | IntFormat
+
+
+def formats_table() -> str:
+    """Markdown table of every preset: bits, max, min normal, min subnormal, specials.
+
+    docs/lowp.md embeds this output; a test keeps the page equal to it.
+    """
+    rows = [
+        "| format | bits | e | m | bias | max | min normal | min subnormal | inf | NaN | -0 "
+        "| overflow |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in (float32, *PRESETS.values()):
+        sub = f"{f.min_subnormal:.6g}" if f.subnormals else "none"
+        rows.append(
+            f"| {f.name} | {f.bits} | {f.exponent_bits} | {f.mantissa_bits} | {f.bias} "
+            f"| {f.max:.6g} | {f.min_normal:.6g} | {sub} | {'yes' if f.has_inf else 'no'} "
+            f"| {'yes' if f.has_nan else 'no'} | {'yes' if f.has_negative_zero else 'no'} "
+            f"| {f.overflow} |"
+        )
+    return "\n".join(rows)
