@@ -254,3 +254,47 @@ def test_bitmod_and_bitserial_dot_hooks():
     assert float(cost(hw, wl, precision={"dot_general": flat}).latency_s) == pytest.approx(
         lat_4, rel=1e-6
     )
+
+
+def test_smooth_gradients_pim_and_bits(x64):
+    from jax.test_util import check_grads
+
+    wl = gemm_workload(1, 512, 512, bits=16)
+
+    def pim_energy(e_act, e_col, e_io):
+        hw = dataclasses.replace(PIM.pim_gpt(), e_act=e_act, e_col=e_col, e_io=e_io)
+        return cost(hw, wl).energy_j * 1e6
+
+    check_grads(pim_energy, (900.0, 0.5, 6.0), order=1, modes=["rev"], rtol=1e-4)
+
+    def sys_energy(bits):  # MAC and SRAM energy are smooth power laws in the bit-width
+        return cost(Systolic(), GEMM, precision=bits).energy_j * 1e6
+
+    check_grads(sys_energy, (6.3,), order=1, modes=["rev"], rtol=1e-4)
+
+
+def test_codesign_loop_with_projection():
+    import optax
+
+    wl = gemm_workload(128, 128, 128)
+    hw0 = GPU(mem_bw=50.0, peak_tflops=5.0, launch_us=0.0)
+
+    def loss(h):
+        return objective(h, wl, metric="latency", power_budget_w=100.0)
+
+    opt = optax.adam(0.1)
+
+    @jax.jit
+    def step(hw, state):
+        val, g = jax.value_and_grad(loss)(hw)
+        upd, state = opt.update(g, state)
+        return project(optax.apply_updates(hw, upd)), state, val
+
+    hw, state = hw0, opt.init(hw0)
+    vals = []
+    for _ in range(15):
+        hw, state, val = step(hw, state)
+        vals.append(float(val))
+    assert vals[-1] < vals[0]
+    assert all(float(x) >= 0 for x in jax.tree_util.tree_leaves(hw))
+    assert float(hw.mem_bw) > 50.0  # the optimiser bought bandwidth
