@@ -1,8 +1,9 @@
 """Quantized layers: :class:`QDense` and :class:`QEinsum` (``jaxcore.models``).
 
 A layer holds float master weights and, in its forward pass, fake-quantizes the weight and the
-input activation onto low-precision formats from :mod:`jaxcore.kernels.lowp` (rounding with
-``lowp.round``, gradients by the straight-through estimator), then multiplies in float32. For
+input activation onto low-precision formats from :mod:`jaxcore.kernels.lowp` (float, int, MX /
+NVFP4 block formats, BitMoD; ``lowp.fake_quant`` with straight-through gradients), then
+multiplies in float32. For
 export, :meth:`QDense.export` returns the real codes (``lowp.encode``) and scales.
 
 Scaling. Integer / fixed formats are scaled by the absolute maximum (weights: per output
@@ -60,6 +61,8 @@ class QuantConfig:
             self, "weight_format", resolve_format(self.weight_format, "weight_format")
         )
         object.__setattr__(self, "act_format", resolve_format(self.act_format, "act_format"))
+        if isinstance(self.act_format, BitMoD):
+            raise ValueError(f"act_format: {self.act_format} is a weight-only format")
         lo, hi = self.bits_range
         if not 1.0 < lo < hi <= 24.0:
             raise ValueError(f"bits_range: expected 1 < low < high <= 24, got {self.bits_range}")
@@ -74,25 +77,60 @@ class QuantConfig:
         return self.learn_bits or self.weight_format is not None or self.act_format is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class BitMoD:
+    """BitMoD weight format (``lowp.bitmod_quantize``): ``bits``-bit codes with a per-group choice
+    of datatype, groups of ``group_size`` along the contraction axis. Weights only."""
+
+    bits: int = 4
+    group_size: int = 32
+
+    def __str__(self) -> str:
+        return f"bitmod{self.bits}"
+
+
+_BLOCK_NAMES = {
+    "mxfp4": "MXFP4",
+    "mxfp6_e2m3": "MXFP6_E2M3",
+    "mxfp6_e3m2": "MXFP6_E3M2",
+    "mxfp8_e4m3": "MXFP8_E4M3",
+    "mxfp8_e5m2": "MXFP8_E5M2",
+    "mxint8": "MXINT8",
+    "nvfp4": "NVFP4",
+}
+_SCALAR = (lowp.FloatFormat, lowp.IntFormat, lowp.FixedFormat)
+
+
 def resolve_format(fmt: Any, name: str = "format") -> Any:
-    """A lowp format from a format, a dtype or a name: ``"float8_e4m3fn"`` (any lowp preset),
-    ``"float32"``, ``"int8"`` / ``"int4"`` / ``"intN"``, ``"uint8"``; ``None`` stays None."""
-    if fmt is None or isinstance(fmt, lowp.FloatFormat | lowp.IntFormat | lowp.FixedFormat):
+    """A format from a format object, a dtype or a name; ``None`` stays None.
+
+    Names: ``"float32"`` and every lowp float preset (``"float8_e4m3fn"``, ``"bfloat16"``, ...),
+    ``"intN"`` / ``"uintN"``, the block formats ``"mxfp4"``, ``"mxfp6_e2m3"``, ``"mxfp6_e3m2"``,
+    ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxint8"``, ``"nvfp4"``, and ``"bitmodN"`` (weights).
+    """
+    if fmt is None or isinstance(fmt, (*_SCALAR, lowp.BlockFormat, BitMoD)):
         return fmt
     if isinstance(fmt, str):
-        if fmt in ("none", "float", ""):
+        key = fmt.lower()
+        if key in ("none", "float", ""):
             return None
-        if fmt == "float32":
+        if key == "float32":
             return lowp.float32
-        if fmt in lowp.PRESETS:
-            return lowp.PRESETS[fmt]
-        m = re.fullmatch(r"(u?)int(\d+)", fmt)
-        if m:
-            try:
+        if key in lowp.PRESETS:
+            return lowp.PRESETS[key]
+        if key in _BLOCK_NAMES:
+            return getattr(lowp, _BLOCK_NAMES[key])
+        m = re.fullmatch(r"(u?)int(\d+)", key)
+        b = re.fullmatch(r"bitmod(\d+)", key)
+        try:
+            if m:
                 return lowp.IntFormat(int(m.group(2)), signed=not m.group(1))
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-        names = ["float32", *lowp.PRESETS, "int8", "int4", "intN", "uintN"]
+            if b:
+                lowp.bitmod_tables(int(b.group(1)))  # validates the bit count
+                return BitMoD(int(b.group(1)))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        names = ["float32", *lowp.PRESETS, "intN", "uintN", *_BLOCK_NAMES, "bitmodN"]
         raise ValueError(f"{name}: expected a format name in {names}, got {fmt!r}")
     try:
         return lowp.format_of(fmt)
@@ -111,16 +149,31 @@ def _absmax_scale(x: jax.Array, qmax: float | jax.Array, axes: tuple[int, ...]) 
     return jnp.where(amax > 0, amax / qmax, 1.0).astype(x.dtype)
 
 
-def fake_quantize(x: jax.Array, fmt: Any, scale_axes: tuple[int, ...], mode: str) -> jax.Array:
-    """Round ``x`` onto ``fmt`` (absmax-scaled over ``scale_axes`` for integer/fixed formats),
-    straight-through gradient. ``fmt=None`` returns ``x``."""
+def _block_on(fmt: Any, axes: tuple[int, ...], ndim: int) -> Any:
+    if len(axes) != 1:
+        raise ValueError(f"weight_format: {fmt} needs one contraction axis, got axes {axes}")
+    return dataclasses.replace(fmt, axis=axes[0] % ndim)
+
+
+def fake_quantize(x: jax.Array, fmt: Any, axes: tuple[int, ...], mode: str) -> jax.Array:
+    """Quantize-dequantize ``x`` onto ``fmt`` with a straight-through gradient
+    (``lowp.fake_quant``). ``axes`` are the contraction axes: integer/fixed formats are
+    absmax-scaled over them, block formats (MX, NVFP4) and BitMoD groups run along them, float
+    formats are unscaled. ``fmt=None`` returns ``x``."""
     if fmt is None:
         return x
     if isinstance(fmt, lowp.FloatFormat):
-        return _ste(x, lowp.round(x, fmt, mode))
+        return lowp.fake_quant(x, fmt, mode)
+    if isinstance(fmt, lowp.BlockFormat):
+        return lowp.fake_quant(x, _block_on(fmt, axes, x.ndim), mode)
+    if isinstance(fmt, BitMoD):
+        if len(axes) != 1:
+            raise ValueError(f"weight_format: {fmt} needs one contraction axis, got axes {axes}")
+        q = lowp.bitmod_quantize(x, fmt.bits, fmt.group_size, axis=axes[0]).values
+        return _ste(x, q.astype(x.dtype))
     grid = fmt.fixed if isinstance(fmt, lowp.IntFormat) else fmt
-    s = _absmax_scale(x, float(grid.max), scale_axes)
-    return _ste(x, lowp.round(x / s, grid, mode) * s)
+    s = _absmax_scale(x, float(grid.max), axes)
+    return lowp.fake_quant(x / s, grid, mode) * s
 
 
 def relaxed_int_quantize(x: jax.Array, bits: jax.Array, scale_axes: tuple[int, ...]) -> jax.Array:
@@ -147,8 +200,22 @@ def relaxed_int_quantize(x: jax.Array, bits: jax.Array, scale_axes: tuple[int, .
 
 
 class _QBase(nnx.Module):
-    def _init_quant(self, quant: QuantConfig | None) -> None:
+    def _init_quant(self, quant: QuantConfig | None, contraction: int | None = None) -> None:
         self.quant = quant if quant is not None else QuantConfig()
+        for nm in ("weight_format", "act_format"):
+            fmt = getattr(self.quant, nm)
+            group = (
+                fmt.block_size
+                if isinstance(fmt, lowp.BlockFormat)
+                else fmt.group_size
+                if isinstance(fmt, BitMoD)
+                else None
+            )
+            if group and contraction is not None and contraction % group:
+                raise ValueError(
+                    f"{nm}: {fmt} groups {group} elements along the contraction axis, which has "
+                    f"size {contraction}; expected a multiple of {group}"
+                )
         if self.quant.learn_bits:
             self.weight_bits = BitWidth(jnp.asarray(self.quant.init_bits, jnp.float32))
             self.act_bits = BitWidth(jnp.asarray(self.quant.init_bits, jnp.float32))
@@ -179,6 +246,17 @@ class _QBase(nnx.Module):
             return {"format": None, "values": w}
         if isinstance(fmt, lowp.FloatFormat):
             return {"format": str(fmt), "codes": _codes.encode(w, fmt, self.quant.mode)}
+        if isinstance(fmt, lowp.BlockFormat):
+            bq = lowp.block_quantize(w, _block_on(fmt, axes, w.ndim), self.quant.mode)
+            return {
+                "format": str(fmt.name),
+                "codes": bq.codes,
+                "scales": bq.scales,
+                "tensor_scale": bq.tensor_scale,
+            }
+        if isinstance(fmt, BitMoD):
+            r = lowp.bitmod_quantize(w, fmt.bits, fmt.group_size, axis=axes[0])
+            return {"format": str(fmt), "codes": r.codes, "variant": r.variant, "scale": r.scale}
         grid = fmt.fixed if isinstance(fmt, lowp.IntFormat) else fmt
         s = _absmax_scale(w, float(grid.max), axes)
         return {
@@ -210,7 +288,7 @@ class QDense(_QBase):
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
         self.dtype = dtype
-        self._init_quant(quant)
+        self._init_quant(quant, in_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self._q_weight(self.kernel[...], (0,))
@@ -262,7 +340,7 @@ class QEinsum(_QBase):
             std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, weight_shape, jnp.float32)
         )
         self.dtype = dtype
-        self._init_quant(quant)
+        self._init_quant(quant, weight_shape[self.contracted[0]] if self.contracted else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self._q_weight(self.kernel[...], self.contracted)

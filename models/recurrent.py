@@ -41,7 +41,7 @@ class RNNLayer(_QBase):
         self.w_hh = nnx.Param(p["w_hh"])
         self.b_ih = nnx.Param(p["b_ih"])
         self.b_hh = nnx.Param(p["b_hh"])
-        self._init_quant(quant)
+        self._init_quant(quant, d_model // num_heads)  # w_hh contracts H / heads
 
     def _params(self) -> dict[str, jax.Array]:
         return {

@@ -15,6 +15,7 @@ from jaxcore.models import (
     Transformer,
     bit_widths,
     export_quantized,
+    pure,
     resolve_format,
 )
 from jaxcore.models.quant import relaxed_int_quantize
@@ -94,9 +95,32 @@ def test_learnable_bit_widths_in_a_model():
     assert "head" in bw and len(bw) == 1 + 4 + 3  # head, q/k/v/o, gate/up/down
     gd, bits, rest = nnx.split(m, BitWidth, ...)
     toks = jnp.arange(10).reshape(2, 5) % 7
-    g = jax.grad(lambda b: jnp.mean(nnx.merge(gd, b, rest)(toks) ** 2))(bits)
+    g = jax.jit(jax.grad(lambda b: jnp.mean(nnx.merge(gd, b, rest)(toks) ** 2)))(bits)
     assert all(np.isfinite(v) and v != 0 for v in jax.tree.leaves(g))
     # BitWidth is not a Param: ordinary training leaves it alone.
     assert not jax.tree.leaves(nnx.state(m, nnx.Param).filter(BitWidth))
-    ex = export_quantized(m)
-    assert ex["head"]["format"] == "int6"
+    assert m.head.export()["format"] == "int6"
+    q = QDense(8, 4, quant=QuantConfig(weight_format="int4"), rngs=nnx.Rngs(0))
+    assert set(export_quantized(q)) == {""} and export_quantized(q)[""]["format"] == "int4"
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "mxint8", "bitmod4"])
+def test_block_and_bitmod_weight_formats(fmt):
+    x = jax.random.normal(jax.random.key(2), (4, 64))
+    f = QDense(64, 8, rngs=nnx.Rngs(0))
+    q = QDense(64, 8, quant=QuantConfig(weight_format=fmt), rngs=nnx.Rngs(0))
+    fn, state = pure(q)
+    yf, yq = np.asarray(f(x)), np.asarray(jax.jit(fn)(state, x))
+    rel = np.linalg.norm(yq - yf) / np.linalg.norm(yf)
+    assert 0 < rel < 0.3, rel
+    g = jax.jit(jax.grad(lambda v: jnp.sum(fn(state, v))))(x)
+    assert np.isfinite(np.asarray(g)).all()
+    e = q.export()
+    assert e["codes"].shape == (64, 8) and e["codes"].dtype == jnp.uint8
+
+
+def test_block_format_needs_a_divisible_contraction():
+    with pytest.raises(ValueError, match="weight_format: MXFP4 groups 32 elements"):
+        QDense(40, 8, quant=QuantConfig(weight_format="mxfp4"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="act_format: bitmod4 is a weight-only format"):
+        QuantConfig(act_format="bitmod4")
