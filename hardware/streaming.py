@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from .cost import Cost, hardware_model, param, static, ste_ceil
 
@@ -103,7 +104,14 @@ class StreamingDataflow:
         return {"start": start, "first_out": first, "fifo": fifo, "ii": ii, "cycles": end}
 
     def _cost_items(self, n_items: Any) -> Cost:
-        n = int(n_items)
+        if isinstance(n_items, np.integer):
+            n_items = int(n_items)
+        if not (isinstance(n_items, int) and n_items >= 1):
+            raise ValueError(
+                f"workload: a StreamingDataflow is costed on a stream length (positive int), "
+                f"got {type(n_items).__name__} {n_items!r}"
+            )
+        n = n_items
         sch = self.schedule(n)
         by = {u.name: u for u in self.units}
         depth = sum(sch["fifo"].values())

@@ -492,6 +492,12 @@ class _Tracer:
             self.ops.extend(best.ops)
             self.unknown.extend(best.unknown)
             return no_names
+        if prim == "xla_pmap":
+            size = int(p.get("axis_size", 1) or 1)
+            jx = p["call_jaxpr"]
+            jx = getattr(jx, "jaxpr", jx)
+            self.walk(jx, in_names, count * size, f"{here}[x{size}]")
+            return no_names
         if prim == "shard_map":
             mesh = p.get("mesh")
             size = int(getattr(mesh, "size", 1) or 1)

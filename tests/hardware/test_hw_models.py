@@ -150,8 +150,10 @@ def test_streaming_attention_fifo_result():
     assert float(cost(deferred, 256).area_mm2) < float(cost(naive, 256).area_mm2)
     with pytest.raises(ValueError, match="variant"):
         attention_pipeline(64, "other")
-    with pytest.raises(ValueError, match="n_items"):
+    with pytest.raises(ValueError, match="stream length"):
         cost(naive, 0)
+    with pytest.raises(ValueError, match="stream length"):
+        cost(naive, GEMM)
 
 
 # -- objective ---------------------------------------------------------------------------------

@@ -136,6 +136,13 @@ def test_shard_map_multiplies_by_mesh_size():
     assert any(o.kind == "collective" for o in wl.ops)
 
 
+def test_pmap_multiplies_by_axis_size():
+    f = jax.pmap(lambda a, b: a @ b, in_axes=(0, None))
+    wl = trace(f, jnp.ones((4, 2, 3)), jnp.ones((3, 5)))
+    (mm,) = _mm(wl)
+    assert (mm.m, mm.n, mm.k, mm.count) == (2, 5, 3, 4)
+
+
 def test_unknown_primitive_listed_and_warned():
     def f(a):
         return jnp.linalg.cholesky(a @ a.T + jnp.eye(3))
