@@ -199,7 +199,7 @@ class Mamba2Mixer(nnx.Module):
         xbc = jax.nn.silu(self.conv(xbc))
         x, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + self.d_state], axis=-1)
         x = x.reshape(Bsz, T, self.num_heads, self.head_dim)
-        dt = jax.nn.softplus(dt + self.dt_bias[...])
+        dt = jax.nn.softplus(dt + self.dt_bias[...][None, None, :])
         A = -jnp.exp(self.A_log[...])
 
         def mix(x, dt, A, B, C, D):
@@ -220,7 +220,7 @@ class Mamba2Mixer(nnx.Module):
         xbc = jax.nn.silu(xbc)
         x, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + self.d_state], axis=-1)
         P = self.head_dim
-        dt = jnp.repeat(jax.nn.softplus(dt + self.dt_bias[...]), P, axis=-1)  # (B, di)
+        dt = jnp.repeat(jax.nn.softplus(dt + self.dt_bias[...][None, :]), P, axis=-1)  # (B, di)
         A = jnp.broadcast_to(
             jnp.repeat(-jnp.exp(self.A_log[...]), P)[:, None], (self.d_inner, self.d_state)
         )
