@@ -1,0 +1,93 @@
+"""``jaxcore train``: a tiny run end to end; bad input gives one line and a non-zero exit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxcore import cli
+
+
+def _run(capsys, *argv):
+    try:
+        rc = cli.main(["train", *argv])
+    except SystemExit as e:  # argparse errors exit through SystemExit
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "gpt9"], "--model: expected one of"),
+        (["--task", "sudoku"], "--task: expected one of"),
+        (["--steps", "0"], "--steps: expected a positive integer"),
+        (["--steps", "many"], "argument --steps: invalid int value"),
+        (["--lr", "-1"], "--lr: expected a positive number"),
+        (["--optimizer", "adamz"], "--optimizer: expected the name of an optax optimiser"),
+        (["--schedule", "step"], "--schedule: expected one of"),
+        (["--batch-size", "6"], "--batch-size: expected a multiple of the 8 devices"),
+        (["--remat", "most"], "--remat: expected one of"),
+        (["--weight-format", "fp3"], "--weight-format: expected a format name"),
+        (["--max-len", "1", "--min-len", "4"], "--max-len: expected an integer >= min_len=4"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, argv, message):
+    rc, err = _run(capsys, "--out", str(tmp_path / "o"), "--no-progress", *argv)
+    assert rc != 0
+    assert len(err.splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc, err = _run(capsys, "--out", str(blocker / "run"), "--steps", "2")
+    assert rc == 2 and len(err.splitlines()) == 1 and "--out: cannot write to" in err
+
+
+def test_tiny_run_end_to_end(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc = cli.main(
+        [
+            "train",
+            "--model",
+            "gru",
+            "--task",
+            "parity",
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--d-model",
+            "16",
+            "--layers",
+            "1",
+            "--log-every",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--max-len",
+            "4",
+        ]
+    )
+    assert rc == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["split"] == "train"] == [2, 4]
+    assert {r["split"] for r in recs} == {"train", "test", "ood"}
+    assert (out / "curves.png").exists() and (out / "checkpoints" / "4").is_dir()
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_exit_status_in_a_real_process(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "jaxcore", "train", "--model", "nope", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "--model: expected one of" in p.stderr
