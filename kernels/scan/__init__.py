@@ -5,10 +5,12 @@
 - :func:`selective_scan` / :func:`selective_scan_step`: Mamba-1 (mamba_ssm ``selective_scan_ref``
   semantics) in (batch, length, channels) layout; the default "chunked" path never materialises
   the (B, L, D, N) state and recomputes it in a custom backward.
+- :func:`ssd`: Mamba-2 state-space duality (scalar A per head) in its chunked matmul form.
 """
 
 from ._linear import linear_scan, linear_scan_reference
 from ._selective import selective_scan, selective_scan_reference, selective_scan_step
+from ._ssd import ssd, ssd_reference
 
 __all__ = [
     "linear_scan",
@@ -16,4 +18,6 @@ __all__ = [
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_step",
+    "ssd",
+    "ssd_reference",
 ]

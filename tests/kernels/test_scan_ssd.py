@@ -1,0 +1,130 @@
+"""ssd: chunked matmul form == sequential reference == selective_scan (the duality)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxcore.kernels.scan import selective_scan, ssd
+
+from jaxcore.testing import assert_close
+
+BZ, L, H, P, N, G = 2, 13, 4, 3, 5, 2
+SEG = np.array([[0] * 5 + [1] * 8, [2] * 3 + [0] * 10])
+
+
+def make(dtype=jnp.float64, grouped=True):
+    k = jax.random.split(jax.random.key(0), 8)
+    r = lambda i, s: jax.random.normal(k[i], s, dtype)
+    bc_shape = (BZ, L, G, N) if grouped else (BZ, L, N)
+    return dict(
+        x=r(0, (BZ, L, H, P)),
+        dt=jax.nn.softplus(r(1, (BZ, L, H))),
+        A=-jnp.exp(r(2, (H,))),
+        B=r(3, bc_shape),
+        C=r(4, bc_shape),
+        h0=r(5, (BZ, H, P, N)),
+        D=r(6, (H,)),
+    )
+
+
+def loop(x, dt, A, B, C, h0, D, seg):
+    """numpy loop over steps."""
+    x, dt, A, B, C, h = (np.asarray(v) for v in (x, dt, A, B, C, h0))
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    B, C = np.repeat(B, H // B.shape[2], 2), np.repeat(C, H // C.shape[2], 2)
+    ys = np.zeros(x.shape)
+    for t in range(x.shape[1]):
+        if seg is not None and t > 0:
+            h = np.where((seg[:, t] != seg[:, t - 1])[:, None, None, None], 0, h)
+        da = np.exp(dt[:, t] * A)[..., None, None]
+        h = da * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys[:, t] = np.einsum("bhpn,bhn->bhp", h, C[:, t]) + x[:, t] * np.asarray(D)[:, None]
+    return ys, h
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_chunked_matches_loop_and_reference(x64, grouped, chunk):
+    d = make(grouped=grouped)
+    for seg in (None, SEG):
+
+        @jax.jit
+        def both(x, dt, A, B, C, h0, D, seg=seg):
+            kw = dict(D=D, initial_state=h0, return_final_state=True, segment_ids=seg)
+            return (
+                ssd(x, dt, A, B, C, chunk_size=chunk, **kw),
+                ssd(x, dt, A, B, C, implementation="reference", **kw),
+            )
+
+        (y, h), (yr, hr) = both(d["x"], d["dt"], d["A"], d["B"], d["C"], d["h0"], d["D"])
+        ly, lh = loop(d["x"], d["dt"], d["A"], d["B"], d["C"], d["h0"], d["D"], seg)
+        for a in (y, yr):
+            assert_close(a, ly)
+        for a in (h, hr):
+            assert_close(a, lh)
+
+
+def test_gradients_match_reference(x64):
+    d = make()
+
+    def run(impl):
+        def f(x, dt, A, B, C, h0, D):
+            y, h = ssd(x, dt, A, B, C, D=D, initial_state=h0, return_final_state=True,
+                       segment_ids=SEG, chunk_size=4, implementation=impl)  # fmt: skip
+            return jnp.sum(jnp.sin(y)) + jnp.sum(h**2)
+
+        return jax.jit(jax.grad(f, argnums=tuple(range(7))))
+
+    args = (d["x"], d["dt"], d["A"], d["B"], d["C"], d["h0"], d["D"])
+    for a, b, name in zip(
+        run("chunked")(*args), run("reference")(*args), "x dt A B C h0 D".split()
+    ):
+        assert_close(a, b, scale=100, err_msg=name)
+
+
+def test_duality_with_selective_scan(x64):
+    d = make()
+    y, h = ssd(d["x"], d["dt"], d["A"], d["B"], d["C"], D=d["D"], initial_state=d["h0"],
+               return_final_state=True, chunk_size=4)  # fmt: skip
+    u = d["x"].reshape(BZ, L, H * P)
+    delta = jnp.repeat(d["dt"], P, axis=2)
+    a = jnp.repeat(d["A"], P)[:, None] * jnp.ones((1, N), jnp.float64)
+    ys, hs = selective_scan(u, delta, a, d["B"], d["C"], jnp.repeat(d["D"], P),
+                            initial_state=d["h0"].reshape(BZ, H * P, N),
+                            return_final_state=True)  # fmt: skip
+    assert_close(y, ys.reshape(y.shape))
+    assert_close(h, hs.reshape(h.shape))
+
+
+def test_length_one_bf16_and_nan():
+    d = make(jnp.float32)
+    y = ssd(d["x"][:, :1], d["dt"][:, :1], d["A"], d["B"][:, :1], d["C"][:, :1])
+    ly, _ = loop(d["x"][:, :1], d["dt"][:, :1], d["A"], d["B"][:, :1], d["C"][:, :1],
+                 np.zeros((BZ, H, P, N)), np.zeros(H), None)  # fmt: skip
+    assert_close(y, ly, scale=10)
+    yb = ssd(*(d[k].astype(jnp.bfloat16) for k in ("x", "dt")), d["A"], d["B"], d["C"])
+    assert yb.dtype == jnp.bfloat16
+    x = d["x"].at[0, 6, 1, 0].set(jnp.nan)
+    y = np.asarray(ssd(x, d["dt"], d["A"], d["B"], d["C"], chunk_size=4))
+    assert np.isnan(y[0, 6:, 1, 0]).all()
+    # the matmul form spreads a NaN over its chunk (positions 4..7), never to earlier chunks
+    assert not np.isnan(y[0, :4]).any() and not np.isnan(y[1]).any()
+    assert not np.isnan(y[0, :, 0]).any() and not np.isnan(y[0, :, 1, 1:]).any()
+
+
+def test_bad_shapes():
+    d = make(jnp.float32)
+    x, dt, A, B, C = d["x"], d["dt"], d["A"], d["B"], d["C"]
+    with pytest.raises(ValueError, match="x: expected rank 4"):
+        ssd(x[0], dt, A, B, C)
+    with pytest.raises(ValueError, match="dt: expected shape"):
+        ssd(x, dt[:, :3], A, B, C)
+    with pytest.raises(ValueError, match="A: expected shape"):
+        ssd(x, dt, A[:2], B, C)
+    with pytest.raises(ValueError, match="C: expected a group count"):
+        ssd(x, dt, A, B, jnp.ones((BZ, L, 3, N)))
+    with pytest.raises(ValueError, match="D: expected shape"):
+        ssd(x, dt, A, B, C, D=jnp.ones((H + 1,)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd(x, dt, A, B, C, chunk_size=0)
