@@ -194,9 +194,16 @@ def round_bits(
     is_sub = ex == w.i(0)
     sig = jnp.where(is_sub, a, (a & w.u(2**mant - 1)) | w.u(2**mant))
 
+    simple = p.is_float and p.subnormals and not p.need_clz and eoff is None
     if p.const_shift is not None and eoff is None:
         shift_i = None
         s = w.u(p.const_shift)
+    elif simple:
+        # emin >= the word's emin: shift = (mant - M) + max(0, emin - e), e = max(ex, 1) - bias
+        ex1 = jnp.maximum(ex, w.i(1))
+        shift_i = w.i(mant - p.mant) + jnp.maximum(w.i(0), w.i(p.emin + bias) - ex1)
+        s = jnp.minimum(shift_i, w.i(width - 1)).astype(U)
+        qe = w.i(p.emin - p.mant)  # the quantum wherever the result is tiny
     else:
         ue = jnp.where(is_sub, w.i(1 - bias - mant), ex - w.i(bias + mant))
         if p.is_float:
@@ -217,6 +224,17 @@ def round_bits(
         s = jnp.clip(shift_i, 0, width - 1).astype(U)
 
     one = w.u(1)
+    if mode == "nearest_even" and p.is_float and p.mant < mant and (simple or shift_i is None):
+        # shift >= 1 everywhere: the classic add-half-minus-one-plus-lsb on the word, with the
+        # parity taken from the significand (implicit bit included), as ml_dtypes does
+        half = (one << s) >> one
+        lsb = (sig >> s) & one
+        r = ((a + (half - one) + lsb) >> s) << s
+        if shift_i is not None:
+            tiny = shift_i > w.i(mant)
+            qbits = w.u(max(1, min(p.emin - p.mant + bias, 2 * bias)) << mant)
+            r = jnp.where(tiny, jnp.where(sig > half, qbits, w.u(0)), r)
+        return _finish(r, u, a, ex, neg, w, p, fmt, mode, eoff)
     mask = (one << s) - one
     rem = sig & mask
     half = (one << s) >> one
@@ -247,6 +265,13 @@ def round_bits(
         tiny = shift_i > w.i(mant)
         qbits = (jnp.clip(qe + w.i(bias), 1, 2 * bias)).astype(U) << w.u(mant)
         r = jnp.where(tiny, jnp.where(inc, qbits, w.u(0)), r)
+    return _finish(r, u, a, ex, neg, w, p, fmt, mode, eoff)
+
+
+def _finish(r, u, a, ex, neg, w, p, fmt, mode, eoff):
+    """Overflow, saturation, specials and the sign, on the rounded magnitude word ``r``."""
+    U, I = w.udtype, w.idtype
+    mant, width = w.mant, w.width
 
     # ---- overflow / saturation ---------------------------------------------------------------
     if eoff is None:
@@ -256,7 +281,7 @@ def round_bits(
         off = eoff.astype(I) << w.i(mant)
         max_pos = (w.i(p.max_pos) + off).astype(U)
         max_neg = (w.i(p.max_neg) + off).astype(U)
-    lim = jnp.where(neg, max_neg, max_pos)
+    lim = max_pos if p.max_pos == p.max_neg else jnp.where(neg, max_neg, max_pos)
     over = r > lim
     finite = ex != w.i(2 ** (width - 1 - mant) - 1)
     isnan = a > w.u(w.inf_bits)
@@ -287,7 +312,7 @@ def round_bits(
         else:
             inf_val = w.u(w.inf_bits | w.quiet_bit)
         r = jnp.where(finite, r, inf_val)
-        out = r | jnp.where(neg, w.u(w.sign_bit), w.u(0))
+        out = r | (u & w.u(w.sign_bit))
         if not fmt_f.zero:
             minb = w.u(p.min_pos) if eoff is None else (w.i(p.min_pos) + off).astype(U)
             out = jnp.where((r == w.u(0)) & (a != w.u(0)), minb, out)
