@@ -215,7 +215,6 @@ class SearchResult:
             "evals": self.evals,
             "best": None if self.best is None else self.best.to_json(),
             "n_feasible": int(self.feasible.sum()),
-            "n_at_target": None,
         }
 
 
