@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jaxcore.models import tasks
+from jaxcore.models import build_model, tasks
 
 from jaxcore import train as T
 
@@ -51,7 +51,7 @@ def _leaves(model):
 
 
 def test_tiny_run_lowers_loss():
-    model = TinyLM(TASK.vocab_size, rngs=nnx.Rngs(0))
+    model = build_model("transformer", TASK.vocab_size, d_model=32, num_layers=1, num_heads=2)
     res = T.train(
         model, TASK, _cfg(steps=40, log_every=5, learning_rate=1e-2, eval_splits=("ood",))
     )
