@@ -53,10 +53,10 @@ def _leaves(model):
 def test_tiny_run_lowers_loss():
     model = build_model("transformer", TASK.vocab_size, d_model=32, num_layers=1, num_heads=2)
     res = T.train(
-        model, TASK, _cfg(steps=40, log_every=5, learning_rate=1e-2, eval_splits=("ood",))
+        model, TASK, _cfg(steps=40, log_every=1, learning_rate=1e-2, eval_splits=("ood",))
     )
     train = [r["loss"] for r in res.history if r["split"] == "train"]
-    assert train[-1] < 0.9 * train[0]
+    assert np.mean(train[-5:]) < 0.8 * train[0], train
     assert set(res.final) == {"ood"}
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in res.final.values())
 
