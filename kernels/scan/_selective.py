@@ -191,8 +191,10 @@ def _from_chunks(y: Array, length: int) -> Array:
     return jnp.moveaxis(y, 0, 1)
 
 
-def _run_chunked(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, pallas: str | None = None):
+def _run_chunked(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk):
     length = u.shape[1]
+    if chunk > length:
+        chunk = length
     t = min(chunk, length)
     nc = -(-length // t)
     # Padded steps have delta = 0: exp(0) = 1 and no input, so the final state is unchanged.
@@ -200,14 +202,7 @@ def _run_chunked(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, pallas: str | None =
     bm = Bm if lb == "const" else _to_chunks(Bm, t, nc)
     cm = Cm if lc == "const" else _to_chunks(Cm, t, nc)
     kp = _to_chunks(keep, t, nc, value=1.0)
-    if pallas is not None:
-        from ._pallas import selective_scan_pallas_core
-
-        ys, h_t = selective_scan_pallas_core(
-            args[0], args[1], A, bm, cm, h0, kp, lb, lc, pallas == "pallas_interpret"
-        )
-    else:
-        ys, h_t = _chunked_core(args[0], args[1], A, bm, cm, h0, kp, lb, lc)
+    ys, h_t = _chunked_core(args[0], args[1], A, bm, cm, h0, kp, lb, lc)
     return _from_chunks(ys, length), h_t
 
 
@@ -362,7 +357,11 @@ def selective_scan(
                 f"implementation={impl!r} supports real A with time-varying or grouped B and C; "
                 f"got A {A.dtype}, B {B.shape}, C {C.shape}; use 'chunked'"
             )
-        y, h_t = _run_chunked(uf, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, pallas=impl)
+        from ._pallas import selective_scan_pallas
+
+        y, h_t = selective_scan_pallas(
+            uf, dt, A, Bm, Cm, h0, keep, lb, lc, min(chunk, length), impl == "pallas_interpret"
+        )
 
     if D is not None:
         y = y + uf * jnp.asarray(D).astype(acc)[None, None]

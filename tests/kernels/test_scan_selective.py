@@ -91,7 +91,7 @@ def test_reference_is_mamba(x64, complex_a, lb, lc):
             assert_close(np.abs(h), np.abs(rh))
 
 
-IMPLS = ["chunked", "sequential", "associative"]
+IMPLS = ["chunked", "sequential", "associative", "pallas_interpret"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -194,7 +194,7 @@ def test_vmap_shard_map_pmap():
     assert_close(jax.pmap(one)(u, dl, B, C), want, scale=10)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
+@pytest.mark.parametrize("impl", ["chunked", "reference", "pallas_interpret"])
 def test_nan_propagates(impl):
     d = make(dtype=jnp.float32)
     B, C = d["bc"]["time"]
@@ -225,3 +225,5 @@ def test_bad_shapes():
         selective_scan(u, dl, A, B, C, jnp.ones((DIM + 1,)))
     with pytest.raises(ValueError, match="segment_ids: expected shape"):
         selective_scan(u, dl, A, B, C, segment_ids=SEG[:, :3])
+    with pytest.raises(ValueError, match="supports real A"):
+        selective_scan(u, dl, A, *d["bc"]["const"], implementation="pallas_interpret")
