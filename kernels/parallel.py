@@ -271,13 +271,17 @@ def _ring_forward(cfg: _RingConfig, q, k, v, qs, ks):
     return out, lse
 
 
-def _block_grads(branch, q, k, v, qs, ks, out, lse, dout, dlse):
-    """Gradients of one block's share of the merged (out, lse), recomputing the block."""
+def _block_grads(branch, q, k, v, qs, ks, lse, dout, dlse_minus_d):
+    """Gradients of one block's share of the merged (out, lse), recomputing the block.
+
+    With out = sum_b w_b out_b, lse = logsumexp_b lse_b and w_b = exp(lse_b - lse), the
+    cotangents of block b are w_b * dout (output) and w_b * (<dout, out_b> - <dout, out> +
+    dlse) (lse); ``dlse_minus_d`` holds dlse - <dout, out>, computed once.
+    """
     (ob, lb), pull = jax.vjp(lambda q_, k_, v_: branch(q_, k_, v_, qs, ks), q, k, v)
-    # out = sum_b w_b out_b, lse = logsumexp_b lse_b, w_b = exp(lse_b - lse)
     w = jnp.where(jnp.isneginf(lb), 0.0, jnp.exp(lb - jnp.where(jnp.isneginf(lse), 0.0, lse)))
     ct_out = w[..., None] * dout
-    ct_lse = w * (jnp.sum(dout * (ob - out), axis=-1) + dlse)
+    ct_lse = w * (jnp.sum(dout * ob, axis=-1) + dlse_minus_d)
     return pull((ct_out.astype(ob.dtype), ct_lse.astype(lb.dtype)))
 
 
@@ -299,7 +303,8 @@ def _ring_bwd(cfg, res, cts):
     dlse = dlse.astype(cdt)
     p = cfg.num_shards
     own, others, which = _branches(cfg)
-    dq, dk, dv = _block_grads(own, q, k, v, qs, ks, out, lse, dout, dlse)
+    dlse = dlse - jnp.sum(dout * out, axis=-1)  # the residual `out` is not needed after this
+    dq, dk, dv = _block_grads(own, q, k, v, qs, ks, lse, dout, dlse)
     dq, dk, dv = dq.astype(cdt), dk.astype(cdt), dv.astype(cdt)
     if p > 1:
         me = lax.axis_index(cfg.axis_name)
@@ -321,7 +326,6 @@ def _ring_bwd(cfg, res, cts):
                 vv,
                 qs,
                 kss,
-                out,
                 lse,
                 dout,
                 dlse,
@@ -744,7 +748,8 @@ def sequence_parallel_scan(
 
 
 # ----------------------------------------------------------------------------------------------
-# wrappers on a Mesh with global arrays
+# wrappers on a Mesh with global arrays. Each takes ``check_vma`` (passed to jax.shard_map; keep
+# the default True, set False only to run an inner kernel that is not yet varying-type clean).
 
 
 def _axis_sizes(mesh: Mesh, axes: AxisName) -> int:
@@ -781,10 +786,19 @@ def _seq_spec(batch_axis: AxisName | None, seq: AxisName, ndim: int) -> P:
     return P(batch_axis, seq, *([None] * (ndim - 2)))
 
 
-def _call(mesh: Mesh, fn, args: Sequence[Array | None], specs: Sequence[P], out_specs) -> Any:
+def _call(
+    mesh: Mesh,
+    fn,
+    args: Sequence[Array | None],
+    specs: Sequence[P],
+    out_specs,
+    check_vma: bool = True,
+) -> Any:
     args = [_place(x, mesh, s) for x, s in zip(args, specs)]
     in_specs = tuple(None if x is None else s for x, s in zip(args, specs))
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
+    )(*args)
 
 
 def sharded_ring_attention(
@@ -799,6 +813,7 @@ def sharded_ring_attention(
     segment_ids: Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    check_vma: bool = True,
 ) -> Array:
     """:func:`ring_attention` on global arrays (B, T, N, H): shards T over ``mesh`` axis ``axis``.
 
@@ -828,7 +843,7 @@ def sharded_ring_attention(
             implementation=implementation,
         )
 
-    out = _call(mesh, fn, args, [spec4, spec4, spec4, spec2], spec4)
+    out = _call(mesh, fn, args, [spec4, spec4, spec4, spec2], spec4, check_vma=check_vma)
     return from_zigzag(out, p) if zig else out
 
 
@@ -844,6 +859,7 @@ def sharded_ulysses_attention(
     segment_ids: Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    check_vma: bool = True,
 ) -> Array:
     """:func:`ulysses_attention` on global arrays (B, T, N, H), T sharded over ``axis``."""
     p = _axis_sizes(mesh, axis)
@@ -863,7 +879,14 @@ def sharded_ulysses_attention(
             implementation=implementation,
         )
 
-    return _call(mesh, fn, [query, key, value, segment_ids], [spec4, spec4, spec4, spec2], spec4)
+    return _call(
+        mesh,
+        fn,
+        [query, key, value, segment_ids],
+        [spec4, spec4, spec4, spec2],
+        spec4,
+        check_vma=check_vma,
+    )
 
 
 def sharded_usp_attention(
@@ -879,6 +902,7 @@ def sharded_usp_attention(
     segment_ids: Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    check_vma: bool = True,
 ) -> Array:
     """:func:`usp_attention` on global arrays: T sharded over (ring_axis, ulysses_axis)."""
     r = _axis_sizes(mesh, ring_axis)
@@ -905,7 +929,7 @@ def sharded_usp_attention(
             implementation=implementation,
         )
 
-    out = _call(mesh, fn, args, [spec4, spec4, spec4, spec2], spec4)
+    out = _call(mesh, fn, args, [spec4, spec4, spec4, spec2], spec4, check_vma=check_vma)
     return from_zigzag(out, r) if zig else out
 
 
@@ -920,6 +944,7 @@ def sharded_linear_attention(
     decay: Array | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
+    check_vma: bool = True,
 ) -> Array:
     """:func:`sequence_parallel_linear_attention` (LASP-2) on global arrays (B, T, N, H)."""
     p = _axis_sizes(mesh, axis)
@@ -934,7 +959,14 @@ def sharded_linear_attention(
         )
 
     spec3 = _seq_spec(batch_axis, axis, 3)
-    return _call(mesh, fn, [query, key, value, decay], [spec4, spec4, spec4, spec3], spec4)
+    return _call(
+        mesh,
+        fn,
+        [query, key, value, decay],
+        [spec4, spec4, spec4, spec3],
+        spec4,
+        check_vma=check_vma,
+    )
 
 
 def sharded_scan(
@@ -949,6 +981,7 @@ def sharded_scan(
     segment_ids: Array | None = None,
     chunk_size: int | None = None,
     implementation: str | None = None,
+    check_vma: bool = True,
 ) -> Array:
     """:func:`sequence_parallel_scan` on global arrays: axis 1 of ``a``/``b`` over ``axis``."""
     p = _axis_sizes(mesh, axis)
@@ -971,5 +1004,10 @@ def sharded_scan(
         )
 
     return _call(
-        mesh, fn, [a, b, initial_state, segment_ids], [spec_a, spec_b, spec_h, spec_s], spec_b
+        mesh,
+        fn,
+        [a, b, initial_state, segment_ids],
+        [spec_a, spec_b, spec_h, spec_s],
+        spec_b,
+        check_vma=check_vma,
     )
