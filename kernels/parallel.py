@@ -22,7 +22,9 @@ Two levels of API:
     d_k x d_v states, a prefix combine, and a local chunked pass.
   - :func:`sequence_parallel_scan`: :func:`jaxcore.kernels.scan.linear_scan` with the sequence
     sharded: local chunk scans, an all-gather of (a-product, last state) carries, a prefix
-    combine and a local correction.
+    combine and a local correction; :func:`sequence_parallel_selective_scan` (Mamba-1) and
+    :func:`sequence_parallel_ssd` (Mamba-2) exchange the same carries and rerun the local
+    scan from the state entering the shard.
 
 * **on a Mesh with global arrays** (:func:`sharded_ring_attention`,
   :func:`sharded_ulysses_attention`, :func:`sharded_usp_attention`,
@@ -60,6 +62,8 @@ __all__ = [
     "ring_attention",
     "sequence_parallel_linear_attention",
     "sequence_parallel_scan",
+    "sequence_parallel_selective_scan",
+    "sequence_parallel_ssd",
     "sharded_linear_attention",
     "sharded_ring_attention",
     "sharded_scan",
@@ -563,6 +567,12 @@ def _prefix_states(a_all: Array, h_all: Array, h0: Array) -> tuple[Array, Array]
     return h_in, h_final
 
 
+def _invariant(x: Array, axis_name: AxisName) -> Array:
+    """x (equal on every device by construction) typed as device-invariant: device 0's copy."""
+    me = lax.axis_index(axis_name)
+    return lax.psum(jnp.where(me == 0, x, jnp.zeros((), x.dtype)), axis_name)
+
+
 def _gather(x: Array, axis_name: AxisName) -> Array:
     return lax.all_gather(x, axis_name, axis=0, tiled=False)
 
@@ -598,7 +608,8 @@ def sequence_parallel_linear_attention(
       axis_name: mesh axis (or axes) the sequence is sharded over.
       decay: optional local shard of per-step decay in [0, 1], broadcastable to (B, T/P, N).
       initial_state: (B, N, H, Hv) state before the global sequence (same on every device).
-      return_final_state: also return the state after the global sequence (every device).
+      return_final_state: also return the state after the global sequence (device-invariant,
+        so ``out_specs=P()`` returns it).
       chunk_size, implementation: passed to the local ``linear_attention``.
 
     Returns:
@@ -650,7 +661,7 @@ def sequence_parallel_linear_attention(
         initial_state=s_me,
         implementation=implementation,
     ).astype(query.dtype)
-    return (out, s_final) if return_final_state else out
+    return (out, _invariant(s_final, axis_name)) if return_final_state else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,7 +755,141 @@ def sequence_parallel_scan(
     hs = h_loc + cum * h_me[:, None]
     if reverse:
         hs = jnp.flip(hs, 1)
-    return (hs, h_final) if return_final_state else hs
+    return (hs, _invariant(h_final, axis_name)) if return_final_state else hs
+
+
+def _carry_in(
+    axis_name: AxisName,
+    a_tot: Array,
+    h_last: Array,
+    h0: Array,
+    segment_ids: Array | None,
+) -> tuple[Array, Array]:
+    """The state entering this shard and the final state, from every shard's (decay, state).
+
+    a_tot: (B, ...) the shard's total decay (broadcastable to the state); h_last: (B, *state)
+    the shard's last state from a zero initial state; h0: the state before the sequence. With
+    segment ids a shard with a segment boundary inside passes no state through (decay 0), and a
+    shard whose first id differs from the previous shard's last one starts from zero.
+    """
+    p = _axis_size(axis_name)
+    me = lax.axis_index(axis_name)
+    bsz = h_last.shape[0]
+    fresh = jnp.zeros((bsz,), bool)
+    if segment_ids is not None:
+        seg = segment_ids
+        inner = jnp.any(seg[:, 1:] != seg[:, :-1], axis=1)  # (B,)
+        a_tot = jnp.where(inner.reshape((bsz,) + (1,) * (a_tot.ndim - 1)), 0, a_tot)
+        prev_last = lax.ppermute(seg[:, -1], axis_name, _ring_perm(p))
+        fresh = jnp.logical_and(me > 0, seg[:, 0] != prev_last)
+    a_all = _gather(a_tot, axis_name)
+    h_all = _gather(h_last, axis_name)
+    f_all = _gather(fresh, axis_name).reshape((p, bsz) + (1,) * (h_last.ndim - 1))
+    h = _vary_like(h0.astype(h_last.dtype), a_all, h_all, f_all)
+
+    def step(h, x):
+        a_e, h_e, f_e = x
+        h = jnp.where(f_e, jnp.zeros((), h.dtype), h)
+        return a_e * h + h_e, h
+
+    h_final, h_in = lax.scan(step, h, (a_all, h_all, f_all))
+    h_me = lax.dynamic_index_in_dim(h_in, me, axis=0, keepdims=False)
+    return h_me, _invariant(h_final, axis_name)
+
+
+def sequence_parallel_selective_scan(
+    u: Array,
+    delta: Array,
+    A: Array,
+    B: Array,
+    C: Array,
+    D: Array | None = None,
+    z: Array | None = None,
+    delta_bias: Array | None = None,
+    delta_softplus: bool = False,
+    *,
+    axis_name: AxisName,
+    initial_state: Array | None = None,
+    return_final_state: bool = False,
+    segment_ids: Array | None = None,
+    chunk_size: int | None = None,
+    implementation: str | None = None,
+) -> Array | tuple[Array, Array]:
+    """:func:`jaxcore.kernels.scan.selective_scan` (Mamba-1) with axis 1 sharded over ``axis_name``.
+
+    Arguments as ``selective_scan`` on the local shards (u, delta, time-varying B/C, z,
+    segment_ids: (B, T/P, ...)); ``initial_state`` (B, D, N) is the state before the global
+    sequence. Local scan from a zero state for the shard's last state, an all-gather of
+    (exp(A * sum delta), last state) pairs, a prefix combine, then the local scan again from the
+    state entering the shard (the correction; 2x the local compute, O(T/P) memory).
+    """
+    ss = _scan_module().selective_scan
+    u = jnp.asarray(u)
+    checks.check_rank(u, 3, "u")
+    kw = dict(
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        implementation=implementation,
+    )
+    A = jnp.asarray(A)
+    checks.check_shape(A, (u.shape[2], None), "A")
+    sdt = jnp.result_type(A.dtype, jnp.float32)
+    zero = _vary_like(jnp.zeros((u.shape[0],) + A.shape, sdt), u)
+    _, h_last = ss(u, delta, A, B, C, initial_state=zero, return_final_state=True, **kw)
+    dlt = jnp.asarray(delta).astype(jnp.result_type(jnp.asarray(delta).dtype, jnp.float32))
+    if delta_bias is not None:
+        dlt = dlt + jnp.asarray(delta_bias).astype(dlt.dtype)[None, None, :]
+    if delta_softplus:
+        dlt = jax.nn.softplus(dlt)
+    a_tot = jnp.exp(A[None] * jnp.sum(dlt, axis=1)[:, :, None])  # (B, D, N)
+    h0 = zero if initial_state is None else jnp.asarray(initial_state)
+    h_in, h_final = _carry_in(axis_name, a_tot, h_last, h0, segment_ids)
+    y = ss(u, delta, A, B, C, initial_state=h_in, **kw)
+    return (y, h_final) if return_final_state else y
+
+
+def sequence_parallel_ssd(
+    x: Array,
+    dt: Array,
+    A: Array,
+    B: Array,
+    C: Array,
+    *,
+    axis_name: AxisName,
+    chunk_size: int = 64,
+    D: Array | None = None,
+    initial_state: Array | None = None,
+    return_final_state: bool = False,
+    segment_ids: Array | None = None,
+    implementation: str | None = None,
+) -> Array | tuple[Array, Array]:
+    """:func:`jaxcore.kernels.scan.ssd` (Mamba-2) with axis 1 sharded over ``axis_name``.
+
+    Local shards x (B, T/P, H, P), dt (B, T/P, H), B/C (B, T/P, [G,] N); ``initial_state``
+    (B, H, P, N) before the global sequence. Same carry exchange as
+    :func:`sequence_parallel_selective_scan` with the per-head decay exp(A * sum dt).
+    """
+    ssd = _scan_module().ssd
+    x = jnp.asarray(x)
+    checks.check_rank(x, 4, "x")
+    kw = dict(chunk_size=chunk_size, D=D, segment_ids=segment_ids, implementation=implementation)
+    bsz, _, nh, hp = x.shape
+    n = jnp.shape(B)[-1]
+    sdt = jnp.result_type(x.dtype, jnp.float32)
+    zero = _vary_like(jnp.zeros((bsz, nh, hp, n), sdt), x)
+    _, h_last = ssd(x, dt, A, B, C, initial_state=zero, return_final_state=True, **kw)
+    dts = jnp.asarray(dt).astype(sdt)
+    a_tot = jnp.exp(jnp.asarray(A).astype(sdt)[None] * jnp.sum(dts, axis=1))  # (B, H)
+    h0 = zero if initial_state is None else jnp.asarray(initial_state)
+    h_in, h_final = _carry_in(
+        axis_name, a_tot[:, :, None, None], h_last.astype(sdt), h0, segment_ids
+    )
+    y = ssd(x, dt, A, B, C, initial_state=h_in, **kw)
+    return (y, h_final) if return_final_state else y
 
 
 # ----------------------------------------------------------------------------------------------
