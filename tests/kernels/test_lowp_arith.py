@@ -14,6 +14,11 @@ from jaxcore.kernels import lowp
 DN = (((1,), (0,)), ((), ()))
 
 
+def dot(lhs, rhs, dn, **kw):
+    """lowp.dot_general under jit (formats are static)."""
+    return jax.jit(lambda a, b: lowp.dot_general(a, b, dn, **kw))(lhs, rhs)
+
+
 def _ab(seed=0, m=5, k=48, n=6):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((m, k)).astype(np.float32)
@@ -24,7 +29,7 @@ def _ab(seed=0, m=5, k=48, n=6):
 def test_quantized_operands_match_ml_dtypes():
     a, b = _ab()
     e4 = ml_dtypes.float8_e4m3fn
-    got = lowp.dot_general(a, b, DN, lhs_format=lowp.float8_e4m3fn, rhs_format=lowp.float8_e5m2)
+    got = dot(a, b, DN, lhs_format=lowp.float8_e4m3fn, rhs_format=lowp.float8_e5m2)
     aq = a.astype(e4).astype(np.float64)
     bq = b.astype(ml_dtypes.float8_e5m2).astype(np.float64)
     np.testing.assert_allclose(np.asarray(got), aq @ bq, rtol=1e-5, atol=1e-5)
@@ -32,8 +37,10 @@ def test_quantized_operands_match_ml_dtypes():
     a3 = np.stack([a, -a]).astype(np.float32)[:, :, :32]
     b3 = np.stack([b, b]).astype(np.float32)[:, :32]
     dn = (((2,), (1,)), ((0,), (0,)))
-    out = lowp.dot_general(a3, b3, dn, lhs_format=lowp.MXFP4)
-    want = np.einsum("bmk,bkn->bmn", np.asarray(lowp.block_round(a3, lowp.MXFP4)), b3)
+    out = dot(a3, b3, dn, lhs_format=lowp.MXFP4)
+    want = np.einsum(
+        "bmk,bkn->bmn", np.asarray(jax.jit(lambda v: lowp.block_round(v, lowp.MXFP4))(a3)), b3
+    )
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
 
 
@@ -41,14 +48,15 @@ def test_int8_path_is_exact():
     rng = np.random.default_rng(1)
     a = rng.integers(-128, 128, (7, 300)).astype(np.int8)
     b = rng.integers(-128, 128, (300, 9)).astype(np.int8)
-    out = lowp.dot_general(a, b, DN, preferred_element_type=jnp.int32)
+    out = dot(a, b, DN, preferred_element_type=jnp.int32)
     assert out.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out), a.astype(np.int64) @ b.astype(np.int64))
     np.testing.assert_array_equal(
-        np.asarray(lowp.int8_dot_general(a, b, DN)), a.astype(np.int64) @ b.astype(np.int64)
+        np.asarray(jax.jit(lambda u, v: lowp.int8_dot_general(u, v, DN))(a, b)),
+        a.astype(np.int64) @ b.astype(np.int64),
     )
     fa, fb = a.astype(np.float32) * 1.2, b.astype(np.float32) * 0.7
-    q = lowp.dot_general(
+    q = dot(
         fa, fb, DN, lhs_format=lowp.IntFormat(8), rhs_format=lowp.IntFormat(8),
         preferred_element_type=jnp.int32,
     )  # fmt: skip
@@ -62,7 +70,7 @@ def test_int8_path_is_exact():
 def test_narrow_accumulator_matches_sequential_reference():
     a, b = _ab(2, m=3, k=64, n=4)
     fmt = lowp.bfloat16
-    got = lowp.dot_general(
+    got = dot(
         a, b, DN, lhs_format=lowp.float8_e4m3fn, rhs_format=lowp.float8_e4m3fn,
         accumulate_format=fmt,
     )  # fmt: skip
@@ -73,10 +81,10 @@ def test_narrow_accumulator_matches_sequential_reference():
         acc = (acc + aq[:, k : k + 1] * bq[k : k + 1, :]).astype(ml_dtypes.bfloat16)
         acc = acc.astype(np.float32)
     np.testing.assert_array_equal(np.asarray(got), acc)
-    wide = lowp.dot_general(a, b, DN, lhs_format=lowp.float8_e4m3fn, rhs_format=lowp.float8_e4m3fn)
+    wide = dot(a, b, DN, lhs_format=lowp.float8_e4m3fn, rhs_format=lowp.float8_e4m3fn)
     assert np.abs(np.asarray(wide) - acc).max() > 0  # the narrow accumulator is visible
     with pytest.raises(ValueError, match="dimension_numbers"):
-        lowp.dot_general(a, b[:10], DN)
+        dot(a, b[:10], DN)
 
 
 def _lmul_ref(x: float, y: float, m: int) -> float:
@@ -106,19 +114,23 @@ def test_lmul_matches_formula(m):
     y = (rng.standard_normal(300) * 4).astype(np.float32)
     x[:3] = [0.0, 1.5, -2.0]
     fmt = lowp.FloatFormat(8, m, subnormals=False)
-    xq = np.asarray(lowp.round(x, fmt))
-    yq = np.asarray(lowp.round(y, fmt))
+    rj = jax.jit(lambda v: lowp.round(v, fmt))
+    xq, yq = np.asarray(rj(x)), np.asarray(rj(y))
     got = np.asarray(jax.jit(lambda u, v: lowp.lmul(u, v, m))(x, y))
     want = np.array([_lmul_ref(u, v, m) for u, v in zip(xq, yq)], np.float32)
     np.testing.assert_array_equal(got, want)
-    assert np.isnan(float(lowp.lmul(jnp.float32(np.nan), jnp.float32(1.0), m)))
-    assert float(lowp.lmul(jnp.float32(np.inf), jnp.float32(2.0), m)) == np.inf
+    sp = np.asarray(
+        jax.jit(lambda u, v: lowp.lmul(u, v, m))(
+            np.array([np.nan, np.inf, np.inf], np.float32), np.array([1.0, 2.0, 0.0], np.float32)
+        )
+    )
+    assert np.isnan(sp[0]) and sp[1] == np.inf and np.isnan(sp[2])
 
 
 def test_lmul_dot_general():
     a, b = _ab(3, m=4, k=8, n=3)
-    got = np.asarray(lowp.lmul_dot_general(a, b, DN, mantissa_bits=3))
-    prods = np.asarray(lowp.lmul(a[:, :, None], b[None, :, :], 3))
+    got = np.asarray(jax.jit(lambda u, v: lowp.lmul_dot_general(u, v, DN, mantissa_bits=3))(a, b))
+    prods = np.asarray(jax.jit(lambda u, v: lowp.lmul(u, v, 3))(a[:, :, None], b[None, :, :]))
     np.testing.assert_allclose(got, prods.sum(1), rtol=1e-6, atol=1e-6)
     exact = a.astype(np.float64) @ b
     assert np.abs(got - exact).max() < 0.2 * np.abs(exact).max()
@@ -135,9 +147,11 @@ def test_bitserial_dot_exact_and_cycles(signed):
     r = jax.jit(lambda a, w: lowp.bitserial_dot(a, w, bits, signed=signed))(a, w)
     np.testing.assert_array_equal(np.asarray(r.value), a.astype(np.int64) @ w.astype(np.int64))
     np.testing.assert_array_equal(np.asarray(r.cycles), [bits] * 5)
-    s = lowp.bitserial_dot(a, w, bits, signed=signed, skip_zero_planes=True)
+    s = jax.jit(lambda a, w: lowp.bitserial_dot(a, w, bits, signed=signed, skip_zero_planes=True))(
+        a, w
+    )
     assert int(s.cycles[2]) == 0 and int(s.cycles.max()) <= bits
-    v = lowp.bitserial_dot(a[0], w[:, 0], bits, signed=signed)
+    v = jax.jit(lambda a, w: lowp.bitserial_dot(a, w, bits, signed=signed))(a[0], w[:, 0])
     assert int(v.value) == int(a[0].astype(np.int64) @ w[:, 0]) and int(v.cycles) == bits
     with pytest.raises(ValueError, match="a_codes"):
         lowp.bitserial_dot(a[:, :10], w, bits)
