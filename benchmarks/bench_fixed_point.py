@@ -17,28 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 from harness import Bench
 from jaxcore.kernels import fixed_point as fp
+from jaxcore.kernels import rnn
 
 METHODS = ("newton", "quasi_newton", "elk", "jacobi")
 
 
 def gru_init(key, d: int, n: int, scale: float, dtype=jnp.float32) -> dict:
-    """Standard GRU weights; the recurrent matrix scaled by ``scale`` (< 1: contracting)."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {
-        "wi": (jax.random.normal(k1, (d, 3 * n)) / np.sqrt(d)).astype(dtype),
-        "wh": (scale * jax.random.normal(k2, (n, 3 * n)) / np.sqrt(n)).astype(dtype),
-        "b": (0.1 * jax.random.normal(k3, (3 * n,))).astype(dtype),
-    }
+    """``rnn.gru_init`` weights with the recurrent matrix scaled so that its entries have std
+    ``scale / sqrt(n)`` (< 1: contracting)."""
+    p = rnn.gru_init(key, d, n, dtype=dtype)
+    return {**p, "w_hh": p["w_hh"] * (scale * np.sqrt(3.0))}
 
 
-def gru_cell(p: dict, h: jax.Array, x: jax.Array) -> jax.Array:
-    n = h.shape[-1]
-    gi = x @ p["wi"] + p["b"]
-    gh = h @ p["wh"]
-    r = jax.nn.sigmoid(gi[:n] + gh[:n])
-    z = jax.nn.sigmoid(gi[n : 2 * n] + gh[n : 2 * n])
-    c = jnp.tanh(gi[2 * n :] + r * gh[2 * n :])
-    return (1 - z) * c + z * h
+gru_cell = rnn.gru_cell
 
 
 def make_case(n: int, T: int, *, scale: float = 0.5, d: int | None = None, seed: int = 0):

@@ -1,15 +1,15 @@
 """GPU check for the parallel recurrence solvers (run by benchmarks/gpu_check.sh; < ~60 s).
 
 GRU, f32, T = 100k, contracting weights, matmul precision "highest" for both sides:
-- hidden 8: quasi-Newton and Newton (linear solves by ``linear_scan`` "associative" and the
-  platform default) vs ``lax.scan`` wall time (target: >= 10x faster);
-- hidden 64: the default options (automatic fallback rule) vs ``lax.scan``: must not be slower;
-  the raw parallel methods (``fallback=False``) are reported beside for the record.
+- hidden 8: quasi-Newton and Newton with default options (on GPU the linear solves use
+  ``linear_scan`` "associative") vs ``lax.scan`` wall time (target: >= 10x faster);
+- hidden 64: the default options (automatic fallback rule) vs ``lax.scan``: must not be slower.
 Every case first checks the states against ``lax.scan`` (max |diff| printed, must be < 1e-3).
 
     python benchmarks/gpu_fixed_point.py [--quick] [--sweep] [--json-out out.json]
 
-``--quick`` runs tiny shapes (works on CPU); ``--sweep`` adds hidden 16/32 (calibration).
+``--quick`` runs tiny shapes (works on CPU); ``--sweep`` adds the "chunked" linear solves and
+hidden 16/32 without fallback (the calibration behind the fallback rule).
 """
 
 from __future__ import annotations
@@ -33,20 +33,19 @@ def main() -> None:
     failures = []
     t_start = time.perf_counter()
     cases = [
-        (8, "quasi_newton", {"fallback": False, "scan_implementation": "associative"}),
-        (8, "quasi_newton", {"fallback": False}),
-        (8, "newton", {"fallback": False, "scan_implementation": "associative"}),
-        (8, "newton", {"fallback": False}),
+        (8, "quasi_newton", {}),
+        (8, "newton", {}),
         (64, "quasi_newton", {}),
-        (64, "newton", {}),
-        (64, "quasi_newton", {"fallback": False, "scan_implementation": "associative"}),
+        (64, "newton", {}),  # dense Jacobians too large: the static fallback rule applies
     ]
     if args.sweep:
+        cases += [
+            (8, "quasi_newton", {"fallback": False, "scan_implementation": "chunked"}),
+            (8, "newton", {"fallback": False, "scan_implementation": "chunked"}),
+            (64, "quasi_newton", {"fallback": False}),
+        ]
         for n in (16, 32):
-            cases += [
-                (n, "quasi_newton", {"fallback": False, "scan_implementation": "associative"}),
-                (n, "newton", {"fallback": False, "scan_implementation": "associative"}),
-            ]
+            cases += [(n, "quasi_newton", {"fallback": False}), (n, "newton", {"fallback": False})]
     data = {}
     for n, method, kw in cases:
         if n not in data:
@@ -79,8 +78,10 @@ def main() -> None:
         on_gpu = jax.default_backend() == "gpu"
         if on_gpu and n == 64 and not kw and rec["ratio"] < 0.9:
             failures.append(f"{case}: slower than lax.scan (ratio {rec['ratio']:.2f})")
-        if n == 8:
+        if n == 8 and not kw:
             print(f"# {case}: {rec['ratio']:.1f}x vs lax.scan (target >= 10x)")
+            if on_gpu and rec["ratio"] < 10:
+                failures.append(f"{case}: {rec['ratio']:.1f}x vs lax.scan, target >= 10x")
     bench.finish()
     print(f"# total {time.perf_counter() - t_start:.1f} s")
     for f in failures:
