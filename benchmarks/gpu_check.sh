@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU script (H100/H200, JAX with CUDA, no network). Runs in under 5 minutes:
 # installs jaxcore without dependencies, then each GPU benchmark, each of which also checks the
-# compiled kernels against the reference before timing. Output: stdout, plus JSON files in $OUT.
+# compiled kernels against the reference before timing. Output: stdout, plus one log per script in $OUT.
 #   bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -18,12 +18,12 @@ run() {  # run NAME TIMEOUT_S ARGS...: one benchmark, bounded, failures recorded
   local name=$1 limit=$2; shift 2
   if [ ! -f "benchmarks/$name.py" ]; then echo "== $name: missing"; return; fi
   echo "== $name $*"
-  timeout "$limit" $PY "benchmarks/$name.py" --json-out "$OUT/$name.json" "$@" 2>&1 \
-    | grep -vE "^\s*$|TF_CPP|absl" | tail -n 60
+  timeout "$limit" $PY "benchmarks/$name.py" "$@" 2>&1 | tee "$OUT/$name.log" \
+    | grep -vE "^\s*$|TF_CPP|absl" | tail -n 40
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "== $name FAILED rc=$rc"; status=1; }
 }
-run gpu_attention 150
-run gpu_scan 75
+run gpu_attention 130 --reps 3
+run gpu_scan 60
 run gpu_fixed_point 60
 exit $status
