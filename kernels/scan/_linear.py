@@ -6,9 +6,11 @@ is the adjoint recurrence -- itself a reverse linear scan run by the same implem
 - "reference": ``lax.scan``, differentiated by JAX (the oracle).
 - "sequential": ``lax.scan``.
 - "associative": ``lax.associative_scan`` (log-depth tree).
-- "chunked": chunks of ``chunk_size`` steps; a ``lax.scan`` over the steps inside a chunk runs all
-  chunks at once, a ``lax.scan`` over the chunks carries the boundary states, a fix-up adds the
-  carried state times the within-chunk cumulative product. Compile time does not depend on L.
+- "chunked": chunks of ``chunk_size`` steps, three passes of ``lax.scan``: over the steps inside a
+  chunk for all chunks at once (each chunk's end state and coefficient product, nothing stored per
+  step), over the chunks (the state entering each chunk), and over the steps again from the true
+  start states (the outputs). Sequential depth T + L/T, no (L, ...) temporaries besides the
+  output; compile time does not depend on L.
 - "pallas" / "pallas_interpret": a Pallas kernel (diagonal a only); see ``_pallas.py``.
 """
 
@@ -104,25 +106,28 @@ def _chunked(a: Array, b: Array, h0: Array, mode: str, chunk: int) -> Array:
     a_r = jnp.moveaxis(a_p.reshape((bsz, nc, t) + a.shape[2:]), 2, 0)
     b_r = jnp.moveaxis(b_p.reshape((bsz, nc, t) + b.shape[2:]), 2, 0)
 
-    def local(carry, ab):
+    def local(carry, ab):  # pass 1: each chunk's own end state and coefficient product
         hl, p = carry
         a_t, b_t = ab
-        hl = _apply(a_t, hl, mode) + b_t
-        p = _compose(a_t, p, mode)
-        return (hl, p), (hl, p)
+        return (_apply(a_t, hl, mode) + b_t, _compose(a_t, p, mode)), None
 
     init = (jnp.zeros_like(b_r[0]), _identity_like(a_r[0], mode))
-    _, (hl, p) = lax.scan(local, init, (a_r, b_r))  # (T, B, nc, ...)
+    (hl_last, p_last), _ = lax.scan(local, init, (a_r, b_r))  # (B, nc, ...)
 
-    def carry_step(h, xs):
-        p_last, hl_last = xs
-        return _apply(p_last, h, mode) + hl_last, h
+    def carry_step(h, xs):  # pass 2: the state entering each chunk
+        p_c, hl_c = xs
+        return _apply(p_c, h, mode) + hl_c, h
 
     _, h_start = lax.scan(
-        carry_step, h0, (jnp.moveaxis(p[-1], 1, 0), jnp.moveaxis(hl[-1], 1, 0))
-    )  # (nc, B, ...): the state entering each chunk
-    h_start = jnp.moveaxis(h_start, 0, 1)[None]  # (1, B, nc, ...)
-    hs = hl + _apply(p, h_start, mode)  # (T, B, nc, ...)
+        carry_step, h0, (jnp.moveaxis(p_last, 1, 0), jnp.moveaxis(hl_last, 1, 0))
+    )  # (nc, B, ...)
+
+    def rerun(h, ab):  # pass 3: every chunk again, from its true start state
+        a_t, b_t = ab
+        h = _apply(a_t, h, mode) + b_t
+        return h, h
+
+    _, hs = lax.scan(rerun, jnp.moveaxis(h_start, 0, 1), (a_r, b_r))  # (T, B, nc, ...)
     hs = jnp.moveaxis(hs, 0, 2).reshape((bsz, lp) + b.shape[2:])
     return hs[:, :length]
 

@@ -1,0 +1,145 @@
+"""Scans: jaxcore selective_scan / ssd / linear_scan vs the obvious JAX baselines, same process.
+
+Peers (measured in the same run, alternating with ours):
+- selective_scan: mamba_ssm's ``selective_scan_ref`` algorithm in JAX (materialise exp(delta*A)
+  and delta*B*u as (B, L, D, N), then ``lax.scan``), i.e. implementation="reference".
+- ssd: the sequential ``lax.scan`` reference.
+- linear_scan: ``lax.scan`` and ``lax.associative_scan`` on a diagonal recurrence.
+Plus the compile time of selective_scan forward+backward at L=1024 and L=65536.
+
+    python benchmarks/bench_scan.py [--quick] [--reps N] [--json-out FILE]
+"""
+
+import jax
+import jax.numpy as jnp
+from harness import Bench, compile_seconds
+from jax import lax
+from jaxcore.kernels.scan import linear_scan, selective_scan, ssd
+
+
+def selective_inputs(bsz, length, dim, n, abstract=False):
+    if abstract:
+        s = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+        return (s((bsz, length, dim)), s((bsz, length, dim)), s((dim, n)),
+                s((bsz, length, n)), s((bsz, length, n)))  # fmt: skip
+    k = jax.random.split(jax.random.key(0), 5)
+    u = jax.random.normal(k[0], (bsz, length, dim))
+    dl = jax.random.normal(k[1], (bsz, length, dim)) * 0.5 - 1.0
+    A = -jnp.exp(jax.random.normal(k[2], (dim, n)))
+    B = jax.random.normal(k[3], (bsz, length, n))
+    C = jax.random.normal(k[4], (bsz, length, n))
+    return u, dl, A, B, C
+
+
+def sel_fwd(impl):
+    return jax.jit(
+        lambda u, dl, A, B, C: selective_scan(
+            u, dl, A, B, C, delta_softplus=True, implementation=impl
+        )
+    )
+
+
+def sel_grad(impl):
+    def loss(u, dl, A, B, C):
+        y = selective_scan(u, dl, A, B, C, delta_softplus=True, implementation=impl)
+        return jnp.sum(y * y)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def main() -> None:
+    bench = Bench("scan")
+    args = bench.parse()
+    q = args.quick
+    heavy_reps = 2 if q else 3
+
+    # ---- selective_scan (Mamba-1 shapes) -------------------------------------------------------
+    bsz, length, dim, n = (2, 512, 128, 16) if q else (2, 8192, 1024, 16)
+    xs = selective_inputs(bsz, length, dim, n)
+    shape = dict(B=bsz, L=length, D=dim, N=n, dtype="float32")
+    bench.compare(
+        f"selective_scan fwd B{bsz} L{length} D{dim} N{n}",
+        ours=sel_fwd("chunked"),
+        peer=sel_fwd("reference"),
+        peer_name="materialised lax.scan (selective_scan_ref algorithm)",
+        args=xs,
+        reps=heavy_reps,
+        **shape,
+    )
+    bench.compare(
+        f"selective_scan fwd+bwd B{bsz} L{length} D{dim} N{n}",
+        ours=sel_grad("chunked"),
+        peer=sel_grad("reference"),
+        peer_name="materialised lax.scan (selective_scan_ref algorithm)",
+        args=xs,
+        reps=heavy_reps,
+        **shape,
+    )
+    del xs
+
+    # ---- compile time of selective_scan fwd+bwd vs L ------------------------------------------
+    lens = (256, 4096) if q else (1024, 65536)
+    cts = [
+        compile_seconds(sel_grad("chunked"), *selective_inputs(2, ln, dim, n, True)) for ln in lens
+    ]
+    bench.record({"case": f"selective_scan fwd+bwd compile L{lens[0]} -> L{lens[1]}",
+                  "peer": f"itself at L={lens[0]}", "ours_s": cts[1], "peer_s": cts[0],
+                  "growth": cts[1] / cts[0], "D": dim, "N": n})  # fmt: skip
+
+    # ---- ssd (Mamba-2 shapes) -----------------------------------------------------------------
+    bsz, length, heads, p, n = (2, 512, 4, 16, 16) if q else (2, 8192, 16, 64, 64)
+    k = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(k[0], (bsz, length, heads, p))
+    dt = jax.nn.softplus(jax.random.normal(k[1], (bsz, length, heads)) - 1.0)
+    A = -jnp.exp(jax.random.normal(k[2], (heads,)))
+    B = jax.random.normal(k[3], (bsz, length, 1, n))
+    C = jax.random.normal(k[4], (bsz, length, 1, n))
+
+    def ssd_grad(impl):
+        loss = lambda *a: jnp.sum(ssd(*a, implementation=impl) ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+    bench.compare(
+        f"ssd fwd+bwd B{bsz} L{length} H{heads} P{p} N{n}",
+        ours=ssd_grad("chunked"),
+        peer=ssd_grad("reference"),
+        peer_name="sequential lax.scan reference",
+        args=(x, dt, A, B, C),
+        reps=heavy_reps,
+        B=bsz, L=length, H=heads, P=p, N=n, chunk=64, dtype="float32",
+    )  # fmt: skip
+    del x, dt, B, C
+
+    # ---- linear_scan (diagonal, the issue's associative_scan example) -------------------------
+    bsz, length, dim, n = (1, 512, 64, 16) if q else (1, 4096, 512, 16)
+    k = jax.random.split(jax.random.key(2), 2)
+    a = jax.random.uniform(k[0], (bsz, length, dim, n), jnp.float32, 0.5, 1.0)
+    b = jax.random.normal(k[1], (bsz, length, dim, n))
+
+    def scan_peer(a, b):
+        def step(h, ab):
+            h = ab[0] * h + ab[1]
+            return h, h
+
+        _, hs = lax.scan(
+            step, jnp.zeros_like(b[:, 0]), (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0))
+        )
+        return jnp.moveaxis(hs, 0, 1)
+
+    def assoc_peer(a, b):
+        comb = lambda x, y: (y[0] * x[0], y[0] * x[1] + y[1])
+        return lax.associative_scan(comb, (a, b), axis=1)[1]
+
+    ours = jax.jit(lambda a, b: linear_scan(a, b, implementation="chunked"))
+    for name, peer in (("lax.scan", scan_peer), ("lax.associative_scan", assoc_peer)):
+        bench.compare(f"linear_scan fwd B{bsz} L{length} D{dim} N{n}", ours=ours,
+                      peer=jax.jit(peer), peer_name=name, args=(a, b))  # fmt: skip
+        loss = lambda f: jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b) ** 2), (0, 1)))
+        bench.compare(f"linear_scan fwd+bwd B{bsz} L{length} D{dim} N{n}",
+                      ours=loss(lambda a, b: linear_scan(a, b, implementation="chunked")),
+                      peer=loss(peer), peer_name=name, args=(a, b))  # fmt: skip
+    bench.finish()
+
+
+if __name__ == "__main__":
+    main()
