@@ -369,8 +369,14 @@ class CodesignResult:
         if self.pareto:
             o = sorted(self.pareto, key=lambda i: xs[i])
             ax.plot(xs[o], ys[o], "r-", zorder=3)
-        for p in self.points:
-            ax.annotate(f"λ={p.lam:g}", (p.edp, p.accuracy), fontsize=7)
+        for k, p in enumerate(self.points):  # labels staggered: designs often coincide
+            ax.annotate(
+                f"λ={p.lam:g}",
+                (p.edp, p.accuracy),
+                fontsize=7,
+                xytext=(4, 4 + 9 * k),
+                textcoords="offset points",
+            )
         for r, mk in ((self.random, "s"), (self.grid, "^"), (self.exhaustive, "*")):
             if r is not None and r.best is not None:
                 ax.scatter(
@@ -763,11 +769,12 @@ def codesign(
         for i in range(steps):
             groups, opt, aux = step_fn(groups, opt, rest, batch_at(pretrain_steps + i), lam, 1.0)
             evals += 1
-            if (i + 1) % log_every == 0 or i + 1 == steps:
-                rec = {"step": i + 1, **{k: float(v) for k, v in aux.items()}}
+            # aux holds the metrics of the parameters BEFORE update i (step 0 = the start)
+            if i % log_every == 0 or i + 1 == steps:
+                rec = {"step": i, **{k: float(v) for k, v in aux.items()}}
                 hist.append(rec)
                 say(
-                    f"λ={lam:g} step {i + 1}/{steps}: loss {rec['task_loss']:.4f} acc "
+                    f"λ={lam:g} step {i}/{steps}: loss {rec['task_loss']:.4f} acc "
                     f"{rec['accuracy']:.3f} log-cost {rec['log_edp']:.3f} mean bits "
                     f"{rec['mean_bits']:.2f}"
                 )
