@@ -223,3 +223,18 @@ def test_bitmod_matches_reference(bits):
         lowp.bitmod_quantize(w, 5)
     with pytest.raises(ValueError, match="w"):
         lowp.bitmod_quantize(w[:, :100], 4, 128)
+
+
+def test_block_rank3_and_quantize_int_errors():
+    x = np.random.default_rng(3).standard_normal((2, 8, 64)).astype(np.float32)
+    bf = lowp.BlockFormat(lowp.float8_e5m2, 4, axis=1)
+    y = _br(x, bf)
+    want = np.stack([mx_reference(x[i], lowp.BlockFormat(lowp.float8_e5m2, 4, axis=0))
+                     for i in range(2)])  # fmt: skip
+    assert _same(y, want).all()
+    with pytest.raises(ValueError, match="granularity"):
+        lowp.quantize_int(x, lowp.IntFormat(8), granularity="row")
+    with pytest.raises(ValueError, match="group_size"):
+        lowp.quantize_int(x, lowp.IntFormat(8), granularity="group", group_size=7)
+    with pytest.raises(ValueError, match="fmt"):
+        lowp.quantize_int(x, lowp.float8_e4m3fn)

@@ -274,3 +274,26 @@ def test_format_properties_and_hashable():
     assert lowp.float8_e4m3.max == 240.0  # IEEE-like e4m3 (pychop's "fp8-e4m3")
     assert lowp.IntFormat(8).min == -128 and lowp.IntFormat(8, narrow=True).min == -127
     assert lowp.FixedFormat(3, 4).max == 8 - 1 / 16
+
+
+def test_reference_implementation_and_family():
+    from jaxcore import backend
+
+    assert backend.families()["lowp.round"].implementations == ("reference", "xla")
+    x = _sample(20, seed=9)
+    got = lowp.round(x, lowp.float8_e5m2, "odd", implementation="reference")
+    assert _same(got, np.asarray(R(x, lowp.float8_e5m2, "odd"))).all()
+
+
+def test_hash_generator_bits_are_balanced():
+    # every bit of the per-element words is 1 with probability 1/2 (8 sigma bound), and
+    # neighbouring elements are uncorrelated
+    from jaxcore.kernels.lowp._bits import hash_bits, seeds_from_key
+
+    w = np.asarray(jax.jit(lambda k: hash_bits(seeds_from_key(k), (1 << 16,)))(jax.random.key(5)))
+    bits = (w[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    n = w.size
+    assert np.abs(bits.mean(0) - 0.5).max() < 8 * 0.5 / np.sqrt(n)
+    u = w.astype(np.float64) / 2**32 - 0.5
+    corr = np.mean(u[1:] * u[:-1]) / np.var(u)
+    assert abs(corr) < 8 / np.sqrt(n)
