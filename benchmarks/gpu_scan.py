@@ -21,7 +21,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from jaxcore.kernels.scan import selective_scan, ssd
+from jaxcore.kernels.scan import _pallas, selective_scan, ssd
 
 
 def timeit(f, *args, reps: int = 10) -> float:
@@ -65,7 +65,11 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
         io = nbytes(u, dl, A, B, C) + nbytes(u)  # inputs read + y written (bf16)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
         ref = None
-        for impl in (pallas, "chunked"):
+        configs = [(8, 1, 3)] if quick else [(16, 4, 1), (8, 1, 3), (4, 1, 3), (8, 2, 4)]
+        runs = [(pallas, c) for c in configs] + [("chunked", None)]
+        for impl, cfg in runs:
+            if cfg is not None:
+                _pallas.SELECTIVE_CONFIG = cfg
             try:
                 f = jax.jit(
                     lambda u, dl, A, B, C, impl=impl: selective_scan(
@@ -86,10 +90,10 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                 err = None if ref is None else float(jnp.max(jnp.abs(y - ref).astype(jnp.float32)))
                 ref = y if ref is None else ref
                 t = timeit(f, u, dl, A, B, C, reps=3 if impl == "chunked" else 10)
-                tb = timeit(g, u, dl, A, B, C, reps=3)
-                emit({"case": "selective_scan bf16", "impl": impl, **shape, "fwd_s": t,
-                      "fwdbwd_s": tb, "GBps": io / t / 1e9, "fraction_of_copy": io / t / bw,
-                      "max_abs_diff_vs_first": err})  # fmt: skip
+                tb = timeit(g, u, dl, A, B, C, reps=3) if cfg in (None, configs[0]) else None
+                emit({"case": "selective_scan bf16", "impl": impl, "config": cfg, **shape,
+                      "fwd_s": t, "fwdbwd_s": tb, "GBps": io / t / 1e9,
+                      "fraction_of_copy": io / t / bw, "max_abs_diff_vs_first": err})  # fmt: skip
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
                 emit({"case": "selective_scan bf16", "impl": impl, **shape,

@@ -19,12 +19,17 @@ Array = Any
 BLOCK = 128  # channels per program (a power of two, as Triton needs)
 
 
-def _compiler_params(interpret: bool):
+# Selective-scan kernel tiling on GPU: (max channels per program, warps, software-pipeline stages).
+# Read at trace time; benchmarks/gpu_scan.py sweeps it.
+SELECTIVE_CONFIG: tuple[int, int, int] = (8, 1, 3)
+
+
+def _compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 1):
     if interpret:
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=4, num_stages=1)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _block(s: int) -> int:
@@ -111,7 +116,8 @@ def _selective_kernel_call(u, dt, A, Bg, Cg, h0, keep, chunk: int, interpret: bo
         pad = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])
         A, Bg, Cg, h0 = pad(A), pad(Bg), pad(Cg), pad(h0)
     pg_b, pg_c = dim // Bg.shape[2], dim // Cg.shape[2]
-    bd = _channel_block(min(pg_b, pg_c))
+    cap, warps, stages = SELECTIVE_CONFIG
+    bd = _channel_block(min(pg_b, pg_c), cap)
     acc = u.dtype
 
     def kernel(u_ref, dt_ref, a_ref, b_ref, c_ref, h0_ref, k_ref, y_ref, hT_ref, st_ref):
@@ -161,7 +167,7 @@ def _selective_kernel_call(u, dt, A, Bg, Cg, h0, keep, chunk: int, interpret: bo
         ],
         out_specs=(seq, state, pl.BlockSpec((None, nc, bd, npad), lambda i, j: (i, 0, j, 0))),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, warps, stages),
         name="jaxcore_selective_scan",
     )(u, dt, A, Bg, Cg, h0, keep)
     return y, h_t[..., :n], starts[..., :n]
