@@ -65,7 +65,7 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
         io = nbytes(u, dl, A, B, C) + nbytes(u)  # inputs read + y written (bf16)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
         ref = None
-        configs = [(8, 1, 3)] if quick else [(16, 4, 1), (8, 1, 3), (4, 1, 3), (8, 2, 4)]
+        configs = [(16, 4, 1)] if quick else [(16, 4, 1), (8, 1, 3), (4, 1, 3), (8, 2, 4)]
         runs = [(pallas, c) for c in configs] + [("chunked", None)]
         for impl, cfg in runs:
             if cfg is not None:

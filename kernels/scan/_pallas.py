@@ -21,7 +21,7 @@ BLOCK = 128  # channels per program (a power of two, as Triton needs)
 
 # Selective-scan kernel tiling on GPU: (max channels per program, warps, software-pipeline stages).
 # Read at trace time; benchmarks/gpu_scan.py sweeps it.
-SELECTIVE_CONFIG: tuple[int, int, int] = (8, 1, 3)
+SELECTIVE_CONFIG: tuple[int, int, int] = (16, 4, 1)  # the config measured on an H200
 
 
 def _compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 1):
