@@ -105,7 +105,7 @@ HARDWARE: dict[str, tuple[Callable[[], Any], dict[str, tuple[float, ...]], float
             "dram_bw": (8.0, 16.0, 32.0, 64.0),
         },
         1.0,
-        1.0,
+        10.0,
     ),
     "pim": (
         _pim,
