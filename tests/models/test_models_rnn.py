@@ -49,9 +49,9 @@ def test_remat_does_not_change_gradients():
         loss = lambda p: jnp.mean(nnx.merge(gd, p, rest)(TOKS) ** 2)
         return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
 
-    ref = grads(_model(GRULM, remat="none"))
+    ref = grads(_model(GRULM, remat="none", num_layers=1))
     for policy in ("full", "selective"):
-        for a, b in zip(ref, grads(_model(GRULM, remat=policy))):
+        for a, b in zip(ref, grads(_model(GRULM, remat=policy, num_layers=1))):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
