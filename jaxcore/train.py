@@ -335,7 +335,10 @@ def train(
                 _save(manager, done, (params, opt_state, rest))
             if bar is not None:
                 bar.update(1)
-        if config.eval_every or config.eval_splits:
+        if bar is not None:
+            bar.close()
+            bar = None
+        if config.eval_splits:
             final = evaluate(params, rest, config.steps)
         if manager is not None and manager.latest_step() != config.steps:
             _save(manager, config.steps, (params, opt_state, rest))
