@@ -176,6 +176,8 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}"
             )
+        if head_dim is None and d_model % num_heads:
+            raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, got {num_heads}")
         head_dim = head_dim or d_model // num_heads
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim: expected an even size >= 2 (for RoPE), got {head_dim}")

@@ -30,6 +30,7 @@ def _run(capsys, *argv):
         (["--schedule", "step"], "--schedule: expected one of"),
         (["--batch-size", "6"], "--batch-size: expected a multiple of the 8 devices"),
         (["--remat", "most"], "--remat: expected one of"),
+        (["--heads", "3"], "--heads: expected a divisor of d_model=64"),
         (["--weight-format", "fp3"], "--weight-format: expected a format name"),
         (["--max-len", "1", "--min-len", "4"], "--max-len: expected an integer >= min_len=4"),
     ],
