@@ -161,11 +161,15 @@ class DesignSpace:
         return hw, b.reshape(*b.shape[:-1], len(self.layers), 2)
 
 
-def default_space(hardware: str, layers: Sequence[str]) -> DesignSpace:
+def default_space(
+    hardware: str, layers: Sequence[str], bits: Sequence[float] = BIT_CHOICES
+) -> DesignSpace:
     """The built-in design space of ``hardware`` for a model with quantized ``layers``."""
     if hardware not in HARDWARE:
         raise ValueError(f"hardware: expected one of {tuple(HARDWARE)}, got {hardware!r}")
-    return DesignSpace(tuple(HARDWARE[hardware][1].items()), BIT_CHOICES, tuple(layers))
+    return DesignSpace(
+        tuple(HARDWARE[hardware][1].items()), tuple(float(b) for b in bits), tuple(layers)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,6 +535,7 @@ def codesign(
     random_repeats: int = 1,
     exhaustive: bool | None = False,
     exhaustive_limit: int = 400_000,
+    bit_choices: Sequence[float] = BIT_CHOICES,
     seed: int = 0,
     log: Callable[[str], None] | None = print,
     log_every: int = 25,
@@ -553,6 +558,8 @@ def codesign(
       random_repeats: independent random searches (seeds ``[seed, i]``); ``random`` is the one
         with the median best EDP, all are in ``random_runs``.
       exhaustive: also search the full grid (None: when its size <= ``exhaustive_limit``).
+      bit_choices: the discrete bit-widths of the design space (default 2..8); the model
+        starts (and is pretrained) at the largest.
       log: progress printer (None for silence).
     Returns a :class:`CodesignResult`.
     """
@@ -583,6 +590,9 @@ def codesign(
     ):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    bc = [float(b) for b in bit_choices]
+    if not bc or bc != sorted(set(bc)) or bc[0] < 2 or bc[-1] > 16:
+        raise ValueError(f"bit_choices: expected ascending distinct values in [2, 16], got {bc}")
     if not isinstance(random_repeats, (int, np.integer)) or random_repeats < 1:
         raise ValueError(f"random_repeats: expected a positive integer, got {random_repeats!r}")
     if not isinstance(pretrain_steps, (int, np.integer)) or pretrain_steps < 0:
@@ -605,7 +615,8 @@ def codesign(
     tkw = dict(task_kwargs) if task_kwargs is not None else {"min_len": 2, "max_len": 8}
     the_task = tasks.get_task(task, **tkw)
     mkw = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads)
-    net = build_model(model, the_task.vocab_size, seed=seed, learn_bits=True, init_bits=8.0, **mkw)
+    hi = float(max(bit_choices))
+    net = build_model(model, the_task.vocab_size, seed=seed, learn_bits=True, init_bits=hi, **mkw)
     twin = build_model(model, the_task.vocab_size, seed=seed, **mkw)  # float twin, for tracing
     base_hw = factory()
 
@@ -616,7 +627,7 @@ def codesign(
     if wl.unknown:
         say(f"warning: {len(wl.unknown)} op(s) not costed: {[u.name for u in wl.unknown]}")
     layer_params = _layer_params(net, wl)
-    space = default_space(hardware, tuple(layer_params))
+    space = default_space(hardware, tuple(layer_params), bit_choices)
     fields = space.hw_fields
     lo_b, hi_b = space.bits[0], space.bits[-1]
     say(

@@ -123,6 +123,8 @@ def tiny_result():
         log=None,
         log_every=4,
         seed=0,
+        bit_choices=(2, 4, 8),
+        exhaustive=True,
     )
 
 
@@ -135,6 +137,7 @@ def test_tiny_run_improves_objective_and_budgets(tiny_result):
         assert obj1 < obj0, (lam, first, last)
     # gradient search: steps per lambda + 2**n_hw rounding neighbours per lambda
     assert r.evals == 2 * (12 + 2 ** len(r.space.hw))
+    assert r.space.bits == (2.0, 4.0, 8.0)
     assert r.random.evals == r.evals
     assert len(r.random.edp) == r.evals
     assert r.grid.evals <= r.evals and len(r.grid.edp) == r.grid.evals
@@ -149,9 +152,15 @@ def test_tiny_run_improves_objective_and_budgets(tiny_result):
         assert all(w in r.space.bits and a in r.space.bits for w, a in p.bits.values())
         assert all(v in dict(r.space.hw)[k] for k, v in p.hw.items())
         assert math.isfinite(p.edp) and p.edp > 0
-    for b in (r.random.best, r.grid.best, r.best):
+    for b in (r.random.best, r.grid.best, r.exhaustive.best, r.best):
         if b is not None:
             assert b.accuracy >= r.accuracy_target and b.feasible
+    # the exhaustive grid sees every design (scored like random/grid): it is never beaten by them
+    assert r.exhaustive.evals == r.space.size == 7 * 4 * 3 * 3**4
+    ex = r.exhaustive.best
+    assert ex is not None
+    for b in (r.random.best, r.grid.best):
+        assert b is None or ex.edp <= b.edp * (1 + 1e-6)
     assert "gradient" in r.table()
 
 
@@ -175,6 +184,8 @@ def test_codesign_bad_arguments():
         cd.codesign(model="resnet", log=None)
     with pytest.raises(ValueError, match="task"):
         cd.codesign(task="chess", log=None)
+    with pytest.raises(ValueError, match="bit_choices"):
+        cd.codesign(bit_choices=(8, 4), log=None)
 
 
 # ---------------------------------------------------------------------------------------------
