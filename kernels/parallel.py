@@ -244,10 +244,7 @@ def _run_branch(branches, idx, *args):
 
 
 def _merge(out: Array, lse: Array, ob: Array, lb: Array) -> tuple[Array, Array]:
-    # attention.merge broadcasts (P, ...) against (...) internally; allow that here so the
-    # call also works under jax_numpy_rank_promotion="raise" (our arguments all match exactly).
-    with jax.numpy_rank_promotion("allow"):
-        o, l = _attention().merge([out, ob], [lse, lb])
+    o, l = _attention().merge([out, ob], [lse, lb])
     return o.astype(out.dtype), l.astype(lse.dtype)
 
 

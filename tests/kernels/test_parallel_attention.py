@@ -60,12 +60,6 @@ def _check(fn, q, k, v, seg, causal):
         assert_close(g, w, scale=20, err_msg=name)
 
 
-# The chunked "xla" attention kernel does not yet type-check under shard_map's check_vma=True
-# (its scan carries start from unvarying zeros); until it does, the case that runs it inside the
-# ring uses check_vma=False. The ring itself is checked with check_vma=True in the other cases.
-XLA_CHECK_VMA = False
-
-
 @pytest.mark.parametrize(
     "p, causal, segments, kv_heads, axis_type, impl",
     [
@@ -78,7 +72,6 @@ XLA_CHECK_VMA = False
 def test_ring_matches_single_device(p, causal, segments, kv_heads, axis_type, impl):
     q, k, v, seg = _inputs(2, 16 * p, 4, kv_heads, 8, seed=p, segments=segments)
     mesh = _mesh((p,), ("seq",), axis_type)
-    check_vma = True if impl == "reference" else XLA_CHECK_VMA
 
     def fn(q, k, v):
         return par.sharded_ring_attention(
@@ -90,7 +83,6 @@ def test_ring_matches_single_device(p, causal, segments, kv_heads, axis_type, im
             is_causal=causal,
             segment_ids=seg,
             implementation=impl,
-            check_vma=check_vma,
         )
 
     _check(fn, q, k, v, seg, causal)
@@ -223,7 +215,6 @@ def test_ring_memory_is_o_t_over_p():
             mesh=mesh,
             in_specs=spec,
             out_specs=spec,
-            check_vma=XLA_CHECK_VMA,
         )
         qs = jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=NamedSharding(mesh, spec))
         return _temp_bytes(grad_of(ring), qs, qs, qs)
