@@ -98,7 +98,7 @@ def decode_attention(
     if impl == "reference":
         k, v = key_cache.astype(cdt), value_cache.astype(cdt)
         logits = soft_cap(jnp.einsum("btkgh,bskh->bkgts", q, k, precision=hi), logits_soft_cap)
-        kpos = jnp.arange(s, dtype=jnp.int32)
+        kpos = jnp.arange(s, dtype=jnp.int32)[None, None, None, None, :]
         vis = _visible(
             qpos[:, None, None, :, None],
             kpos,
@@ -121,7 +121,7 @@ def decode_attention(
         k = jnp.pad(key_cache.astype(cdt), pad).reshape(b, num_splits, c, kh, h)
         v = jnp.pad(value_cache.astype(cdt), pad).reshape(b, num_splits, c, kh, hv)
         logits = soft_cap(jnp.einsum("btkgh,bpckh->bpkgtc", q, k), logits_soft_cap)
-        kpos = jnp.arange(sp, dtype=jnp.int32).reshape(num_splits, c)[:, None, None, None, :]
+        kpos = jnp.arange(sp, dtype=jnp.int32).reshape(num_splits, c)[None, :, None, None, None, :]
         vis = _visible(
             qpos[:, None, None, None, :, None],
             kpos,

@@ -35,7 +35,7 @@ def merge(outputs: Sequence[jax.Array], lses: Sequence[jax.Array]) -> tuple[jax.
     lse = jnp.stack([l.astype(cdt) for l in lses])  # (P, ...)
     m = jax.lax.stop_gradient(jnp.max(lse, axis=0))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse - m)  # exp(-inf) = 0
+    w = jnp.exp(lse - m[None])  # exp(-inf) = 0
     tot = jnp.sum(w, axis=0)
     ok = tot > 0
     safe = jnp.where(ok, tot, 1.0)

@@ -207,6 +207,12 @@ def _logits(qb, kbt, cfg: Config, aux: _Aux, i, j, b, kh, masked: bool):
     return s, th, vis
 
 
+def _init(shape, value, dtype, *like):
+    """A constant array that carries the (shard_map) varying axes of every array in ``like``."""
+    tok = sum(jnp.zeros_like(x[(0,) * x.ndim], dtype) for x in like if x is not None)
+    return jnp.full(shape, value, dtype) + tok
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -218,9 +224,10 @@ def _forward(q, k, v, aux: _Aux, cfg: Config, b: int, kh: int):
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
     r = bq * g
     cdt = q.dtype
-    acc = jnp.zeros((z, rows, hv), cdt)
-    m = jnp.full((z, rows), -jnp.inf, cdt)
-    l = jnp.zeros((z, rows), cdt)
+    like = (q, k, v, aux.bias, aux.mask, aux.kvlen, aux.qseg, aux.kvseg)
+    acc = _init((z, rows, hv), 0.0, cdt, *like)
+    m = _init((z, rows), -jnp.inf, cdt, *like)
+    l = _init((z, rows), 0.0, cdt, *like)
     full, partial = plan(cfg)
     dynamic = cfg.mask_bcast is not None or cfg.has_kvlen or cfg.has_segments
 
@@ -279,10 +286,11 @@ def _backward(q, k, v, o, lse, do, dlse, aux: _Aux, cfg: Config, b: int, kh: int
     do = jnp.where(dead[..., None], 0.0, do)
     delta = jnp.where(dead, 0.0, jnp.sum(do * o, axis=-1) - dlse)  # (Z, rows)
     lse_safe = jnp.where(dead, jnp.inf, lse)
-    dq = jnp.zeros_like(q)
-    dk = jnp.zeros_like(k)
-    dv = jnp.zeros_like(v)
-    dbias = None if aux.bias is None else jnp.zeros(aux.bias.shape, cdt)
+    like = (q, k, v, o, do, dlse, aux.bias, aux.mask, aux.kvlen, aux.qseg, aux.kvseg)
+    dq = _init(q.shape, 0.0, cdt, *like)
+    dk = _init(k.shape, 0.0, cdt, *like)
+    dv = _init(v.shape, 0.0, cdt, *like)
+    dbias = None if aux.bias is None else _init(aux.bias.shape, 0.0, cdt, *like)
     full, partial = plan(cfg)
     dynamic = cfg.mask_bcast is not None or cfg.has_kvlen or cfg.has_segments
     kt = jnp.swapaxes(k, 1, 2)
