@@ -1,13 +1,13 @@
 """Pure functional kernels: ``jaxcore.kernels`` (source in ``kernels/``).
 
 Sub-modules are imported on first use (``jaxcore.kernels.attention``, ``.lowp``, ``.scan``,
-``.rnn``, ``.fixed_point``, ``.decoding``); :func:`load_all` imports every one, which also
+``.rnn``, ``.fixed_point``, ``.decoding``, ``.parallel``); :func:`load_all` imports every one, which also
 registers their implementation families with :mod:`jaxcore.backend`.
 """
 
 import importlib
 
-SUBMODULES = ("lowp", "scan", "rnn", "attention", "fixed_point", "decoding")
+SUBMODULES = ("lowp", "scan", "rnn", "attention", "fixed_point", "decoding", "parallel")
 
 
 def __getattr__(name: str):
