@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from harness import Bench
+from harness import Bench, temp_bytes
 from jaxcore.kernels import fixed_point as fp
 from jaxcore.kernels import rnn
 
@@ -86,21 +86,22 @@ def main() -> None:
                 fn = solver(method, fallback=False, tol=1e-6)
                 sol = fn(params, h0, xs)
                 it = int(sol.iterations)
-                rec = bench.compare(
+                tb = temp_bytes(fn, params, h0, xs)
+                bench.compare(
                     case,
                     ours=fn,
                     peer=peer,
                     peer_name="lax.scan",
                     args=(params, h0, xs),
                     reps=bench.reps,
+                    memory=False,
+                    ours_temp_bytes=tb,
+                    peer_temp_bytes=temp_bytes(peer, params, h0, xs),
+                    temp_bytes_per_4Tn=None if tb is None else round(tb / (4 * T * n), 2),
                     iterations=it,
                     converged=bool(sol.converged),
                     max_abs_err=float(jnp.max(jnp.abs(sol.states - ref))),
                 )
-                tb = rec.get("ours_temp_bytes")
-                if tb is not None:
-                    rec["temp_bytes_per_4Tn"] = round(tb / (4 * T * n), 2)
-                    print(f"# {case}: temp {tb / 2**20:.1f} MiB = {tb / (4 * T * n):.1f} x 4Tn")
                 if T == 10_000 and method in ("newton", "quasi_newton"):
                     cap = 10 if method == "newton" else 50
                     checks.append((case, it, cap, bool(sol.converged)))

@@ -108,6 +108,7 @@ class _Opts(NamedTuple):
     damping: float
     fallback: bool
     length: int
+    block: int | None = None  # Newton: diagonal Jacobian blocks of this size (None: dense)
 
 
 def default_tol(dtype: Any) -> float:
@@ -136,9 +137,14 @@ def _dense_jac(f_conv, consts, Hprev, xs):
     return jax.vmap(lambda h, x: jax.jacfwd(lambda hh: f_conv(hh, x, *consts))(h))(Hprev, xs)
 
 
-def _diag_jac(f_conv, consts, Hprev, xs):
-    """diag(df/dh) for every t, (T, n), with O(T * n * chunk) memory (chunks of basis JVPs)."""
-    n = Hprev.shape[-1]
+def _block_jac(f_conv, consts, Hprev, xs, bs: int):
+    """Diagonal blocks of df/dh for every t: (T, n // bs, bs, bs) (row, column within a block).
+
+    One JVP per state coordinate, in chunks of ``_JVP_CHUNK`` basis vectors, keeping only the
+    rows of the coordinate's own block: O(T * n * (bs + chunk)) memory.
+    """
+    T, n = Hprev.shape
+    nb = n // bs
     chunk = min(n, _JVP_CHUNK)
     nchunks = -(-n // chunk)
     F = lambda H: _feval(f_conv, consts, H, xs)
@@ -149,15 +155,23 @@ def _diag_jac(f_conv, consts, Hprev, xs):
         def jv(e):
             return jax.jvp(F, (Hprev,), (jnp.broadcast_to(e, Hprev.shape),))[1]
 
-        out = jax.vmap(jv)(tang)  # (chunk, T, n)
-        return jnp.take_along_axis(out, idx[:, None, None], axis=2)[..., 0]  # (chunk, T)
+        out = jax.vmap(jv)(tang)  # (chunk, T, n): column idx of J
+        rows = (idx // bs)[:, None] * bs + jnp.arange(bs)[None, :]  # (chunk, bs)
+        return jnp.take_along_axis(out, rows[:, None, :], axis=2)  # (chunk, T, bs)
 
     ids = jnp.minimum(jnp.arange(nchunks * chunk).reshape(nchunks, chunk), n - 1)
     if nchunks == 1:
-        d = one_chunk(ids[0])
+        cols = one_chunk(ids[0])
     else:
-        d = lax.map(one_chunk, ids).reshape(nchunks * chunk, -1)
-    return d[:n].T
+        cols = lax.map(one_chunk, ids).reshape(nchunks * chunk, T, bs)
+    cols = cols[:n].reshape(nb, bs, T, bs)  # [block k, column j, t, row r]
+    return jnp.transpose(cols, (2, 0, 3, 1))
+
+
+def _diag_jac(f_conv, consts, Hprev, xs):
+    """diag(df/dh) for every t, (T, n), with O(T * n * chunk) memory."""
+    T, n = Hprev.shape
+    return _block_jac(f_conv, consts, Hprev, xs, 1).reshape(T, n)
 
 
 def _scaled_residual(fh: Array, H: Array) -> Array:
@@ -202,7 +216,9 @@ class _Carry(NamedTuple):
 def _evaluate(opts: _Opts, f_conv, consts, h0, xs, H):
     Hprev = _prev(h0, H)
     fh = _feval(f_conv, consts, Hprev, xs)
-    if opts.method == "newton":
+    if opts.method == "newton" and opts.block is not None:
+        jac = _block_jac(f_conv, consts, Hprev, xs, opts.block)
+    elif opts.method == "newton":
         jac = _dense_jac(f_conv, consts, Hprev, xs)
     elif opts.method in ("quasi_newton", "elk"):
         jac = _diag_jac(f_conv, consts, Hprev, xs)
@@ -216,6 +232,12 @@ def _update(opts: _Opts, c: _Carry, h0, Hprev, fh, jac):
     m = opts.method
     if m == "jacobi":
         Hn = fh
+    elif m == "newton" and opts.block is not None:
+        T, n = H.shape
+        nb, bs = n // opts.block, opts.block
+        Hb = Hprev.reshape(T, nb, bs)
+        b = fh.reshape(T, nb, bs) - jnp.einsum("tkij,tkj->tki", jac, Hb)
+        Hn = _linsolve(jac, b, h0.reshape(nb, bs), opts.scan_impl).reshape(T, n)
     elif m == "newton":
         Hn = _linsolve(jac, fh - jnp.einsum("tij,tj->ti", jac, Hprev), h0, opts.scan_impl)
     elif m == "quasi_newton":
@@ -375,6 +397,7 @@ def solve_recurrence(
     fallback: bool = True,
     implementation: str | None = None,
     scan_implementation: str | None = None,
+    jacobian_block_size: int | None = None,
 ) -> Solution:
     """Solve ``h_t = f(h_{t-1}, x_t)``, t = 0..T-1, ``h_{-1} = initial_state``, in parallel.
 
@@ -400,6 +423,9 @@ def solve_recurrence(
       implementation: "xla" (default) or "reference" (always ``lax.scan``).
       scan_implementation: passed to :func:`jaxcore.kernels.scan.linear_scan` for the linear
         solves (None: "associative", log depth, on GPU; linear_scan's default elsewhere).
+      jacobian_block_size: Newton only: keep the diagonal blocks of this size of each Jacobian
+        (block-diagonal Newton, O(T n b) memory; exact for head-wise block-diagonal cells such as
+        ``rnn.gru_init(..., num_heads=n // b)``). None: dense.
 
     Returns:
       :class:`Solution`. Forward-mode (jvp) is not available with ``adjoint="implicit"``.
@@ -457,11 +483,26 @@ def solve_recurrence(
         damping = 1.0
     checks.check_positive(damping, "damping", allow_zero=True)
 
+    if jacobian_block_size is not None:
+        if method != "newton":
+            raise ValueError(
+                f"jacobian_block_size: only used by method='newton', got method={method!r}"
+            )
+        ok = isinstance(jacobian_block_size, int | np.integer) and jacobian_block_size >= 1
+        if not ok or n % jacobian_block_size:
+            raise ValueError(
+                f"jacobian_block_size: expected a positive divisor of the state size {n}, "
+                f"got {jacobian_block_size!r}"
+            )
+        jacobian_block_size = int(jacobian_block_size)
+    bs = n if jacobian_block_size is None else jacobian_block_size
     eff = method
     static_fallback = False
     if impl == "reference":
         eff = "sequential"
-    elif fallback and method == "newton" and (n > NEWTON_MAX_DIM or T * n * n > DENSE_MAX_ENTRIES):
+    elif (
+        fallback and method == "newton" and (bs > NEWTON_MAX_DIM or T * n * bs > DENSE_MAX_ENTRIES)
+    ):
         eff, static_fallback = "sequential", True
     elif fallback and method in ("quasi_newton", "elk") and n > DIAG_MAX_DIM:
         eff, static_fallback = "sequential", True
@@ -497,7 +538,10 @@ def solve_recurrence(
 
     if scan_implementation is None and backend.platform() == "gpu":
         scan_implementation = "associative"  # log depth; measured 3-20x faster than chunked
-    opts = _Opts(scan_implementation, eff, float(tol), max_iters, float(damping), bool(fallback), T)
+    block = None if jacobian_block_size in (None, n) else jacobian_block_size
+    opts = _Opts(
+        scan_implementation, eff, float(tol), max_iters, float(damping), bool(fallback), T, block
+    )
     if adjoint == "implicit":
         states, aux = _solve_implicit(opts, f_conv, consts, h0, xs, guess)
     else:
