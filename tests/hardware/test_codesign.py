@@ -3,6 +3,7 @@ points are non-dominated, baselines use the stated budget, the CLI runs and reje
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 
@@ -11,12 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jaxcore.hardware import codesign as cd
 from jaxcore.hardware.objective import objective
 from jaxcore.hardware.trace import trace
 from jaxcore.models import BitWidth, build_model, pure, tasks
 
 from jaxcore.train import masked_metrics
+
+# the module (robust to the package exporting the function ``codesign`` under the same name)
+cd = importlib.import_module("jaxcore.hardware.codesign")
 
 TASK = tasks.get_task("parity", min_len=2, max_len=4)
 
