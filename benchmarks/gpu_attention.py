@@ -108,9 +108,27 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
     fwd_flops = 4.0 * b * n * t * t * h / 2  # causal: half the square
     bwd_flops = 2.5 * fwd_flops
     configs = [
-        dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=2),
-        dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=3),
-        dict(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=64, num_warps=4, num_stages=2),
+        dict(),  # the defaults
+        dict(
+            block_q=128,
+            block_k=64,
+            block_q_bwd=64,
+            block_k_bwd=64,
+            num_warps=4,
+            num_stages=3,
+            num_warps_bwd=8,
+            num_stages_bwd=2,
+        ),
+        dict(
+            block_q=64,
+            block_k=128,
+            block_q_bwd=32,
+            block_k_bwd=32,
+            num_warps=4,
+            num_stages=3,
+            num_warps_bwd=4,
+            num_stages_bwd=3,
+        ),
     ]
     if quick:
         configs = configs[:1]
