@@ -109,6 +109,7 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
     bwd_flops = 2.5 * fwd_flops
     configs = [
         dict(),  # the defaults
+        dict(split_loops=True),  # defaults + unmasked loop over fully visible blocks
         dict(
             block_q=128,
             block_k=64,

@@ -43,6 +43,9 @@ class PallasConfig:
     num_stages: int = 2
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    # Run fully visible blocks without the causal/window mask (three loops instead of one).
+    # Correct in interpret mode; not yet compiled on a GPU, so off by default.
+    split_loops: bool = False
     has_segments: bool = False
     interpret: bool = False
 
@@ -162,6 +165,8 @@ def _loops(cfg: PallasConfig, lo, flo, fhi, hi, body, init):
     left, right = _bounds(cfg.spec)
     if left is None and right is None:
         return lax.fori_loop(lo, hi, functools.partial(body, masked=False), init)
+    if not cfg.split_loops:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), init)
     carry = lax.fori_loop(lo, flo, functools.partial(body, masked=True), init)
     carry = lax.fori_loop(flo, fhi, functools.partial(body, masked=False), carry)
     return lax.fori_loop(fhi, hi, functools.partial(body, masked=True), carry)

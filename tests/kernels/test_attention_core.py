@@ -74,7 +74,7 @@ def _attend(impl, q, k, v, kw):
         if impl == "xla_small":
             out, lse = attention_xla(inp, block_q=8, block_k=16)
         else:
-            blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32)
+            blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32, split_loops=True)
             out, lse = attention_pallas(inp, interpret=True, blocks=blocks)
         if inp.q_seqlen is not None:
             ok = jnp.arange(inp.spec.t)[None, :] < inp.q_seqlen[:, None]
