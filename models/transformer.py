@@ -102,10 +102,7 @@ class Attention(nnx.Module):
         kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0))
         vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))
         lengths = jnp.full((B,), pos + 1, jnp.int32)
-        # decode_attention (kernels/attention/_decode.py) broadcasts ranks implicitly inside;
-        # allow it here so models also decode under jax_numpy_rank_promotion="raise".
-        with jax.numpy_rank_promotion("allow"):
-            y = attn_k.decode_attention(q, kc, vc, lengths, local_window_size=self.window)
+        y = attn_k.decode_attention(q, kc, vc, lengths, local_window_size=self.window)
         return self.o(y.reshape(B, 1, self.num_heads * self.head_dim)), {"k": kc, "v": vc}
 
 
