@@ -248,6 +248,10 @@ def train(
     history: list[dict] = []
 
     out = Path(config.out_dir) if config.out_dir else None
+    # Multi-process runs: every process checkpoints (orbax coordinates), process 0 alone writes
+    # metrics, config, plots and shows progress.
+    primary = jax.process_index() == 0
+    log_dir = out if primary else None
     manager = None
     resumed_from = None
     if out is not None:
@@ -258,9 +262,10 @@ def train(
             params, opt_state, rest = _restore(manager, latest, (params, opt_state, rest), place)
             start = resumed_from = int(latest)
         history = _read_history(out / "metrics.jsonl", upto=start, final=config.steps)
-        _write_history(out / "metrics.jsonl", history)
-        meta = {"config": dataclasses.asdict(config), "task": _describe(task)}
-        (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if primary:
+            _write_history(out / "metrics.jsonl", history)
+            meta = {"config": dataclasses.asdict(config), "task": _describe(task)}
+            (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     def loss_of(p, r, batch):
         m = nnx.merge(graphdef, p, r)
@@ -291,10 +296,10 @@ def train(
             res[split] = acc
             rec = {"step": step, "split": split, **acc}
             history.append(rec)
-            _append(out, rec)
+            _append(log_dir, rec)
         return res
 
-    bar = _progress(config, start)
+    bar = _progress(config, start) if primary else None
     t_last, tokens = time.perf_counter(), 0
     final: dict[str, dict] = {}
     try:
@@ -316,7 +321,7 @@ def train(
                     )
                 rec = {"step": done, "split": "train", **vals}
                 history.append(rec)
-                _append(out, rec)
+                _append(log_dir, rec)
                 if bar is not None:
                     bar.set_postfix(
                         loss=f"{vals['loss']:.4f}",
@@ -350,7 +355,7 @@ def train(
             manager.close()
 
     nnx.update(model, params, rest)
-    if out is not None and config.plot:
+    if log_dir is not None and config.plot:
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return TrainResult(model, history, final, str(out) if out else None, resumed_from)
 
@@ -515,6 +520,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--remat", default="none", help="none|full|selective")
     s.add_argument("--weight-format", default=None, help="low-precision weight format name")
     s.add_argument("--act-format", default=None, help="low-precision activation format name")
+    g = s.add_argument_group(
+        "multi-process (data parallel over processes; see docs/distributed.md)"
+    )
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, default=None, help="total number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="this process's rank")
+    g.add_argument("--local-device-count", type=int, default=None, help="CPU devices per process")
     s.set_defaults(func=_cmd_train)
     return s
 
@@ -522,6 +534,20 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> int:
     import jaxcore.models as models
     from jaxcore.models import tasks
+
+    multi = (args.coordinator, args.num_processes, args.process_id, args.local_device_count)
+    if any(v is not None for v in multi) or os.environ.get("JAXCORE_COORDINATOR"):
+        from jaxcore import distributed
+
+        try:  # before anything touches a device
+            distributed.initialize(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                local_device_count=args.local_device_count,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise _usage_error(str(e)) from None
 
     if args.model not in models.MODELS:
         raise _usage_error(f"--model: expected one of {tuple(models.MODELS)}, got {args.model!r}")
