@@ -525,7 +525,7 @@ def codesign(
     metric: str = "edp",
     area_budget_mm2: float | None = None,
     power_budget_w: float | None = None,
-    penalty: float = 100.0,
+    penalty: float = 10.0,
     accuracy_target: float | None = None,
     target_fraction: float = 0.95,
     lr: float = 1e-2,
