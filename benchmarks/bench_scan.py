@@ -49,12 +49,29 @@ def sel_grad(impl):
 
 def main() -> None:
     bench = Bench("scan")
-    args = bench.parse()
+    args = bench.parse(
+        lambda p: p.add_argument(
+            "--cases", default="selective,compile,ssd,linear", help="comma list of case groups"
+        )
+    )
+    cases = set(args.cases.split(","))
     q = args.quick
     heavy_reps = 2 if q else 3
 
     # ---- selective_scan (Mamba-1 shapes) -------------------------------------------------------
     bsz, length, dim, n = (2, 512, 128, 16) if q else (2, 8192, 1024, 16)
+    if "selective" in cases:
+        selective_cases(bench, bsz, length, dim, n, heavy_reps)
+    if "compile" in cases:
+        compile_case(bench, dim, n, q)
+    if "ssd" in cases:
+        ssd_case(bench, q, heavy_reps)
+    if "linear" in cases:
+        linear_cases(bench, q)
+    bench.finish()
+
+
+def selective_cases(bench, bsz, length, dim, n, heavy_reps):
     xs = selective_inputs(bsz, length, dim, n)
     shape = dict(B=bsz, L=length, D=dim, N=n, dtype="float32")
     bench.compare(
@@ -75,8 +92,9 @@ def main() -> None:
         reps=heavy_reps,
         **shape,
     )
-    del xs
 
+
+def compile_case(bench, dim, n, q):
     # ---- compile time of selective_scan fwd+bwd vs L ------------------------------------------
     lens = (256, 4096) if q else (1024, 65536)
     cts = [
@@ -86,6 +104,8 @@ def main() -> None:
                   "peer": f"itself at L={lens[0]}", "ours_s": cts[1], "peer_s": cts[0],
                   "growth": cts[1] / cts[0], "D": dim, "N": n})  # fmt: skip
 
+
+def ssd_case(bench, q, heavy_reps):
     # ---- ssd (Mamba-2 shapes) -----------------------------------------------------------------
     bsz, length, heads, p, n = (2, 512, 4, 16, 16) if q else (2, 8192, 16, 64, 64)
     k = jax.random.split(jax.random.key(1), 5)
@@ -108,8 +128,9 @@ def main() -> None:
         reps=heavy_reps,
         B=bsz, L=length, H=heads, P=p, N=n, chunk=64, dtype="float32",
     )  # fmt: skip
-    del x, dt, B, C
 
+
+def linear_cases(bench, q):
     # ---- linear_scan (diagonal, the associative_scan example) -------------------------
     bsz, length, dim, n = (1, 512, 64, 16) if q else (1, 4096, 512, 16)
     k = jax.random.split(jax.random.key(2), 2)
@@ -138,7 +159,6 @@ def main() -> None:
         bench.compare(f"linear_scan fwd+bwd B{bsz} L{length} D{dim} N{n}",
                       ours=loss(lambda a, b: linear_scan(a, b, implementation="chunked")),
                       peer=loss(peer), peer_name=name, args=(a, b))  # fmt: skip
-    bench.finish()
 
 
 if __name__ == "__main__":

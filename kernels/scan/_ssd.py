@@ -53,57 +53,66 @@ def _sequential(x, dt, A, Bh, Ch, h0, keep):
     return tm(ys), h_t
 
 
-def _chunked(x, dt, A, Bh, Ch, h0, sidx, chunk):
-    """Matmul form. sidx: (B, L) monotone segment index (state resets where it changes)."""
+def _chunked(x, dt, A, Bg, Cg, h0, sidx, chunk):
+    """Matmul form. Bg/Cg: (B, L, G, N); sidx: (B, L) monotone segment index (resets on change).
+
+    Internally (batch, chunk, group, head-in-group, step, ...) so every matmul has its batch axes
+    leading, and C B^T is computed once per group (not per head).
+    """
     bsz, length, heads, p = x.shape
+    g = Bg.shape[2]
+    r = heads // g
     t = min(chunk, length)
     nc = -(-length // t)
     lp = nc * t
-    x, dt, Bh, Ch = (pad_time(v, lp) for v in (x, dt, Bh, Ch))
+    x, dt, Bg, Cg = (pad_time(v, lp) for v in (x, dt, Bg, Cg))
     sidx = pad_time(sidx, lp, value=0)
     if lp != length:  # padded steps belong to the last segment (dt = 0 keeps the state)
         last = sidx[:, length - 1 : length]
         pos = jnp.arange(lp)[None, :]
         sidx = jnp.where(pos >= length, last, sidx)
-    c = lambda v: v.reshape((bsz, nc, t) + v.shape[2:])
-    xc, dtc, bc, cc, sc = c(x), c(dt), c(Bh), c(Ch), c(sidx)  # (B, nc, T, ...)
-    a = dtc * A[None, None, None]  # (B, nc, T, H) log-decay per step
-    acum = jnp.cumsum(a, axis=2)  # (B, nc, T, H)
-    xdt = xc * dtc[..., None]  # (B, nc, T, H, P)
+    n = Bg.shape[-1]
+    xc = x.reshape(bsz, nc, t, g, r, p).transpose(0, 1, 3, 4, 2, 5)  # (B, nc, G, R, T, P)
+    dtc = dt.reshape(bsz, nc, t, g, r).transpose(0, 1, 3, 4, 2)  # (B, nc, G, R, T)
+    bc = Bg.reshape(bsz, nc, t, g, n).transpose(0, 1, 3, 2, 4)  # (B, nc, G, T, N)
+    cc = Cg.reshape(bsz, nc, t, g, n).transpose(0, 1, 3, 2, 4)
+    sc = sidx.reshape(bsz, nc, 1, 1, t)  # (B, nc, 1, 1, T)
+    acum = jnp.cumsum(dtc * A.reshape(1, 1, g, r, 1), axis=-1)  # (B, nc, G, R, T) log-decay
+    xdt = xc * dtc[..., None]  # (B, nc, G, R, T, P)
 
     # 1. intra-chunk: y[l] = sum_{s<=l, same segment} C_l.B_s exp(acum_l - acum_s) x_s dt_s
-    same = sc[:, :, :, None] == sc[:, :, None, :]  # (B, nc, T, T)
-    causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    mask = (same & causal)[..., None]  # (B, nc, T, T, 1)
-    diff = acum[:, :, :, None, :] - acum[:, :, None, :, :]  # (B, nc, T(l), T(s), H)
+    causal = jnp.tril(jnp.ones((t, t), bool)).reshape(1, 1, 1, 1, t, t)
+    mask = (sc[..., :, None] == sc[..., None, :]) & causal  # (B, nc, 1, 1, T, T)
+    diff = acum[..., :, None] - acum[..., None, :]  # (B, nc, G, R, T(l), T(s))
     decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
-    scores = jnp.einsum("bclhn,bcshn->bclsh", cc, bc) * decay
-    y_diag = jnp.einsum("bclsh,bcshp->bclhp", scores, xdt)
+    cb = jnp.einsum("bcgln,bcgsn->bcgls", cc, bc)  # once per group
+    y = jnp.einsum("bcgrls,bcgrsp->bcgrlp", cb[:, :, :, None] * decay, xdt)
 
     # 2. the state each chunk leaves (from its own steps, in the chunk's last segment)
-    in_last = (sc == sc[:, :, -1:])[..., None]  # (B, nc, T, 1)
-    w = jnp.where(in_last, jnp.exp(jnp.where(in_last, acum[:, :, -1:] - acum, -jnp.inf)), 0.0)
-    states = jnp.einsum("bclh,bclhn,bclhp->bchpn", w, bc, xdt)  # (B, nc, H, P, N)
+    in_last = sc == sc[..., -1:]  # (B, nc, 1, 1, T)
+    w = jnp.exp(jnp.where(in_last, acum[..., -1:] - acum, -jnp.inf))  # (B, nc, G, R, T)
+    states = jnp.einsum("bcgrlp,bcgln->bcgrpn", xdt * w[..., None], bc)  # (B, nc, G, R, P, N)
 
     # 3. recurrence over chunks: s_in[c+1] = decay_c * keep_c * s_in[c] + states_c
-    prev_end = jnp.concatenate([jnp.zeros_like(sc[:, :1, -1]), sc[:, :-1, -1]], axis=1)
-    keep_c = (sc[:, :, -1] == prev_end).astype(x.dtype)  # no reset inside chunk c
-    chunk_decay = jnp.exp(acum[:, :, -1]) * keep_c[..., None]  # (B, nc, H)
+    end = sidx.reshape(bsz, nc, t)[:, :, -1]  # (B, nc)
+    prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
+    keep_c = (end == prev_end).astype(x.dtype).reshape(bsz, nc, 1, 1)  # no reset inside chunk
+    chunk_decay = jnp.exp(acum[..., -1]) * keep_c  # (B, nc, G, R)
 
     def carry(s, inp):
         d, st = inp
         return d[..., None, None] * s + st, s
 
     tm = lambda v: jnp.moveaxis(v, 1, 0)
-    h_t, s_in = lax.scan(carry, h0, (tm(chunk_decay), tm(states)))
-    s_in = tm(s_in)  # (B, nc, H, P, N): state entering each chunk
+    h_t, s_in = lax.scan(carry, h0.reshape(bsz, g, r, p, n), (tm(chunk_decay), tm(states)))
+    s_in = tm(s_in)  # (B, nc, G, R, P, N): state entering each chunk
 
     # 4. carried state read out: y[l] += exp(acum_l) C_l s_in (if l is in the carried segment)
-    carried = (sc == prev_end[:, :, None])[..., None]  # (B, nc, T, 1)
-    out_decay = jnp.where(carried, jnp.exp(jnp.where(carried, acum, -jnp.inf)), 0.0)
-    y_off = jnp.einsum("bclhn,bchpn,bclh->bclhp", cc, s_in, out_decay)
-    y = (y_diag + y_off).reshape((bsz, lp, heads, p))[:, :length]
-    return y, h_t
+    carried = sc == prev_end.reshape(bsz, nc, 1, 1, 1)  # (B, nc, 1, 1, T)
+    out_decay = jnp.exp(jnp.where(carried, acum, -jnp.inf))  # (B, nc, G, R, T)
+    y = y + jnp.einsum("bcgln,bcgrpn->bcgrlp", cc, s_in) * out_decay[..., None]
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(bsz, lp, heads, p)[:, :length]
+    return y, h_t.reshape(bsz, heads, p, n)
 
 
 def ssd(
@@ -167,8 +176,8 @@ def ssd(
 
     acc = jnp.promote_types(x.dtype, jnp.float32)
     xf, dtf, Af = x.astype(acc), dt.astype(acc), A.astype(acc)
-    Bh = _group(B[:, :, None] if B.ndim == 3 else B, heads).astype(acc)
-    Ch = _group(C[:, :, None] if C.ndim == 3 else C, heads).astype(acc)
+    Bg = (B[:, :, None] if B.ndim == 3 else B).astype(acc)  # (B, L, G, N)
+    Cg = (C[:, :, None] if C.ndim == 3 else C).astype(acc)
     if initial_state is None:
         h0 = jnp.zeros_like(xf, shape=(bsz, heads, p, n))
     else:
@@ -182,10 +191,10 @@ def ssd(
 
     if impl in ("reference", "sequential"):
         keep = 1.0 - resets.astype(acc)
-        y, h_t = _sequential(xf, dtf, Af, Bh, Ch, h0, keep)
+        y, h_t = _sequential(xf, dtf, Af, _group(Bg, heads), _group(Cg, heads), h0, keep)
     else:
         sidx = jnp.cumsum(resets.astype(jnp.int32), axis=1)
-        y, h_t = _chunked(xf, dtf, Af, Bh, Ch, h0, sidx, chunk_size)
+        y, h_t = _chunked(xf, dtf, Af, Bg, Cg, h0, sidx, chunk_size)
     if D is not None:
         d = D.astype(acc)
         d = d[None, None, :, None] if d.ndim == 1 else d[None, None]
