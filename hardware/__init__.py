@@ -6,10 +6,23 @@ differentiable JAX function returning :class:`Cost` (latency s, energy J, area m
 Models: :class:`Systolic` (SCALE-Sim-exact cycles and SRAM counts, ZigZag-calibrated energy),
 :class:`PIM` and :class:`GPU` (PIM-GPT / AiM / HBM-PIM vs a GPU roofline), :class:`BitSerial`
 (latency proportional to bits, BitMoD per-group bit-widths) and :class:`StreamingDataflow`
-(units + FIFOs). :func:`objective` gives a jit/vmap-able scalar for co-design.
+(units + FIFOs). :func:`objective` gives a jit/vmap-able scalar for co-design; the co-design
+loop itself is ``jaxcore.hardware.codesign.codesign(...)`` (module :mod:`jaxcore.hardware.codesign`,
+CLI ``jaxcore codesign``).
 """
 
+from . import codesign
 from .bitserial import BitSerial, bitmod_group_bits, bitserial_plane_cycles
+from .codesign import HARDWARE as CODESIGN_HARDWARE
+from .codesign import (
+    CodesignResult,
+    DesignPoint,
+    DesignSpace,
+    SearchResult,
+    default_space,
+    grid_levels,
+    pareto_mask,
+)
 from .cost import (
     Cost,
     cost,
@@ -30,6 +43,15 @@ from .trace import KINDS, Op, UnknownOp, Workload, gemm_workload, trace
 from .workloads import GPT2_SIZES, gpt2_decode_step
 
 __all__ = [
+    "codesign",
+    "CODESIGN_HARDWARE",
+    "CodesignResult",
+    "DesignPoint",
+    "DesignSpace",
+    "SearchResult",
+    "default_space",
+    "grid_levels",
+    "pareto_mask",
     "Cost",
     "cost",
     "cost_table",

@@ -77,13 +77,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(bdir / f"{stem}.py"), *args.rest])
 
 
-def _not_yet(issue: str):
-    def run(args: argparse.Namespace) -> int:
-        raise UsageError(f"'jaxcore {args.command}' is not implemented yet ({issue})")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxcore",
@@ -108,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_codesign(sub) -> None:
-    s = sub.add_parser("codesign", help="co-design a model, its bit-widths and an accelerator")
-    s.set_defaults(func=_not_yet("the co-design issue"))
+    from jaxcore.hardware.codesign import register_cli
+
+    register_cli(sub)
 
 
 def _register_train(sub) -> None:
