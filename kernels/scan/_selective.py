@@ -37,7 +37,9 @@ FAMILY = "selective_scan"
 backend.register_family(
     FAMILY,
     SCAN_IMPLEMENTATIONS,
-    {"*": "chunked"},
+    # On GPU the Pallas forward ran 27x faster than "chunked" (H200, B=2 L=8192 D=1024 N=16);
+    # inputs it does not cover (complex A, constant B/C) fall back to "chunked".
+    {"gpu": "pallas", "*": "chunked"},
     doc="Mamba-1 selective scan (mamba_ssm selective_scan_ref semantics), (B, L, D) layout.",
 )
 
@@ -352,16 +354,22 @@ def selective_scan(
     elif impl == "chunked":
         y, h_t = _run_chunked(uf, dt, A, Bm, Cm, h0, keep, lb, lc, chunk)
     else:
-        if jnp.iscomplexobj(h0) or lb == "const" or lc == "const":
+        pallas_ok = not (jnp.iscomplexobj(h0) or lb == "const" or lc == "const")
+        if not pallas_ok and implementation is None:  # the platform default: fall back
+            impl = "chunked"
+        if not pallas_ok and impl == "chunked":
+            y, h_t = _run_chunked(uf, dt, A, Bm, Cm, h0, keep, lb, lc, chunk)
+        elif not pallas_ok:
             raise ValueError(
                 f"implementation={impl!r} supports real A with time-varying or grouped B and C; "
                 f"got A {A.dtype}, B {B.shape}, C {C.shape}; use 'chunked'"
             )
-        from ._pallas import selective_scan_pallas
+        else:
+            from ._pallas import selective_scan_pallas
 
-        y, h_t = selective_scan_pallas(
-            uf, dt, A, Bm, Cm, h0, keep, lb, lc, min(chunk, length), impl == "pallas_interpret"
-        )
+            y, h_t = selective_scan_pallas(
+                uf, dt, A, Bm, Cm, h0, keep, lb, lc, min(chunk, length), impl == "pallas_interpret"
+            )
 
     if D is not None:
         y = y + uf * jnp.asarray(D).astype(acc)[None, None]

@@ -151,10 +151,10 @@ def test_length_one_and_chunk_bigger_than_length(x64, impl):
 
 def test_float32_default_and_dtypes():
     a, b, h0 = make("diag", dtype=jnp.float32)
-    got = linear_scan(a, b, initial_state=h0)
+    got = jax.jit(lambda a, b, h: linear_scan(a, b, initial_state=h))(a, b, h0)
     assert got.dtype == jnp.float32
     assert_close(got, loop_reference(a, b, h0), scale=10)
-    bf = linear_scan(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), implementation="chunked")
+    bf = jax.jit(linear_scan)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
     assert bf.dtype == jnp.bfloat16
 
 

@@ -79,9 +79,10 @@ def test_reference_is_mamba(x64, complex_a, lb, lc):
     B, C = d["bc"][lb][0], d["bc"][lc][1]
     opts = [dict(), dict(D=d["D"], z=d["z"], delta_bias=d["bias"], delta_softplus=True)]
     for o, (seg, h0) in zip(opts, ((None, None), (SEG, d["h0"]))):
-        y, h = selective_scan(d["u"], d["delta"], d["A"], B, C, **o, initial_state=h0,
-                              return_final_state=True, segment_ids=seg,
-                              implementation="reference")  # fmt: skip
+        run = jax.jit(lambda u, dl, A, B, C, h0, seg, o=o: selective_scan(
+            u, dl, A, B, C, **o, initial_state=h0, return_final_state=True, segment_ids=seg,
+            implementation="reference"))  # fmt: skip
+        y, h = run(d["u"], d["delta"], d["A"], B, C, h0, seg)
         ry, rh = mamba_loop(
             d["u"], d["delta"], d["A"], B, C, o.get("D"), o.get("z"), o.get("delta_bias"),
             o.get("delta_softplus", False), h0, seg,
@@ -158,8 +159,8 @@ def test_bf16_inputs_f32_state():
     d = make(dtype=jnp.float32)
     B, C = d["bc"]["time"]
     bf = lambda x: x.astype(jnp.bfloat16)
-    y, h = selective_scan(bf(d["u"]), bf(d["delta"]), d["A"], bf(B), bf(C), delta_softplus=True,
-                          return_final_state=True)  # fmt: skip
+    run = jax.jit(lambda *a: selective_scan(*a, delta_softplus=True, return_final_state=True))
+    y, h = run(bf(d["u"]), bf(d["delta"]), d["A"], bf(B), bf(C))
     assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
     ry, _ = mamba_loop(bf(d["u"]).astype(jnp.float32), bf(d["delta"]).astype(jnp.float32),
                        d["A"], bf(B).astype(jnp.float32), bf(C).astype(jnp.float32),
@@ -226,3 +227,15 @@ def test_bad_shapes():
         selective_scan(u, dl, A, B, C, segment_ids=SEG[:, :3])
     with pytest.raises(ValueError, match="supports real A"):
         selective_scan(u, dl, A, *d["bc"]["const"], implementation="pallas_interpret")
+
+
+def test_gpu_default_falls_back_for_inputs_pallas_does_not_cover(monkeypatch):
+    from jaxcore import backend
+
+    d = make(True, dtype=jnp.float32)
+    B, C = d["bc"]["const"]
+    want = selective_scan(d["u"], d["delta"], d["A"], B, C, implementation="chunked")
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")  # default becomes "pallas"
+    assert backend.resolve_implementation("selective_scan", None) == "pallas"
+    got = selective_scan(d["u"], d["delta"], d["A"], B, C)  # complex A: falls back to chunked
+    assert_close(got, want)
