@@ -120,6 +120,12 @@ class PIM:
         k = jnp.where(is_mm, ops["k"], one)
         b = jnp.where(is_mm, ops["batch"], 0.0)
         o_bits = ops["out_bits"] * a_bits / jnp.maximum(ops["a_bits"], 1.0)
+        # The big stored operand lives in the banks and the few vectors stream in. A skinny
+        # product whose matrix is on the LEFT (e.g. K_cache @ q in decode attention: m = context,
+        # n = 1) is mapped as its transpose, (q^T K^T)^T: swap m/n and the operand bit-widths.
+        swap = (n < m) & (n <= self.vectors_per_pass)
+        m, n = jnp.where(swap, n, m), jnp.where(swap, m, n)
+        a_bits, w_bits = jnp.where(swap, w_bits, a_bits), jnp.where(swap, a_bits, w_bits)
         banks = ste_round(self.channels) * ste_round(self.banks_per_channel)
         w_bytes = b * k * n * w_bits / 8
         bank_bytes = w_bytes / banks

@@ -172,6 +172,7 @@ _MOVEMENT = {
     "scatter_min",
     "scatter_max",
     "concatenate",
+    "stack",
     "pad",
     "rev",
     "iota",
@@ -527,7 +528,9 @@ class _Tracer:
         if kind is None:
             self._unknown(eqn, here, count, f"no cost rule for primitive {prim!r}")
             return no_names
-        if prim in _STATE_VIEWS and in_names and in_names[0]:
+        if prim == "pad" and all(tuple(c) == (0, 0, 0) for c in eqn.params["padding_config"]):
+            kind = "view"  # a zero-width pad is the identity: XLA elides it
+        elif prim in _STATE_VIEWS and in_names and in_names[0]:
             # a transposed / sliced function input (weights, caches): addressing into stored
             # state, fused into the consumer; its layout is chosen offline
             kind = "view"

@@ -300,3 +300,19 @@ def test_codesign_loop_with_projection():
     assert vals[-1] < vals[0]
     assert all(float(x) >= 0 for x in jax.tree_util.tree_leaves(hw))
     assert float(hw.mem_bw) > 50.0  # the optimiser bought bandwidth
+
+
+def test_pim_maps_a_left_matrix_gemv_like_its_transpose():
+    """K_cache @ q (matrix on the left, decode attention) costs what q^T @ K_cache^T costs:
+    the cache stays in the banks either way, only the vector crosses the I/O."""
+    ctx, d = 1024, 64
+    left = trace(
+        lambda kc, q: kc @ q, jnp.ones((ctx, d), jnp.float16), jnp.ones((d, 1), jnp.float16)
+    )
+    right = trace(
+        lambda q, kt: q @ kt, jnp.ones((1, d), jnp.float16), jnp.ones((d, ctx), jnp.float16)
+    )
+    hw = PIM.pim_gpt()
+    a, b = cost(hw, left), cost(hw, right)
+    np.testing.assert_allclose(float(a.latency_s), float(b.latency_s), rtol=1e-6)
+    np.testing.assert_allclose(float(a.energy_j), float(b.energy_j), rtol=1e-6)

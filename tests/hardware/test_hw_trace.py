@@ -205,3 +205,19 @@ def test_gemm_workload_checks():
         gemm_workload(3, 4, 0)
     with pytest.raises(TypeError, match="fn: expected a callable"):
         trace(3)
+
+
+def test_zero_width_pad_is_free_and_stack_is_costed():
+    import warnings
+
+    def f(x):
+        y = jnp.pad(x, ((0, 0), (0, 0)))
+        return jnp.stack([y, y]).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be left uncosted
+        wl = trace(f, jnp.ones((4, 8)))
+    kinds = {o.name: (o.kind, o.bytes_read) for o in wl.ops}
+    assert kinds["pad"] == ("view", 0.0)
+    assert kinds["stack"][0] == "movement" and kinds["stack"][1] == 2 * 4 * 8 * 4
+    assert not wl.unknown
