@@ -20,9 +20,11 @@ TOLERANCE = {
 def tol(dtype: Any) -> float:
     """Relative/absolute tolerance for results computed in ``dtype``."""
     name = jnp.dtype(dtype).name
-    if name.startswith("float8") or name.startswith("float6") or name.startswith("float4"):
+    if name in TOLERANCE:
+        return TOLERANCE[name]
+    if name.startswith(("float8_", "float6_", "float4_")):  # narrow ml_dtypes floats
         return TOLERANCE["float8"]
-    return TOLERANCE.get(name, TOLERANCE["float32"])
+    return TOLERANCE["float32"]
 
 
 def assert_close(

@@ -115,6 +115,7 @@ def test_tolerances_by_dtype():
     from jaxcore.testing import assert_close, tol
 
     assert tol(jnp.bfloat16) == 1e-2 and tol(jnp.float32) == 1e-5 and tol("float8_e4m3fn") == 0.1
+    assert tol("float64") == 1e-12 and tol("float6_e2m3fn") == 0.1 and tol("float4_e2m1fn") == 0.1
     assert_close(jnp.ones(3, jnp.bfloat16) * 1.004, jnp.ones(3))
     with pytest.raises(AssertionError):
         assert_close(jnp.ones(3) * 1.001, jnp.ones(3))
