@@ -1,8 +1,8 @@
 """Pure functional kernels: ``jaxcore.kernels`` (source in ``kernels/``).
 
 Sub-modules are imported on first use (``jaxcore.kernels.attention``, ``.lowp``, ``.scan``,
-``.rnn``, ``.fixed_point``, ``.decoding``, ``.parallel``); :func:`load_all` imports every one, which also
-registers their implementation families with :mod:`jaxcore.backend`.
+``.rnn``, ``.fixed_point``, ``.decoding``, ``.parallel``); :func:`load_all` imports every one,
+which also registers their implementation families with :mod:`jaxcore.backend`.
 """
 
 import importlib
