@@ -26,6 +26,7 @@ from jaxcore.kernels import scan as scan_k
 
 from .quant import QDense, QuantConfig
 from .remat import block_call, check_remat, core
+from .stack import StateLM
 
 VARIANTS = ("mamba", "mamba2")
 
@@ -243,6 +244,10 @@ class MambaBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return block_call(self.remat, type(self)._forward, self, x)
 
+    def init_state(self, batch_size: int, dtype: Any = jnp.float32) -> Any:
+        """This block's decoding state."""
+        return self.mixer.init_state(batch_size, dtype)
+
     def step(self, x: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         y, state = self.mixer.step(self.norm(x), state)
         return x + y, state
@@ -294,7 +299,7 @@ def make_mixer(
     )
 
 
-class Mamba(nnx.Module):
+class Mamba(StateLM):
     """A Mamba language model: int tokens (B, T) -> float32 logits (B, T, vocab_size).
 
     Args:
@@ -356,25 +361,3 @@ class Mamba(nnx.Module):
         )
         self.norm = nnx.RMSNorm(d_model, rngs=rngs)
         self.head = QDense(d_model, vocab_size, quant=quant, rngs=rngs)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.norm(x)).astype(jnp.float32)
-
-    def init_cache(
-        self, batch_size: int, max_len: int | None = None, dtype: Any = jnp.float32
-    ) -> dict:
-        """Decoding state (constant size: ``max_len`` is accepted for a uniform API)."""
-        layers = [blk.mixer.init_state(batch_size, dtype) for blk in self.blocks]
-        return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
-
-    def decode_step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """Next-token logits (B, vocab_size) for ``tokens`` (B,)."""
-        x = self.embed(tokens)
-        new = []
-        for blk, st in zip(self.blocks, cache["layers"]):
-            x, st = blk.step(x, st)
-            new.append(st)
-        return self.head(self.norm(x)).astype(jnp.float32), {"pos": cache["pos"] + 1, "layers": new}

@@ -17,6 +17,7 @@ from jaxcore.kernels import rnn as rnn_k
 
 from .quant import QDense, QuantConfig, _QBase
 from .remat import block_call, check_remat
+from .stack import StateLM
 
 CELLS = ("lstm", "gru")
 
@@ -89,12 +90,16 @@ class RNNBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return block_call(self.remat, type(self)._forward, self, x)
 
+    def init_state(self, batch_size: int, dtype: Any = jnp.float32) -> Any:
+        """This block's decoding state."""
+        return self.layer.init_state(batch_size, dtype)
+
     def step(self, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
         h, state = self.layer.step(self.norm(x), state)
         return x + h, state
 
 
-class RNNLM(nnx.Module):
+class RNNLM(StateLM):
     """A recurrent language model: int tokens (B, T) -> float32 logits (B, T, vocab_size).
 
     Args:
@@ -141,28 +146,6 @@ class RNNLM(nnx.Module):
         )
         self.norm = nnx.RMSNorm(d_model, rngs=rngs)
         self.head = QDense(d_model, vocab_size, quant=quant, rngs=rngs)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.norm(x)).astype(jnp.float32)
-
-    def init_cache(
-        self, batch_size: int, max_len: int | None = None, dtype: Any = jnp.float32
-    ) -> dict:
-        """Recurrent states (constant size; ``max_len`` only for a uniform API)."""
-        layers = [blk.layer.init_state(batch_size, dtype) for blk in self.blocks]
-        return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
-
-    def decode_step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """Next-token logits (B, vocab_size) for ``tokens`` (B,)."""
-        x = self.embed(tokens)
-        new = []
-        for blk, st in zip(self.blocks, cache["layers"]):
-            x, st = blk.step(x, st)
-            new.append(st)
-        return self.head(self.norm(x)).astype(jnp.float32), {"pos": cache["pos"] + 1, "layers": new}
 
 
 class LSTMLM(RNNLM):
