@@ -56,8 +56,10 @@ def _sequential(x, dt, A, Bh, Ch, h0, keep):
 def _chunked(x, dt, A, Bg, Cg, h0, sidx, chunk):
     """Matmul form. Bg/Cg: (B, L, G, N); sidx: (B, L) monotone segment index (resets on change).
 
-    Internally (batch, chunk, group, head-in-group, step, ...) so every matmul has its batch axes
-    leading, and C B^T is computed once per group (not per head).
+    Internally (chunk, batch, group, head-in-group, step, ...) so every matmul has its batch axes
+    leading, C B^T is computed once per group (not per head), and the chunk recurrence scans the
+    leading axis of the per-chunk states as they come out of their matmul (no transposes of the
+    large (chunks, batch, H, P, N) tensors, forward or backward).
     """
     bsz, length, heads, p = x.shape
     g = Bg.shape[2]
@@ -72,46 +74,45 @@ def _chunked(x, dt, A, Bg, Cg, h0, sidx, chunk):
         pos = jnp.arange(lp)[None, :]
         sidx = jnp.where(pos >= length, last, sidx)
     n = Bg.shape[-1]
-    xc = x.reshape(bsz, nc, t, g, r, p).transpose(0, 1, 3, 4, 2, 5)  # (B, nc, G, R, T, P)
-    dtc = dt.reshape(bsz, nc, t, g, r).transpose(0, 1, 3, 4, 2)  # (B, nc, G, R, T)
-    bc = Bg.reshape(bsz, nc, t, g, n).transpose(0, 1, 3, 2, 4)  # (B, nc, G, T, N)
-    cc = Cg.reshape(bsz, nc, t, g, n).transpose(0, 1, 3, 2, 4)
-    sc = sidx.reshape(bsz, nc, 1, 1, t)  # (B, nc, 1, 1, T)
-    acum = jnp.cumsum(dtc * A.reshape(1, 1, g, r, 1), axis=-1)  # (B, nc, G, R, T) log-decay
-    xdt = xc * dtc[..., None]  # (B, nc, G, R, T, P)
+    xc = x.reshape(bsz, nc, t, g, r, p).transpose(1, 0, 3, 4, 2, 5)  # (nc, B, G, R, T, P)
+    dtc = dt.reshape(bsz, nc, t, g, r).transpose(1, 0, 3, 4, 2)  # (nc, B, G, R, T)
+    bc = Bg.reshape(bsz, nc, t, g, n).transpose(1, 0, 3, 2, 4)  # (nc, B, G, T, N)
+    cc = Cg.reshape(bsz, nc, t, g, n).transpose(1, 0, 3, 2, 4)
+    sc = sidx.reshape(bsz, nc, t).transpose(1, 0, 2).reshape(nc, bsz, 1, 1, t)  # (nc, B, 1, 1, T)
+    acum = jnp.cumsum(dtc * A.reshape(1, 1, g, r, 1), axis=-1)  # (nc, B, G, R, T) log-decay
+    xdt = xc * dtc[..., None]  # (nc, B, G, R, T, P)
 
     # 1. intra-chunk: y[l] = sum_{s<=l, same segment} C_l.B_s exp(acum_l - acum_s) x_s dt_s
     causal = jnp.tril(jnp.ones((t, t), bool)).reshape(1, 1, 1, 1, t, t)
-    mask = (sc[..., :, None] == sc[..., None, :]) & causal  # (B, nc, 1, 1, T, T)
-    diff = acum[..., :, None] - acum[..., None, :]  # (B, nc, G, R, T(l), T(s))
+    mask = (sc[..., :, None] == sc[..., None, :]) & causal  # (nc, B, 1, 1, T, T)
+    diff = acum[..., :, None] - acum[..., None, :]  # (nc, B, G, R, T(l), T(s))
     decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
     cb = jnp.einsum("bcgln,bcgsn->bcgls", cc, bc)  # once per group
     y = jnp.einsum("bcgrls,bcgrsp->bcgrlp", cb[:, :, :, None] * decay, xdt)
 
     # 2. the state each chunk leaves (from its own steps, in the chunk's last segment)
-    in_last = sc == sc[..., -1:]  # (B, nc, 1, 1, T)
-    w = jnp.exp(jnp.where(in_last, acum[..., -1:] - acum, -jnp.inf))  # (B, nc, G, R, T)
-    states = jnp.einsum("bcgrlp,bcgln->bcgrpn", xdt * w[..., None], bc)  # (B, nc, G, R, P, N)
+    in_last = sc == sc[..., -1:]  # (nc, B, 1, 1, T)
+    w = jnp.exp(jnp.where(in_last, acum[..., -1:] - acum, -jnp.inf))  # (nc, B, G, R, T)
+    states = jnp.einsum("bcgrlp,bcgln->bcgrpn", xdt * w[..., None], bc)  # (nc, B, G, R, P, N)
 
     # 3. recurrence over chunks: s_in[c+1] = decay_c * keep_c * s_in[c] + states_c
     end = sidx.reshape(bsz, nc, t)[:, :, -1]  # (B, nc)
     prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
-    keep_c = (end == prev_end).astype(x.dtype).reshape(bsz, nc, 1, 1)  # no reset inside chunk
-    chunk_decay = jnp.exp(acum[..., -1]) * keep_c  # (B, nc, G, R)
+    keep_c = (end == prev_end).astype(x.dtype).T.reshape(nc, bsz, 1, 1)  # no reset inside chunk
+    chunk_decay = jnp.exp(acum[..., -1]) * keep_c  # (nc, B, G, R)
 
     def carry(s, inp):
         d, st = inp
         return d[..., None, None] * s + st, s
 
-    tm = lambda v: jnp.moveaxis(v, 1, 0)
-    h_t, s_in = lax.scan(carry, h0.reshape(bsz, g, r, p, n), (tm(chunk_decay), tm(states)))
-    s_in = tm(s_in)  # (B, nc, G, R, P, N): state entering each chunk
+    h_t, s_in = lax.scan(carry, h0.reshape(bsz, g, r, p, n), (chunk_decay, states))
+    # s_in: (nc, B, G, R, P, N), the state entering each chunk
 
     # 4. carried state read out: y[l] += exp(acum_l) C_l s_in (if l is in the carried segment)
-    carried = sc == prev_end.reshape(bsz, nc, 1, 1, 1)  # (B, nc, 1, 1, T)
-    out_decay = jnp.exp(jnp.where(carried, acum, -jnp.inf))  # (B, nc, G, R, T)
+    carried = sc == prev_end.T.reshape(nc, bsz, 1, 1, 1)  # (nc, B, 1, 1, T)
+    out_decay = jnp.exp(jnp.where(carried, acum, -jnp.inf))  # (nc, B, G, R, T)
     y = y + jnp.einsum("bcgln,bcgrpn->bcgrlp", cc, s_in) * out_decay[..., None]
-    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(bsz, lp, heads, p)[:, :length]
+    y = y.transpose(1, 0, 4, 2, 3, 5).reshape(bsz, lp, heads, p)[:, :length]
     return y, h_t.reshape(bsz, heads, p, n)
 
 
