@@ -183,8 +183,27 @@ def _empty(q: Array, v: Array, rows: int) -> tuple[Array, Array]:
     return _vary_like(out, q, v), _vary_like(lse, q, v)
 
 
+# Block sizes of the ring's chunked kernel (forward and backward): the per-device state is
+# several local-size arrays, so the kernel's (B*K, block_q * G, block_k) float32 logits
+# buffers are kept small.
+_BLOCKS = (64, 128)
+
+
+def _resolved(implementation: str | None) -> str:
+    from jaxcore import backend
+
+    return backend.resolve_implementation("attention", implementation)
+
+
 def _attend(cfg: _RingConfig, q, k, v, qs, ks, causal: bool) -> tuple[Array, Array]:
     seg = None if qs is None else (qs, ks)
+    if _resolved(cfg.implementation) == "xla":  # the chunked kernel with small blocks
+        from jaxcore.kernels.attention import _common, _xla
+
+        inp = _common.normalize(q, k, v, scale=cfg.scale, is_causal=causal, segment_ids=seg)
+        out, lse = _xla.attention_xla(inp, block_q=_BLOCKS[0], block_k=_BLOCKS[1])
+        cdt = _cdt(q.dtype)
+        return out.astype(cdt), lse.astype(cdt)
     out, lse = _attention().dot_product_attention(
         q,
         k,
@@ -272,18 +291,64 @@ def _ring_forward(cfg: _RingConfig, q, k, v, qs, ks):
     return out, lse
 
 
-def _block_grads(branch, q, k, v, qs, ks, lse, dout, dlse_minus_d):
-    """Gradients of one block's share of the merged (out, lse), recomputing the block.
+def _grad_branches(cfg: _RingConfig):
+    """Backward twins of :func:`_branches`, accumulating into (dq, dk, dv).
 
-    With out = sum_b w_b out_b, lse = logsumexp_b lse_b and w_b = exp(lse_b - lse), the
-    cotangents of block b are w_b * dout (output) and w_b * (<dout, out_b> - <dout, out> +
-    dlse) (lse); ``dlse_minus_d`` holds dlse - <dout, out>, computed once.
+    Each branch maps (acc, q, k, v, qs, ks, delta, lse, dout) -> acc + this block's
+    gradients, where ``delta`` (rowsum(dout * out) - dlse) and ``lse`` come from the MERGED
+    output and lse of the whole ring: the
+    block's probabilities are exp(logits - lse) directly (FlashAttention-2 backward,
+    :func:`jaxcore.kernels.attention.dot_product_attention_bwd`), so there is no per-block
+    forward recompute and no per-block residual.
     """
-    (ob, lb), pull = jax.vjp(lambda q_, k_, v_: branch(q_, k_, v_, qs, ks), q, k, v)
-    w = jnp.where(jnp.isneginf(lb), 0.0, jnp.exp(lb - jnp.where(jnp.isneginf(lse), 0.0, lse)))
-    ct_out = w[..., None] * dout
-    ct_lse = w * (jnp.sum(dout * ob, axis=-1) + dlse_minus_d)
-    return pull((ct_out.astype(ob.dtype), ct_lse.astype(lb.dtype)))
+    blocks = _BLOCKS
+
+    def bwd(q, k, v, qs, ks, delta, lse, dout, causal):
+        from jaxcore.kernels.attention import _common, _xla
+
+        seg = None if qs is None else (qs, ks)
+        inp = _common.normalize(q, k, v, scale=cfg.scale, is_causal=causal, segment_ids=seg)
+        return _xla.attention_bwd_xla(
+            inp, None, lse, dout, delta=delta, block_q=blocks[0], block_k=blocks[1]
+        )
+
+    def add(acc, g):
+        return tuple(a + x for a, x in zip(acc, g))
+
+    def full(acc, *a):
+        return add(acc, bwd(*a, False))
+
+    def diag(acc, *a):
+        return add(acc, bwd(*a, True))
+
+    if not cfg.is_causal:
+        return full, [full]
+
+    if cfg.layout == "contiguous":
+
+        def skip(acc, *a):
+            return acc
+
+        return diag, [full, skip]
+
+    def add_at(x, g, lo):  # x[:, lo:lo + len(g)] += g
+        cur = lax.dynamic_slice_in_dim(x, lo, g.shape[1], axis=1)
+        return lax.dynamic_update_slice_in_dim(x, cur + g, lo, axis=1)
+
+    # zigzag: local rows/keys are [chunk me | chunk 2P-1-me] and [chunk src | chunk 2P-1-src]
+    def lower(acc, q, k, v, qs, ks, delta, lse, dout):  # src < me: first key chunk only
+        c = k.shape[1] // 2
+        ksc = None if ks is None else ks[:, :c]
+        dq, dk, dv = bwd(q, k[:, :c], v[:, :c], qs, ksc, delta, lse, dout, False)
+        return acc[0] + dq, add_at(acc[1], dk, 0), add_at(acc[2], dv, 0)
+
+    def upper(acc, q, k, v, qs, ks, delta, lse, dout):  # src > me: second query chunk only
+        c = q.shape[1] // 2
+        h = lambda x: None if x is None else x[:, c:]  # noqa: E731
+        dq, dk, dv = bwd(h(q), k, v, h(qs), ks, h(delta), h(lse), h(dout), False)
+        return add_at(acc[0], dq, c), acc[1] + dk, acc[2] + dv
+
+    return diag, [lower, upper]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -297,47 +362,38 @@ def _ring_fwd(cfg, q, k, v, qs, ks):
 
 
 def _ring_bwd(cfg, res, cts):
-    q, k, v, qs, ks, out, lse = res
+    q0, k0, v0, qs, ks, out, lse = res
     dout, dlse = cts
     cdt = out.dtype
+    q, k, v = q0.astype(cdt), k0.astype(cdt), v0.astype(cdt)  # accumulate in float32
     dout = dout.astype(cdt)
     dlse = dlse.astype(cdt)
     p = cfg.num_shards
-    own, others, which = _branches(cfg)
-    dlse = dlse - jnp.sum(dout * out, axis=-1)  # the residual `out` is not needed after this
-    dq, dk, dv = _block_grads(own, q, k, v, qs, ks, lse, dout, dlse)
-    dq, dk, dv = dq.astype(cdt), dk.astype(cdt), dv.astype(cdt)
-    if p > 1:
+    own, others = _grad_branches(cfg)
+    _, _, which = _branches(cfg)
+    delta = jnp.sum(dout * out, axis=-1) - dlse  # the residual `out` is dead after this
+    zeros = tuple(_vary_like(jnp.zeros_like(x), q, k, v, dout) for x in (q, k, v))
+    if p == 1:
+        dq, dk, dv = own(zeros, q, k, v, qs, ks, delta, lse, dout)
+    else:
         me = lax.axis_index(cfg.axis_name)
+        branches = [*others, own]
 
         def step(carry, s):
+            # Step s holds the K/V block of device me - s and the dK/dV travelling with it: add
+            # its gradients, then pass both on. After P passes every dK/dV is back home (the
+            # last K/V pass is spare); the loop state are ppermute results, not input copies.
             dq, kv, dkv = carry
-            kv, dkv = _rotate((kv, dkv), cfg.axis_name, p)
-            src = (me - s) % p
+            idx = jnp.where(s == 0, len(others), which(me, (me - s) % p))
             kk, vv, kss = kv
-
-            def grads(i):
-                return lambda *a: _block_grads(others[i], *a)
-
-            g = _run_branch(
-                [grads(i) for i in range(len(others))],
-                which(me, src),
-                q,
-                kk,
-                vv,
-                qs,
-                kss,
-                lse,
-                dout,
-                dlse,
-            )
-            dq = dq + g[0].astype(cdt)
-            dkv = (dkv[0] + g[1].astype(cdt), dkv[1] + g[2].astype(cdt))
+            acc = (dq, *dkv)
+            dq, dk, dv = _run_branch(branches, idx, acc, q, kk, vv, qs, kss, delta, lse, dout)
+            kv, dkv = _rotate((kv, (dk, dv)), cfg.axis_name, p)
             return (dq, kv, dkv), None
 
-        (dq, _, (dk, dv)), _ = lax.scan(step, (dq, (k, v, ks), (dk, dv)), jnp.arange(1, p))
-        dk, dv = _rotate((dk, dv), cfg.axis_name, p)  # home: each block returns to its owner
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+        carry = (zeros[0], (k, v, ks), zeros[1:])
+        (dq, _, (dk, dv)), _ = lax.scan(step, carry, jnp.arange(p))
+    return dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype), None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -392,7 +448,9 @@ def ring_attention(
         times the work of device 0). Ignored when not causal.
       return_lse: also return the float32 log-sum-exp (B, T/P, N).
       implementation: passed to :func:`jaxcore.kernels.attention.dot_product_attention` for
-        each block.
+        each block of the forward ("xla" runs the chunked kernel with small blocks); the
+        backward is always the "xla" one
+        (:func:`jaxcore.kernels.attention.dot_product_attention_bwd`).
 
     Returns:
       The local output shard (B, T/P, N, Hv) in the query dtype (and the lse).

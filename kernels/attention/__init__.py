@@ -5,6 +5,8 @@
   bias, mask, soft cap; differentiable float32 log-sum-exp). Implementations "reference",
   "xla" (chunked flash attention with block skipping and a FlashAttention-2 custom VJP),
   "pallas" / "pallas_interpret" (a Pallas flash-attention kernel, forward and backward).
+* :func:`dot_product_attention_bwd` - the FlashAttention-2 backward from a saved output and
+  lse (no forward recompute; the building block of the ring attention backward).
 * :func:`merge` - exact combination of attention over disjoint key sets (split-KV decoding,
   shared prefixes, ring attention).
 * :func:`decode_attention` - flash-decoding of a few new tokens against a KV cache.
@@ -18,5 +20,12 @@ from ._api import dot_product_attention
 from ._decode import decode_attention
 from ._linear import linear_attention
 from ._merge import merge
+from ._xla import dot_product_attention_bwd
 
-__all__ = ["decode_attention", "dot_product_attention", "linear_attention", "merge"]
+__all__ = [
+    "decode_attention",
+    "dot_product_attention",
+    "dot_product_attention_bwd",
+    "linear_attention",
+    "merge",
+]

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import Inputs, MaskSpec, compute_dtype
+from jaxcore import checks
+
+from ._common import Inputs, MaskSpec, compute_dtype, normalize
 
 _INF = float("inf")
 _Z = np.int32(0)
@@ -281,14 +283,22 @@ def _forward(q, k, v, aux: _Aux, cfg: Config, b: int, kh: int):
 # ----------------------------------------------------------------------------- backward
 
 
-def _backward(q, k, v, o, lse, do, dlse, aux: _Aux, cfg: Config, b: int, kh: int):
-    """FlashAttention-2 backward in rows layout; q pre-scaled. Returns (dq_s, dk, dv, dbias)."""
+def _backward(q, k, v, o, lse, do, dlse, aux: _Aux, cfg: Config, b: int, kh: int, lean=False):
+    """FlashAttention-2 backward in rows layout; q pre-scaled. Returns (dq_s, dk, dv, dbias).
+
+    ``lean``: transpose K/V per block instead of once (no full-size transposed copies: less
+    memory, for callers such as ring attention that keep many local-size buffers live); then
+    ``o`` is None and ``dlse`` is the precomputed delta = rowsum(do * o) - dlse.
+    """
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
     r = bq * g
     cdt = q.dtype
     dead = lse == -jnp.inf  # fully masked rows: zero gradients whatever the cotangent
-    do = jnp.where(dead[..., None], 0.0, do)
-    delta = jnp.where(dead, 0.0, jnp.sum(do * o, axis=-1) - dlse)  # (Z, rows)
+    if lean:
+        delta = jnp.where(dead, 0.0, dlse)
+    else:
+        do = jnp.where(dead[..., None], 0.0, do)
+        delta = jnp.where(dead, 0.0, jnp.sum(do * o, axis=-1) - dlse)  # (Z, rows)
     lse_safe = jnp.where(dead, jnp.inf, lse)
     like = (q, k, v, o, do, dlse, aux.bias, aux.mask, aux.kvlen, aux.qseg, aux.kvseg)
     dq = _init(q.shape, 0.0, cdt, *like)
@@ -297,14 +307,18 @@ def _backward(q, k, v, o, lse, do, dlse, aux: _Aux, cfg: Config, b: int, kh: int
     dbias = None if aux.bias is None else _init(aux.bias.shape, 0.0, cdt, *like)
     full, partial = plan(cfg)
     dynamic = cfg.mask_bcast is not None or cfg.has_kvlen or cfg.has_segments
-    kt = jnp.swapaxes(k, 1, 2)
-    vt = jnp.swapaxes(v, 1, 2)
+    kt = None if lean else jnp.swapaxes(k, 1, 2)
+    vt = None if lean else jnp.swapaxes(v, 1, 2)
 
     def update(carry, i, j, masked):
         qb = jax.lax.dynamic_slice_in_dim(q, i * r, r, axis=1)
         kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-        kbt = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
-        vbt = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
+        if lean:
+            kbt = jnp.swapaxes(kb, 1, 2)
+            vbt = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1), 1, 2)
+        else:
+            kbt = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+            vbt = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
         s, th, vis = _logits(qb, kbt, cfg, aux, i, j, b, kh, masked)
 
         def compute(carry):
@@ -312,6 +326,8 @@ def _backward(q, k, v, o, lse, do, dlse, aux: _Aux, cfg: Config, b: int, kh: int
             dob = jax.lax.dynamic_slice_in_dim(do, i * r, r, axis=1)
             lb = jax.lax.dynamic_slice_in_dim(lse_safe, i * r, r, axis=1)
             db = jax.lax.dynamic_slice_in_dim(delta, i * r, r, axis=1)
+            if lean:  # dead rows: zero cotangent whatever it holds (inf, nan)
+                dob = jnp.where((lb == jnp.inf)[..., None], 0.0, dob)
             p = jnp.exp(s - lb[..., None])
             dv_b = jnp.einsum("zrk,zrh->zkh", p, dob)
             dp = jnp.einsum("zrh,zhk->zrk", dob, vbt)
@@ -378,10 +394,8 @@ def _flash_bwd(cfg, b, kh, res, cts):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def attention_xla(
-    inp: Inputs, *, block_q: int | None = None, block_k: int | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Chunked attention. Returns (out (B, T, N, Hv) in query dtype, lse (B, T, N) f32/f64)."""
+def _prepare(inp: Inputs, block_q: int | None, block_k: int | None):
+    """Rows-layout operands and the static Config of one call (shared by forward and backward)."""
     spec = inp.spec
     q, k, v = inp.query, inp.key, inp.value
     b, t, n, h = q.shape
@@ -424,7 +438,121 @@ def attention_xla(
         has_kvlen=kvlen is not None,
         has_segments=qseg is not None,
     )
-    out, lse = _flash(cfg, b, kh, qr, kr, vr, bias, mask, kvlen, qseg, kvseg)
+    return cfg, (b, kh, g, t, tp), (qr, kr, vr), _Aux(bias, mask, kvlen, qseg, kvseg)
+
+
+def attention_xla(
+    inp: Inputs, *, block_q: int | None = None, block_k: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked attention. Returns (out (B, T, N, Hv) in query dtype, lse (B, T, N) f32/f64)."""
+    q = inp.query
+    cfg, (b, kh, g, t, _), (qr, kr, vr), aux = _prepare(inp, block_q, block_k)
+    out, lse = _flash(cfg, b, kh, qr, kr, vr, aux.bias, aux.mask, aux.kvlen, aux.qseg, aux.kvseg)
     out = _from_rows(out, b, kh, g)[:, :t].astype(q.dtype)
     lse = _from_rows(lse[..., None], b, kh, g)[:, :t, :, 0]
     return out, lse
+
+
+def attention_bwd_xla(
+    inp: Inputs,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    dlse: jax.Array | None = None,
+    *,
+    delta: jax.Array | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """FlashAttention-2 backward from a saved output and lse (no forward recompute).
+
+    ``out`` (B, T, N, Hv) and ``lse`` (B, T, N) need not come from this call's keys: with the
+    output and lse of attention over a superset of keys (ring attention's merged result) the
+    gradients are those of this key block's share of it. Returns (dq, dk, dv) in the input
+    dtypes (bias gradients are not returned). ``delta`` (B, T, N): rowsum(dout * out) - dlse
+    precomputed (then ``out`` and ``dlse`` are not read), for callers that differentiate many
+    key blocks against one output.
+    """
+    q, k, v = inp.query, inp.key, inp.value
+    cfg, (b, kh, g, t, tp), (qr, kr, vr), aux = _prepare(inp, block_q, block_k)
+    cdt = qr.dtype
+    lse = jnp.asarray(lse).astype(cdt)
+    rows = lambda x, fill: _to_rows(_pad_axis(x, 1, tp, fill), kh)  # noqa: E731
+    dout = jnp.asarray(dout).astype(cdt)
+    if delta is None:
+        delta = jnp.sum(dout * jnp.asarray(out).astype(cdt), axis=-1)  # (B, T, N)
+        if dlse is not None:
+            delta = delta - jnp.asarray(dlse).astype(cdt)
+    delta = jnp.asarray(delta).astype(cdt)
+    do_r = rows(dout, 0)  # zeroed on dead rows block by block (no full-size masked copy)
+    lse_r = rows(lse[..., None], -jnp.inf)[..., 0]  # padded rows are dead: zero gradients
+    delta_r = rows(delta[..., None], 0)[..., 0]
+    dq, dk, dv, _ = _backward(qr, kr, vr, None, lse_r, do_r, delta_r, aux, cfg, b, kh, lean=True)
+    s = k.shape[1]
+    dq = _from_rows(dq, b, kh, g)[:, :t] * jnp.asarray(inp.spec.scale, cdt)
+    hk, hv = k.shape[-1], v.shape[-1]
+    dk = dk[:, :s].reshape(b, kh, s, hk).transpose(0, 2, 1, 3)
+    dv = dv[:, :s].reshape(b, kh, s, hv).transpose(0, 2, 1, 3)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def dot_product_attention_bwd(
+    query: Any,
+    key: Any,
+    value: Any,
+    out: Any,
+    lse: Any,
+    dout: Any,
+    dlse: Any = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    key_value_seq_lengths: Any = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids: Any = None,
+    logits_soft_cap: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Backward of :func:`dot_product_attention` from its saved output and lse ("xla" kernel).
+
+    Args:
+      query, key, value, and the mask options: as :func:`dot_product_attention`.
+      out: (B, T, N, Hv) the attention output; lse: (B, T, N) its float32 log-sum-exp.
+      dout: (B, T, N, Hv) cotangent of ``out``; dlse: optional (B, T, N) cotangent of ``lse``.
+      block_q, block_k: query / key block sizes (default: :func:`default_blocks`); smaller
+        blocks trade speed for a smaller (Z, block_q * G, block_k) float32 logits buffer.
+
+    ``out``/``lse`` may be those of attention over a larger key set that contains these keys
+    (the merged result of ring or split-KV attention): the gradients are then those of this
+    key block's share, so blocks can be differentiated one at a time with no forward recompute.
+    Returns (dq, dk, dv) in the dtypes of query, key, value. Rows with lse = -inf (no visible
+    key) get zero gradients.
+    """
+    inp = normalize(
+        query,
+        key,
+        value,
+        scale=scale,
+        is_causal=is_causal,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        logits_soft_cap=logits_soft_cap,
+    )
+    b, t, n, _ = inp.query.shape
+    hv = inp.value.shape[-1]
+    out, lse, dout = (jnp.asarray(x) for x in (out, lse, dout))
+    if inp.squeeze:
+        out, lse, dout = out[None], lse[None], dout[None]
+    checks.check_shape(out, (b, t, n, hv), "out")
+    checks.check_shape(dout, (b, t, n, hv), "dout")
+    checks.check_shape(lse, (b, t, n), "lse")
+    if dlse is not None:
+        dlse = jnp.asarray(dlse)
+        dlse = dlse[None] if inp.squeeze else dlse
+        checks.check_shape(dlse, (b, t, n), "dlse")
+    dq, dk, dv = attention_bwd_xla(inp, out, lse, dout, dlse, block_q=block_q, block_k=block_k)
+    if inp.squeeze:
+        dq, dk, dv = dq[0], dk[0], dv[0]
+    return dq, dk, dv

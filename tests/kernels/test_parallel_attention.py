@@ -192,11 +192,10 @@ def _temp_bytes(fn, *args) -> int:
 def test_ring_memory_is_o_t_over_p():
     """Per-device temporary memory of causal ring fwd+bwd scales as O(T/P).
 
-    Compiled only (memory_analysis), never run. Measured here (f32, N=2, H=32): at P=8 the ring
-    needs 0.34-0.38 of the single-device chunked kernel's temporary memory at the same global T
-    (T = 16k-64k): the block kernel at the local length plus about five local-size arrays of
-    ring state (rotating K/V, travelling dK/dV, dQ). The issue's target of 1/4 is not met; the
-    bound asserted is 0.4 at P=8, and going from P=4 to P=8 must shrink it by at least 1.6x.
+    Compiled only (memory_analysis), never run. Measured here (f32, N=2, H=32, T=16k): at P=8
+    the ring needs 0.236 of the single-device chunked kernel's temporary memory at the same
+    global T (0.356 before its backward stopped recomputing each block's forward). Asserted:
+    <= 1/4 at P=8, and going from P=4 to P=8 must shrink it by at least 1.6x.
     """
     t = 16384
     q = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
@@ -221,7 +220,7 @@ def test_ring_memory_is_o_t_over_p():
 
     single_b = _temp_bytes(grad_of(single), q, q, q)
     ring8, ring4 = ring_bytes(8), ring_bytes(4)
-    assert ring8 <= 0.4 * single_b, (ring8, single_b)
+    assert ring8 <= 0.25 * single_b, (ring8, single_b)
     assert ring4 >= 1.6 * ring8, (ring4, ring8)
 
 
@@ -251,3 +250,32 @@ def test_argument_errors_name_the_argument():
         )(q[:, :16], k[:, :8])
     with pytest.raises(ValueError, match="length: expected a multiple"):
         par.zigzag_indices(10, 4)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(is_causal=True), dict(local_window_size=(3, 2), logits_soft_cap=2.0)]
+)
+def test_attention_bwd_from_saved_output(kw):
+    """dot_product_attention_bwd matches jax.vjp, and summing it over two disjoint key halves
+    against the full output/lse gives the full gradients (what the ring backward relies on)."""
+    q, k, v, _ = _inputs(2, 12, 4, 2, 8, seed=3)
+    f = lambda q, k, v: attention.dot_product_attention(q, k, v, return_lse=True, **kw)  # noqa: E731
+    (o, lse), pull = jax.vjp(f, q, k, v)
+    rng = np.random.default_rng(4)
+    do = jnp.asarray(rng.standard_normal(o.shape), jnp.float32)
+    dl = jnp.asarray(rng.standard_normal(lse.shape), jnp.float32)
+    want = pull((do, dl))
+    got = attention.dot_product_attention_bwd(q, k, v, o, lse, do, dl, **kw)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    if "is_causal" in kw:  # key halves: the second half is the causal tail of the keys
+        lo = attention.dot_product_attention_bwd(q, k[:, :6], v[:, :6], o, lse, do, dl, **kw)
+        dq = lo[0]
+        hi_q = attention.dot_product_attention_bwd(
+            q[:, 6:], k[:, 6:], v[:, 6:], o[:, 6:], lse[:, 6:], do[:, 6:], dl[:, 6:], **kw
+        )
+        dq = dq.at[:, 6:].add(hi_q[0])
+        assert_close(dq, want[0])
+        assert_close(jnp.concatenate([lo[1], hi_q[1]], axis=1), want[1])
+    with pytest.raises(ValueError, match="lse"):
+        attention.dot_product_attention_bwd(q, k, v, o, lse[:, :5], do, **kw)
