@@ -12,11 +12,17 @@ is the adjoint recurrence -- itself a reverse linear scan run by the same implem
   start states (the outputs). Sequential depth T + L/T, no (L, ...) temporaries besides the
   output; compile time does not depend on L.
 - "pallas" / "pallas_interpret": a Pallas kernel (diagonal a only); see ``_pallas.py``.
+
+With a ``readout`` (the reduction hook), no implementation returns the (batch, length, *state)
+states: :func:`_readout_scan` walks chunks of steps, runs the implementation on one chunk at a time
+from the carried state, applies ``readout`` to that chunk's states and keeps only the end state;
+the backward recomputes each chunk (``jax.checkpoint``), so memory is O(L/T + T) states.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -182,6 +188,88 @@ def _scan_vjp_bwd(mode, impl, chunk, res, g):
 _scan_vjp.defvjp(_scan_vjp_fwd, _scan_vjp_bwd)
 
 
+def _readout_scan(
+    a: Array,
+    b: Array,
+    h0: Array,
+    args: Sequence[Array],
+    readout: Callable[..., Any],
+    mode: str,
+    impl: str,
+    chunk: int,
+) -> tuple[Any, Array]:
+    """``readout(states, *args)`` chunk by chunk, carrying only the state between chunks.
+
+    Returns (readout outputs over the whole length, the last state). Each chunk's states come from
+    the implementation's differentiable scan (:func:`_scan_vjp`) and are recomputed in the
+    backward pass (``jax.checkpoint``), so only the chunk-boundary states are stored.
+    """
+    bsz, length = b.shape[:2]
+    t = min(chunk, length)
+    nc = -(-length // t)
+    lp = nc * t
+    inner = check_chunk(None, t)
+    # Identity steps at the end (a = 1, b = 0) leave the final state unchanged.
+    if mode == "matrix":
+        eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape[:1] + a.shape[2:])
+        pad = jnp.broadcast_to(eye[:, None], (bsz, lp - length) + a.shape[2:])
+        a_p = jnp.concatenate([a, pad], axis=1) if lp > length else a
+    else:
+        a_p = pad_time(a, lp, value=1.0)
+    b_p = pad_time(b, lp)
+    args_p = [pad_time(x, lp) for x in args]
+
+    def body(h, i):
+        # Slice the chunk in place (no transposed copy of the inputs); recomputed in backward.
+        def sl(x: Array) -> Array:
+            return lax.dynamic_slice_in_dim(x, i * t, t, axis=1)
+
+        hs = _scan_vjp(sl(a_p), sl(b_p), h, mode, impl, inner)
+        return hs[:, -1], readout(hs, *[sl(x) for x in args_p])
+
+    h_last, ys = lax.scan(jax.checkpoint(body, prevent_cse=False), h0, jnp.arange(nc))
+
+    def from_chunks(y: Array) -> Array:  # (nc, B, T, ...) -> (B, length, ...)
+        y = jnp.moveaxis(y, 0, 1)
+        return y.reshape((bsz, lp) + y.shape[3:])[:, :length]
+
+    return jax.tree.map(from_chunks, ys), h_last
+
+
+def _check_readout(readout: Any, readout_args: Any, b: Array, dtype: Any) -> list[Array]:
+    if not callable(readout):
+        raise ValueError(
+            f"readout: expected a callable (states, *readout_args) -> outputs, got {readout!r}"
+        )
+    if not isinstance(readout_args, (tuple, list)):
+        raise ValueError(
+            "readout_args: expected a tuple of (batch, length, ...) arrays, got "
+            f"{type(readout_args).__name__}"
+        )
+    args = [jnp.asarray(x) for x in readout_args]
+    for i, x in enumerate(args):
+        if x.ndim < 2 or x.shape[:2] != b.shape[:2]:
+            raise ValueError(
+                f"readout_args[{i}]: expected shape (batch, length, ...) = {b.shape[:2]} + (...), "
+                f"got {x.shape}"
+            )
+    # The hook must map (batch, T, *state) states to (batch, T, ...) outputs, step by step.
+    t = min(2, b.shape[1])
+    probe = jax.eval_shape(
+        readout,
+        jax.ShapeDtypeStruct((b.shape[0], t) + b.shape[2:], dtype),
+        *[jax.ShapeDtypeStruct((x.shape[0], t) + x.shape[2:], x.dtype) for x in args],
+    )
+    for leaf in jax.tree.leaves(probe):
+        if leaf.shape[:2] != (b.shape[0], t):
+            raise ValueError(
+                "readout: expected every output to have leading axes (batch, steps) = "
+                f"{(b.shape[0], t)} for states of shape {(b.shape[0], t) + b.shape[2:]}, got "
+                f"{leaf.shape}; it must act on each time step independently"
+            )
+    return args
+
+
 def _mode(a: Array, b: Array) -> str:
     checks.check_rank(b, tuple(range(2, 16)), "b")
     if a.ndim == b.ndim + 1 and b.ndim >= 3:
@@ -208,8 +296,11 @@ def linear_scan(
     segment_ids: Array | None = None,
     chunk_size: int | None = None,
     implementation: str | None = None,
-) -> Array:
-    """All states of ``h_t = a_t * h_{t-1} + b_t`` along axis 1.
+    readout: Callable[..., Any] | None = None,
+    readout_args: Sequence[Array] = (),
+    return_final_state: bool = False,
+) -> Any:
+    """All states of ``h_t = a_t * h_{t-1} + b_t`` along axis 1, or only what ``readout`` needs.
 
     Args:
       b: (batch, length, *state) inputs.
@@ -224,9 +315,19 @@ def linear_scan(
       chunk_size: steps per chunk for "chunked" (default near sqrt(length)).
       implementation: None (platform default), "reference", "sequential", "associative",
         "chunked", "pallas" or "pallas_interpret" (the last two: elementwise a only).
+      readout: the reduction hook: ``readout(states, *readout_args) -> outputs`` maps states of
+        shape (batch, T, *state) and the matching (batch, T, ...) slices of ``readout_args`` to
+        a pytree of (batch, T, ...) arrays, acting on each step independently (e.g.
+        ``lambda h, c: jnp.einsum("btdn,btn->btd", h, c)``). The scan then returns the outputs
+        over the whole length and never holds all states: chunks of ``chunk_size`` steps, only
+        the state between chunks is kept, and the backward pass recomputes each chunk.
+        ``lambda h: ()`` with ``return_final_state=True`` keeps only the final state.
+      readout_args: (batch, length, ...) arrays sliced along time with the states.
+      return_final_state: also return the last state (h_{L-1}; h_0 when ``reverse``).
 
     Returns:
-      (batch, length, *state) states, dtype ``result_type(a, b, initial_state)``.
+      (batch, length, *state) states (or the readout's outputs), dtype
+      ``result_type(a, b, initial_state)``; a pair (that, final state) if ``return_final_state``.
     """
     a = jnp.asarray(a)
     b = jnp.asarray(b)
@@ -261,11 +362,30 @@ def linear_scan(
         seg = jnp.flip(segment_ids, 1) if reverse else segment_ids
         reset = reset_mask(seg)
         a = jnp.where(expand_to(reset, a.ndim), jnp.zeros((), dtype), a)
+    if readout is None and len(readout_args):
+        raise ValueError(
+            f"readout_args: given without a readout ({len(readout_args)} arrays); pass readout="
+        )
+    if readout is not None:
+        args = _check_readout(readout, readout_args, b, dtype)
+        if reverse:
+            args = [jnp.flip(x, 1) for x in args]
+        if impl == "reference":  # the oracle: all states, then the hook
+            hs = _sequential(a, b, h0, mode)
+            ys, h_last = readout(hs, *args), hs[:, -1]
+        else:
+            ys, h_last = _readout_scan(a, b, h0, args, readout, mode, impl, chunk)
+        if reverse:
+            ys = jax.tree.map(lambda y: jnp.flip(y, 1), ys)
+        return (ys, h_last) if return_final_state else ys
     if impl == "reference":
         hs = _sequential(a, b, h0, mode)
     else:
         hs = _scan_vjp(a, b, h0, mode, impl, chunk)
-    return jnp.flip(hs, 1) if reverse else hs
+    h_last = hs[:, -1]
+    if reverse:
+        hs = jnp.flip(hs, 1)
+    return (hs, h_last) if return_final_state else hs
 
 
 def linear_scan_reference(
