@@ -25,17 +25,8 @@ backend.register_family(
     FAMILY,
     IMPLEMENTATIONS,
     _default,
-    doc="dot_product_attention: 'pallas' on GPU (when the call's options allow it), else 'xla'",
+    doc="dot_product_attention: 'pallas' on GPU, else 'xla' (every option on both)",
 )
-
-
-def _pallas_supports(inp: Inputs) -> str | None:
-    """None if the Pallas kernel handles this call, else the reason it does not."""
-    if inp.bias is not None:
-        return "bias"
-    if inp.mask is not None:
-        return "mask"
-    return None
 
 
 def _run(inp: Inputs, impl: str) -> tuple[jax.Array, jax.Array]:
@@ -43,14 +34,13 @@ def _run(inp: Inputs, impl: str) -> tuple[jax.Array, jax.Array]:
         return attention_reference(inp)
     if impl == "xla":
         return attention_xla(inp)
+    if impl == "pallas" and backend.platform() != "gpu":
+        raise ValueError(
+            f"implementation='pallas': the attention kernel lowers through Triton (GPU only), "
+            f"the default backend is {backend.platform()!r}; use 'xla' or 'pallas_interpret'"
+        )
     from ._pallas import attention_pallas  # lazy: imports jax.experimental.pallas
 
-    why = _pallas_supports(inp)
-    if why is not None:
-        raise ValueError(
-            f"implementation={impl!r}: the Pallas kernel does not take `{why}`; "
-            "use implementation='xla' (or None, which picks it)"
-        )
     return attention_pallas(inp, interpret=impl == "pallas_interpret")
 
 
@@ -88,8 +78,9 @@ def dot_product_attention(
       logits_soft_cap: c > 0 applies c * tanh(logits / c) to the scaled logits (before bias).
       return_lse: also return the log-sum-exp (B, T, N) in float32 (float64 under x64),
         differentiable; -inf for a fully masked row.
-      implementation: None (default: "pallas" on GPU when the call has no bias/mask array,
-        else "xla"), "reference", "xla", "pallas", "pallas_interpret".
+      implementation: None (default: "pallas" on GPU, else "xla"), "reference", "xla",
+        "pallas" (GPU only; a ValueError elsewhere), "pallas_interpret" (the same kernel
+        run by the Pallas interpreter, any platform). Every option works on every one.
 
     Returns:
       (B, T, N, Hv) in the query dtype (and the lse if ``return_lse``). A fully masked query row
@@ -110,8 +101,6 @@ def dot_product_attention(
         logits_soft_cap=logits_soft_cap,
     )
     impl = backend.resolve_implementation(FAMILY, implementation)
-    if implementation is None and impl == "pallas" and _pallas_supports(inp) is not None:
-        impl = "xla"
     out, lse = _run(inp, impl)
     if inp.q_seqlen is not None and impl != "reference":
         ok = jnp.arange(inp.spec.t)[None, :] < inp.q_seqlen[:, None]  # (B, T)

@@ -7,16 +7,23 @@ like this one). With ``interpret=True`` the same kernels run on CPU for tests.
 
 Handled in-kernel: causal, sliding window, segment ids, key/value lengths and key padding (the
 last three folded into one segment comparison), soft cap, GQA (the key/value head of a query
-head comes from the BlockSpec index map; nothing is repeated), Hv != H. Every block size is a
-static power of two >= 16; sequences and head dims are zero-padded to them.
+head comes from the BlockSpec index map; nothing is repeated), Hv != H, and an additive ``bias``
+and boolean ``mask`` broadcastable to (B, N, T, S): each is loaded per (query block, key block)
+tile through the same BlockSpec machinery as Q/K/V, with block size 1 and index 0 on a
+broadcast axis (nothing is broadcast in HBM). The bias gradient is dS per tile, written by the
+dQ kernel (summed in-kernel over a broadcast key axis; broadcast batch/head/query axes are
+summed outside). Every block size is a static power of two >= 16; sequences and head dims are
+zero-padded to them.
 
-Layout: query (B, Tp, N, Hp), key (B, Sp, K, Hp), value (B, Sp, K, Hvp); lse (B, N, Tp) f32.
+Layout: query (B, Tp, N, Hp), key (B, Sp, K, Hp), value (B, Sp, K, Hvp); lse (B, N, Tp) f32;
+bias (Bb, Nb, Tp|1, Sp|1) in its own dtype; mask the same as int8 (1 = attend).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +54,9 @@ class PallasConfig:
     # Correct in interpret mode; not yet compiled on a GPU, so off by default.
     split_loops: bool = False
     has_segments: bool = False
+    # (B, N, T, S): True where the bias / mask has size 1 (broadcast); None = no bias / mask.
+    bias_bcast: tuple[bool, bool, bool, bool] | None = None
+    mask_bcast: tuple[bool, bool, bool, bool] | None = None
     interpret: bool = False
 
 
@@ -172,19 +182,184 @@ def _loops(cfg: PallasConfig, lo, flo, fhi, hi, body, init):
     return lax.fori_loop(fhi, hi, functools.partial(body, masked=True), carry)
 
 
+# ----------------------------------------------------------------------------- shared setup
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """BlockSpecs of one ``pallas_call`` over the grid (P, B, N).
+
+    Program P walks query blocks (``over_q``: forward and dQ) or key blocks (dK/dV) of
+    ``block`` rows; the other sequence axis is passed whole (Tp or Sp rows) and the kernel
+    slices it with ``pl.ds``. Operands broadcast over an axis get block size 1, index 0 there.
+    """
+
+    over_q: bool
+    block: int
+    tp: int
+    sp: int
+    groups: int
+
+    def rows(self, on_q: bool) -> int:
+        """Rows of the query (``on_q``) or key axis in one program's block."""
+        if on_q == self.over_q:
+            return self.block
+        return self.tp if on_q else self.sp
+
+    def at(self, on_q: bool, p):
+        """Block index along the query / key axis for program p."""
+        return p if on_q == self.over_q else 0
+
+    def seq(self, hd: int, on_q: bool, kv_head: bool = False) -> pl.BlockSpec:
+        """(B, T|S, N|K, hd) operand; ``kv_head``: the key/value head h // G of query head h."""
+        g = self.groups if kv_head else 1
+        return pl.BlockSpec(
+            (None, self.rows(on_q), None, hd),
+            lambda p, bb, h: (bb, self.at(on_q, p), h // g, 0),
+        )
+
+    def rowvec(self) -> pl.BlockSpec:
+        """(B, N, Tp) per-query-row values (lse, delta)."""
+        return pl.BlockSpec(
+            (None, None, self.rows(True)), lambda p, bb, h: (bb, h, self.at(True, p))
+        )
+
+    def seg(self, on_q: bool) -> pl.BlockSpec:
+        """(B, Tp) query or (B, Sp) key segment ids."""
+        return pl.BlockSpec((None, self.rows(on_q)), lambda p, bb, h: (bb, self.at(on_q, p)))
+
+    def bnts(self, bc: tuple[bool, ...]) -> pl.BlockSpec:
+        """(Bb, Nb, Tp|1, Sp|1) bias or mask; ``bc`` marks the broadcast (size 1) axes."""
+        return pl.BlockSpec(
+            (None, None, 1 if bc[2] else self.rows(True), 1 if bc[3] else self.rows(False)),
+            lambda p, bb, h: (
+                0 if bc[0] else bb,
+                0 if bc[1] else h,
+                0 if bc[2] else self.at(True, p),
+                0 if bc[3] else self.at(False, p),
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+    b: int
+    n: int
+    kh: int
+    tp: int
+    sp: int
+    hp: int
+    hvp: int
+
+
+def _dims(q, k, v) -> _Dims:
+    b, tp, n, hp = q.shape
+    return _Dims(b, n, k.shape[2], tp, k.shape[1], hp, v.shape[-1])
+
+
+def _extras(cfg: PallasConfig, tl: _Tiling, qseg, kseg, bias, mask) -> tuple[list, list]:
+    """BlockSpecs and arrays of the optional inputs, in the order ``_split`` reads them."""
+    specs, args = [], []
+    if cfg.has_segments:
+        specs += [tl.seg(True), tl.seg(False)]
+        args += [qseg, kseg]
+    if cfg.bias_bcast is not None:
+        specs.append(tl.bnts(cfg.bias_bcast))
+        args.append(bias)
+    if cfg.mask_bcast is not None:
+        specs.append(tl.bnts(cfg.mask_bcast))
+        args.append(mask)
+    return specs, args
+
+
+def _call(
+    cfg: PallasConfig,
+    kernel,
+    programs: int,
+    d: _Dims,
+    in_specs,
+    out_specs,
+    out_shape,
+    *,
+    name: str,
+    bwd: bool,
+):
+    return pl.pallas_call(
+        kernel,
+        grid=(programs, d.b, d.n),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(cfg, bwd=bwd),
+        interpret=cfg.interpret,
+        name=name,
+    )
+
+
+@dataclasses.dataclass
+class _Opt:
+    """Optional input refs of a kernel (None when the call has no such input)."""
+
+    qseg: Any
+    kseg: Any
+    bias: Any
+    mask: Any
+
+
+def _split(cfg: PallasConfig, rest) -> tuple[_Opt, list]:
+    """(optional input refs, output refs) from a kernel's trailing refs."""
+    rest = list(rest)
+    take = lambda on: rest.pop(0) if on else None  # noqa: E731
+    seg = cfg.has_segments
+    opt = _Opt(
+        take(seg), take(seg), take(cfg.bias_bcast is not None), take(cfg.mask_bcast is not None)
+    )
+    return opt, rest
+
+
+def _tile(ref, bc, qs, ks):
+    """(bq|1, bk|1) tile of a bias/mask ref; qs / ks slice the query / key axis (None: whole)."""
+    if ref is None:
+        return None
+    rows = slice(None) if bc[2] or qs is None else qs
+    cols = slice(None) if bc[3] or ks is None else ks
+    return ref[rows, cols]
+
+
+def _scores(cfg: PallasConfig, q, k, qpos, kpos, qseg, kseg, bias, mask, static: bool):
+    """Logits (bq, bk) as the reference: cap(scale * q k^T) + bias; tanh (or None); visibility.
+
+    The bias / mask tiles may be (1, bk), (bq, 1) or (1, 1) (broadcast axes).
+    """
+    s, th = _logits(cfg, q, k)
+    if bias is not None:
+        s = s + bias.astype(s.dtype)
+    vis = _mask(cfg, qpos, kpos, qseg, kseg, static=static)
+    if mask is not None:
+        mk = mask != 0
+        vis = mk if vis is None else jnp.logical_and(vis, mk)
+    return s, th, vis
+
+
+def _reduce(x, rows: bool, cols: bool):
+    """Sum a (bq, bk) tile over its rows and/or columns, keeping rank 2."""
+    if cols:
+        x = jnp.sum(x, axis=1)[:, None]
+    if rows:
+        x = jnp.sum(x, axis=0)[None, :]
+    return x
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *rest, cfg: PallasConfig, nk: int):
-    if cfg.has_segments:
-        qseg_ref, kseg_ref, o_ref, lse_ref = rest
-    else:
-        o_ref, lse_ref = rest
+    opt, (o_ref, lse_ref) = _split(cfg, rest)
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(0)
     q = q_ref[...]
     qpos = i * bq + jnp.arange(bq)
-    qseg = qseg_ref[...] if cfg.has_segments else None
+    qseg = opt.qseg[...] if cfg.has_segments else None
     hv = o_ref.shape[-1]
 
     def body(j, carry, masked):
@@ -192,13 +367,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, cfg: PallasConfig, nk: int):
         ks = pl.ds(j * bk, bk)
         k = k_ref[ks, :]
         v = v_ref[ks, :]
-        s, _ = _logits(cfg, q, k)
-        vis = _mask(
+        s, _, vis = _scores(
             cfg,
+            q,
+            k,
             qpos,
             j * bk + jnp.arange(bk),
             qseg,
-            kseg_ref[ks] if qseg is not None else None,
+            opt.kseg[ks] if qseg is not None else None,
+            _tile(opt.bias, cfg.bias_bcast, None, ks),
+            _tile(opt.mask, cfg.mask_bcast, None, ks),
             static=masked,
         )
         if vis is not None:
@@ -226,41 +404,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, cfg: PallasConfig, nk: int):
     lse_ref[...] = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf).astype(lse_ref.dtype)
 
 
-def _forward(cfg: PallasConfig, q, k, v, qseg, kseg):
-    b, tp, n, hp = q.shape
-    sp, hvp = k.shape[1], v.shape[-1]
-    g = cfg.groups
-    bq, bk = cfg.block_q, cfg.block_k
-    nq, nk = tp // bq, sp // bk
+def _forward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask):
+    d = _dims(q, k, v)
+    tl = _Tiling(True, cfg.block_q, d.tp, d.sp, cfg.groups)
     lse_dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-    in_specs = [
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, h: (bb, i, h, 0)),
-        pl.BlockSpec((None, sp, None, hp), lambda i, bb, h: (bb, 0, h // g, 0)),
-        pl.BlockSpec((None, sp, None, hvp), lambda i, bb, h: (bb, 0, h // g, 0)),
-    ]
-    args = [q, k, v]
-    if cfg.has_segments:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda i, bb, h: (bb, i)),
-            pl.BlockSpec((None, sp), lambda i, bb, h: (bb, 0)),
-        ]
-        args += [qseg, kseg]
-    out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, nk=nk),
-        grid=(nq, b, n),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, bq, None, hvp), lambda i, bb, h: (bb, i, h, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i)),
+    ex_specs, ex_args = _extras(cfg, tl, qseg, kseg, bias, mask)
+    out, lse = _call(
+        cfg,
+        functools.partial(_fwd_kernel, cfg=cfg, nk=d.sp // cfg.block_k),
+        d.tp // cfg.block_q,
+        d,
+        [tl.seq(d.hp, True), tl.seq(d.hp, False, True), tl.seq(d.hvp, False, True)] + ex_specs,
+        [tl.seq(d.hvp, True), tl.rowvec()],
+        [
+            jax.ShapeDtypeStruct((d.b, d.tp, d.n, d.hvp), q.dtype),
+            jax.ShapeDtypeStruct((d.b, d.n, d.tp), lse_dt),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, tp, n, hvp), q.dtype),
-            jax.ShapeDtypeStruct((b, n, tp), lse_dt),
-        ],
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
         name="jaxcore_flash_fwd",
-    )(*args)
+        bwd=False,
+    )(q, k, v, *ex_args)
     return out, lse
 
 
@@ -268,16 +430,13 @@ def _forward(cfg: PallasConfig, q, k, v, qseg, kseg):
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nq):
-    if cfg.has_segments:
-        qseg_ref, kseg_ref, dk_ref, dv_ref = rest
-    else:
-        dk_ref, dv_ref = rest
+    opt, (dk_ref, dv_ref) = _split(cfg, rest)
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     j = pl.program_id(0)
     k = k_ref[...]
     v = v_ref[...]
     kpos = j * bk + jnp.arange(bk)
-    kseg = kseg_ref[...] if cfg.has_segments else None
+    kseg = opt.kseg[...] if cfg.has_segments else None
     acc_dt = jnp.float64 if k.dtype == jnp.float64 else jnp.float32
 
     def body(i, carry, masked):
@@ -287,13 +446,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nq
         do = do_ref[qs, :]
         lse = lse_ref[qs]
         delta = delta_ref[qs]
-        s, th = _logits(cfg, q, k)
-        vis = _mask(
+        s, th, vis = _scores(
             cfg,
+            q,
+            k,
             i * bq + jnp.arange(bq),
             kpos,
-            qseg_ref[qs] if kseg is not None else None,
+            opt.qseg[qs] if kseg is not None else None,
             kseg,
+            _tile(opt.bias, cfg.bias_bcast, qs, None),
+            _tile(opt.mask, cfg.mask_bcast, qs, None),
             static=masked,
         )
         p = jnp.exp(s - lse[:, None])
@@ -317,10 +479,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nq
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nk):
-    if cfg.has_segments:
-        qseg_ref, kseg_ref, dq_ref = rest
-    else:
-        (dq_ref,) = rest
+    """dQ of one query block; with a bias also its dS tiles (the bias gradient)."""
+    opt, outs = _split(cfg, rest)
+    dq_ref = outs[0]
+    db_ref = outs[1] if cfg.bias_bcast is not None else None
+    bc = cfg.bias_bcast
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     i = pl.program_id(0)
     q = q_ref[...]
@@ -328,20 +491,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nk):
     lse = lse_ref[...]
     delta = delta_ref[...]
     qpos = i * bq + jnp.arange(bq)
-    qseg = qseg_ref[...] if cfg.has_segments else None
+    qseg = opt.qseg[...] if cfg.has_segments else None
     acc_dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    # Key-broadcast bias: its gradient is a row sum over every key block, kept in the carry.
+    db_carry = db_ref is not None and bc[3]
 
-    def body(j, dq, masked):
+    def body(j, carry, masked):
+        dq = carry[0]
         ks = pl.ds(j * bk, bk)
         k = k_ref[ks, :]
         v = v_ref[ks, :]
-        s, th = _logits(cfg, q, k)
-        vis = _mask(
+        s, th, vis = _scores(
             cfg,
+            q,
+            k,
             qpos,
             j * bk + jnp.arange(bk),
             qseg,
-            kseg_ref[ks] if qseg is not None else None,
+            opt.kseg[ks] if qseg is not None else None,
+            _tile(opt.bias, bc, None, ks),
+            _tile(opt.mask, cfg.mask_bcast, None, ks),
             static=masked,
         )
         p = jnp.exp(s - lse[:, None])
@@ -349,22 +518,39 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nk):
             p = jnp.where(vis, p, 0.0)
         dp = _dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
+        out = ()
+        if db_carry:
+            out = (carry[1] + _reduce(ds, bc[2], True),)
+        elif db_ref is not None:
+            db_ref[:, ks] = _reduce(ds, bc[2], False).astype(db_ref.dtype)
         if th is not None:
             ds = ds * (1.0 - th * th)
-        return dq + _dot(ds.astype(k.dtype), k) * cfg.spec.scale
+        return (dq + _dot(ds.astype(k.dtype), k) * cfg.spec.scale, *out)
 
     lo, hi = _k_range(cfg, i, nk, bq, bk)
     flo, fhi = _full_k_range(cfg, i, lo, hi, bq, bk)
-    dq = _loops(cfg, lo, flo, fhi, hi, body, jnp.zeros(dq_ref.shape, acc_dt))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    init = (jnp.zeros(dq_ref.shape, acc_dt),)
+    if db_carry:
+        init += (jnp.zeros(db_ref.shape, acc_dt),)
+    res = _loops(cfg, lo, flo, fhi, hi, body, init)
+    dq_ref[...] = res[0].astype(dq_ref.dtype)
+    if db_carry:
+        db_ref[...] = res[1].astype(db_ref.dtype)
+    elif db_ref is not None:  # key blocks this query block never sees: zero gradient
+
+        def clear(j, c):
+            db_ref[:, pl.ds(j * bk, bk)] = jnp.zeros((db_ref.shape[0], bk), db_ref.dtype)
+            return c
+
+        lax.fori_loop(0, lo, clear, 0)
+        lax.fori_loop(hi, nk, clear, 0)
 
 
-def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, out, lse, do, dlse):
-    b, tp, n, hp = q.shape
-    sp, kh, hvp = k.shape[1], k.shape[2], v.shape[-1]
+def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse):
+    d = _dims(q, k, v)
     g = cfg.groups
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-    nq, nk = tp // bq, sp // bk
+    nq, nk = d.tp // bq, d.sp // bk
     dead = lse == -jnp.inf  # (B, N, Tp): fully masked rows get zero gradients
     cdt = lse.dtype
     delta = jnp.sum(do.astype(cdt) * out.astype(cdt), axis=-1)  # (B, Tp, N)
@@ -372,87 +558,90 @@ def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, out, lse, do, dlse):
     delta = jnp.where(dead, 0.0, delta)
     lse_s = jnp.where(dead, _BIG, lse)
     do = jnp.where(jnp.swapaxes(dead, 1, 2)[..., None], jnp.zeros((), do.dtype), do)
-    seg_args = [qseg, kseg] if cfg.has_segments else []
-    params = _compiler_params(cfg, bwd=True)
 
-    dk, dv = pl.pallas_call(
+    def main_specs(tl: _Tiling) -> list:  # q, k, v, do, lse, delta
+        return [
+            tl.seq(d.hp, True),
+            tl.seq(d.hp, False, True),
+            tl.seq(d.hvp, False, True),
+            tl.seq(d.hvp, True),
+            tl.rowvec(),
+            tl.rowvec(),
+        ]
+
+    args = (q, k, v, do, lse_s, delta)
+
+    tk = _Tiling(False, bk, d.tp, d.sp, g)
+    ex_specs, ex_args = _extras(cfg, tk, qseg, kseg, bias, mask)
+    dk, dv = _call(
+        cfg,
         functools.partial(_dkdv_kernel, cfg=cfg, nq=nq),
-        grid=(nk, b, n),
-        in_specs=[
-            pl.BlockSpec((None, tp, None, hp), lambda j, bb, h: (bb, 0, h, 0)),
-            pl.BlockSpec((None, bk, None, hp), lambda j, bb, h: (bb, j, h // g, 0)),
-            pl.BlockSpec((None, bk, None, hvp), lambda j, bb, h: (bb, j, h // g, 0)),
-            pl.BlockSpec((None, tp, None, hvp), lambda j, bb, h: (bb, 0, h, 0)),
-            pl.BlockSpec((None, None, tp), lambda j, bb, h: (bb, h, 0)),
-            pl.BlockSpec((None, None, tp), lambda j, bb, h: (bb, h, 0)),
-        ]
-        + (
-            [
-                pl.BlockSpec((None, tp), lambda j, bb, h: (bb, 0)),
-                pl.BlockSpec((None, bk), lambda j, bb, h: (bb, j)),
-            ]
-            if cfg.has_segments
-            else []
-        ),
-        out_specs=[
-            pl.BlockSpec((None, bk, None, hp), lambda j, bb, h: (bb, j, h, 0)),
-            pl.BlockSpec((None, bk, None, hvp), lambda j, bb, h: (bb, j, h, 0)),
+        nk,
+        d,
+        main_specs(tk) + ex_specs,
+        [tk.seq(d.hp, False), tk.seq(d.hvp, False)],
+        [
+            jax.ShapeDtypeStruct((d.b, d.sp, d.n, d.hp), k.dtype if g == 1 else cdt),
+            jax.ShapeDtypeStruct((d.b, d.sp, d.n, d.hvp), v.dtype if g == 1 else cdt),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, sp, n, hp), k.dtype if g == 1 else cdt),
-            jax.ShapeDtypeStruct((b, sp, n, hvp), v.dtype if g == 1 else cdt),
-        ],
-        compiler_params=params,
-        interpret=cfg.interpret,
         name="jaxcore_flash_bwd_dkdv",
-    )(q, k, v, do, lse_s, delta, *seg_args)
+        bwd=True,
+    )(*args, *ex_args)
     if g > 1:  # sum the G query heads of each key/value head
-        dk = dk.reshape(b, sp, kh, g, hp).sum(axis=3).astype(k.dtype)
-        dv = dv.reshape(b, sp, kh, g, hvp).sum(axis=3).astype(v.dtype)
+        dk = dk.reshape(d.b, d.sp, d.kh, g, d.hp).sum(axis=3).astype(k.dtype)
+        dv = dv.reshape(d.b, d.sp, d.kh, g, d.hvp).sum(axis=3).astype(v.dtype)
 
-    dq = pl.pallas_call(
+    tq = _Tiling(True, bq, d.tp, d.sp, g)
+    ex_specs, ex_args = _extras(cfg, tq, qseg, kseg, bias, mask)
+    out_specs = [tq.seq(d.hp, True)]
+    out_shape = [jax.ShapeDtypeStruct((d.b, d.tp, d.n, d.hp), q.dtype)]
+    bc = cfg.bias_bcast
+    if bc is not None:
+        # dS per (b, h): (B, N, nq | Tp, 1 | Sp); the query axis is summed per block in-kernel
+        # when the bias broadcasts over it, the key axis over all blocks.
+        red = tuple(a for a in range(3) if bc[a])  # summed below
+        db_dt = bias.dtype if not red else jnp.promote_types(bias.dtype, cdt)
+        rows, row_block = (nq, 1) if bc[2] else (d.tp, bq)
+        cols = 1 if bc[3] else d.sp
+        out_specs.append(
+            pl.BlockSpec((None, None, row_block, cols), lambda p, bb, h: (bb, h, p, 0))
+        )
+        out_shape.append(jax.ShapeDtypeStruct((d.b, d.n, rows, cols), db_dt))
+    res = _call(
+        cfg,
         functools.partial(_dq_kernel, cfg=cfg, nk=nk),
-        grid=(nq, b, n),
-        in_specs=[
-            pl.BlockSpec((None, bq, None, hp), lambda i, bb, h: (bb, i, h, 0)),
-            pl.BlockSpec((None, sp, None, hp), lambda i, bb, h: (bb, 0, h // g, 0)),
-            pl.BlockSpec((None, sp, None, hvp), lambda i, bb, h: (bb, 0, h // g, 0)),
-            pl.BlockSpec((None, bq, None, hvp), lambda i, bb, h: (bb, i, h, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i)),
-            pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i)),
-        ]
-        + (
-            [
-                pl.BlockSpec((None, bq), lambda i, bb, h: (bb, i)),
-                pl.BlockSpec((None, sp), lambda i, bb, h: (bb, 0)),
-            ]
-            if cfg.has_segments
-            else []
-        ),
-        out_specs=pl.BlockSpec((None, bq, None, hp), lambda i, bb, h: (bb, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
-        compiler_params=params,
-        interpret=cfg.interpret,
+        nq,
+        d,
+        main_specs(tq) + ex_specs,
+        out_specs,
+        out_shape,
         name="jaxcore_flash_bwd_dq",
-    )(q, k, v, do, lse_s, delta, *seg_args)
-    return dq, dk, dv
+        bwd=True,
+    )(*args, *ex_args)
+    dq, dbias = res[0], None
+    if bc is not None:
+        dbias = res[1]
+        if red:
+            dbias = jnp.sum(dbias, axis=red, keepdims=True)
+        dbias = dbias.astype(bias.dtype)
+    return dq, dk, dv, dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: PallasConfig, q, k, v, qseg, kseg):
-    return _forward(cfg, q, k, v, qseg, kseg)
+def _flash(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask):
+    return _forward(cfg, q, k, v, qseg, kseg, bias, mask)
 
 
-def _flash_fwd(cfg, q, k, v, qseg, kseg):
-    out, lse = _forward(cfg, q, k, v, qseg, kseg)
-    return (out, lse), (q, k, v, qseg, kseg, out, lse)
+def _flash_fwd(cfg, q, k, v, qseg, kseg, bias, mask):
+    out, lse = _forward(cfg, q, k, v, qseg, kseg, bias, mask)
+    return (out, lse), (q, k, v, qseg, kseg, bias, mask, out, lse)
 
 
 def _flash_bwd(cfg, res, cts):
-    q, k, v, qseg, kseg, out, lse = res
+    q, k, v, qseg, kseg, bias, mask, out, lse = res
     do, dlse = cts
-    dq, dk, dv = _backward(cfg, q, k, v, qseg, kseg, out, lse, do, dlse)
-    return dq, dk, dv, None, None
+    dq, dk, dv, dbias = _backward(cfg, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse)
+    return dq, dk, dv, None, None, dbias, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -474,22 +663,40 @@ def default_blocks(t: int, s: int, h: int, hv: int, interpret: bool) -> dict:
     )
 
 
-def attention_pallas(
-    inp: Inputs, *, interpret: bool, blocks: dict | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Pallas flash attention. Returns (out (B, T, N, Hv), lse (B, T, N) f32)."""
-    spec = inp.spec
-    q, k, v = inp.query, inp.key, inp.value
-    b, t, n, h = q.shape
-    s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
-    g = n // kh
-    opts = default_blocks(t, s, h, hv, interpret)
-    if blocks:
-        opts.update(blocks)
+def _check_blocks(opts: dict) -> None:
     for nm in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
         x = opts[nm]
         if x < 16 or x & (x - 1):
             raise ValueError(f"{nm}: expected a power of two >= 16, got {x}")
+
+
+def _pad_bnts(x: jax.Array | None, tp: int, sp: int, fill) -> jax.Array | None:
+    """Pad the non-broadcast T / S axes of a (Bb, Nb, Tb, Sb) array to Tp / Sp."""
+    if x is None:
+        return None
+    _, _, tb, sb = x.shape
+    pt = 0 if tb == 1 else tp - tb
+    ps = 0 if sb == 1 else sp - sb
+    if pt or ps:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, pt), (0, ps)), constant_values=fill)
+    return x
+
+
+def attention_pallas(
+    inp: Inputs, *, interpret: bool, blocks: dict | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Pallas flash attention. Returns (out (B, T, N, Hv), lse (B, T, N) f32).
+
+    ``blocks`` overrides fields of :func:`default_blocks` (and ``split_loops``).
+    """
+    spec = inp.spec
+    q, k, v = inp.query, inp.key, inp.value
+    b, t, n, h = q.shape
+    s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
+    opts = default_blocks(t, s, h, hv, interpret)
+    if blocks:
+        opts.update(blocks)
+    _check_blocks(opts)
     lcm = max(opts["block_q"], opts["block_q_bwd"])
     lck = max(opts["block_k"], opts["block_k_bwd"])
     tp, sp = -(-t // lcm) * lcm, -(-s // lck) * lck
@@ -516,8 +723,20 @@ def attention_pallas(
             kseg = jnp.zeros((b, sp), jnp.int32)
             sentinel = jnp.int32(-1)
         kseg = jnp.where(valid, kseg, sentinel)
-    cfg = PallasConfig(spec=spec, groups=g, has_segments=dynamic, interpret=interpret, **opts)
-    out, lse = _flash(cfg, qp, kp, vp, qseg, kseg)
+    # Bias / mask keep their broadcast (size 1) axes; the mask travels as int8 (1 = attend).
+    bias = _pad_bnts(inp.bias, tp, sp, 0)
+    mask = None if inp.mask is None else _pad_bnts(inp.mask.astype(jnp.int8), tp, sp, 0)
+    bcast = lambda x: None if x is None else tuple(dim == 1 for dim in x.shape)  # noqa: E731
+    cfg = PallasConfig(
+        spec=spec,
+        groups=n // kh,
+        has_segments=dynamic,
+        bias_bcast=bcast(bias),
+        mask_bcast=bcast(mask),
+        interpret=interpret,
+        **opts,
+    )
+    out, lse = _flash(cfg, qp, kp, vp, qseg, kseg, bias, mask)
     out = out[:, :t, :, :hv]
     lse = jnp.swapaxes(lse, 1, 2)[:, :t]
     return out, lse
