@@ -1,7 +1,23 @@
 """Pallas kernels for the scans (Triton lowering on GPU; ``interpret=True`` runs them on CPU).
 
-The linear-scan kernel keeps the state of a block of channels in registers and walks the time axis
-inside the kernel: one program per (batch, channel block), so no step is a separate launch.
+Two kernel designs, chosen by :data:`LINEAR_KERNEL` / :data:`SELECTIVE_KERNEL` (read at trace time):
+
+- "sequential": one program per (batch, channel block) keeps the block's state in registers and
+  walks all L steps. Few programs when batch x channels is small (B=2, D=1024: 128 programs of a
+  16x16 state on a 132-SM GPU), each latency-bound on one tiny load per step.
+- "chunked" (default, "auto"): L is split into chunks of T_c steps across the grid
+  (batch x channel blocks x chunks). Phase 1: every chunk but the last scans from a zero state
+  and writes its end state and the product of its decays (selective scan: exp(A * sum of delta)
+  times the product of the reset flags). Phase 2 (XLA, a short unrolled ``lax.scan`` over the
+  chunks): the true state entering each chunk. Phase 3: every chunk rescans from its true start
+  state and writes the outputs (selective scan: y = <x_t, C_t> + D*u_t, times silu(z_t), fused,
+  in u's dtype). Inputs are read twice; the grid has (batch x channel blocks x chunks) programs.
+  The number of chunks is chosen so that the grid has about :data:`CHUNKED_CONFIG` ``[0]``
+  programs (1 chunk, i.e. no phases 1-2, when batch x channels already fill the device).
+
+Both keep f32 state (f64 under x64 with f64 inputs), read bf16/f32 inputs as they come, and load
+the next step's inputs one step ahead (carried through the loop) so that a load's latency overlaps
+a step of arithmetic.
 """
 
 from __future__ import annotations
@@ -13,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
 
 Array = Any
 
@@ -23,12 +40,20 @@ BLOCK = 128  # channels per program (a power of two, as Triton needs)
 # Read at trace time; benchmarks/gpu_scan.py sweeps it.
 SELECTIVE_CONFIG: tuple[int, int, int] = (16, 4, 1)  # the config measured on an H200
 
+# Kernel design: "sequential", "chunked" or "auto" (= "chunked", whose chunk count falls to 1 when
+# batch x channel blocks already give CHUNKED_CONFIG[0] programs). Read at trace time.
+LINEAR_KERNEL: str = "auto"
+SELECTIVE_KERNEL: str = "auto"
+KERNELS: tuple[str, ...] = ("auto", "sequential", "chunked")
+
+# Chunked kernels: (target number of programs in the grid, fewest steps per chunk). Read at trace
+# time; tests lower the second to get several chunks at small L.
+CHUNKED_CONFIG: tuple[int, int] = (1024, 128)
+
 
 def _compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 1):
     if interpret:
         return None
-    from jax.experimental.pallas import triton as plgpu
-
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -39,12 +64,160 @@ def _block(s: int) -> int:
     return b
 
 
+def _i32(v: int) -> Array:
+    """An int32 loop bound: loop indices stay int32 under x64 too (Triton/dynamic_slice indices)."""
+    return jnp.int32(v)
+
+
+def _check_kernel(kernel: str, name: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"{name}: expected one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def _plan_chunks(programs: int, length: int, unit: int = 1) -> tuple[int, int]:
+    """(steps per chunk T_c, number of chunks) for a grid of ``programs`` per chunk index.
+
+    T_c is a multiple of ``unit`` and at least CHUNKED_CONFIG[1] steps (unless one chunk covers
+    L); the chunk count is the smallest giving about CHUNKED_CONFIG[0] programs in all.
+    """
+    target, min_steps = CHUNKED_CONFIG
+    units = -(-length // unit)
+    want = max(1, -(-target // max(programs, 1)))
+    want = min(want, max(1, length // max(min_steps, 1)), units)
+    tc = -(-units // want) * unit
+    return tc, -(-length // tc)
+
+
 def linear_scan_pallas(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
-    """h_t = a_t * h_{t-1} + b_t along axis 1 for real elementwise a (broadcastable to b)."""
+    """h_t = a_t * h_{t-1} + b_t along axis 1 for real elementwise a (broadcastable to b).
+
+    b: (batch, length, *state); h0: (batch, *state). Returns (batch, length, *state) in b's dtype.
+    The kernel design is :data:`LINEAR_KERNEL`.
+    """
     if jnp.issubdtype(b.dtype, jnp.complexfloating):
         raise ValueError(
             f"b: the Pallas linear scan supports real dtypes, got {b.dtype}; use 'chunked'"
         )
+    if _check_kernel(LINEAR_KERNEL, "LINEAR_KERNEL") == "sequential":
+        return _linear_sequential(a, b, h0, interpret=interpret)
+    return _linear_chunked(a, b, h0, interpret=interpret)
+
+
+def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
+    """Three-phase chunked linear scan (see the module docstring); no padding copies."""
+    bsz, length = b.shape[:2]
+    s = 1
+    for d in b.shape[2:]:
+        s *= d
+    a2 = jnp.broadcast_to(a, b.shape).reshape(bsz, length, s)
+    b2 = b.reshape(bsz, length, s)
+    h02 = h0.reshape(bsz, s)
+    acc = jnp.promote_types(b.dtype, jnp.float32)
+    bs = _block(s)
+    nb = -(-s // bs)
+    tc, nc = _plan_chunks(bsz * nb, length)
+
+    def load(ref, t, cols, cmask):
+        """Row min(t, L-1) of a (L, S) ref at ``cols`` (0 outside S) in acc, and t < L."""
+        tt = jnp.minimum(t, length - 1)
+        v = plgpu.load(ref.at[tt, pl.ds(cols, bs)], mask=cmask, other=0)
+        return v.astype(acc), t < length
+
+    def walk(a_ref, b_ref, t0, carry, emit):
+        """Steps t0 .. t0 + tc - 1 (identity past L), inputs prefetched one step ahead."""
+        j = pl.program_id(1)
+        cols = j * bs
+        cmask = cols + lax.broadcasted_iota(jnp.int32, (bs,), 0) < s
+
+        def fetch(t):
+            a_t, valid = load(a_ref, t, cols, cmask)
+            b_t, _ = load(b_ref, t, cols, cmask)
+            return jnp.where(valid, a_t, 1.0), jnp.where(valid, b_t, 0.0)
+
+        def body(i, cr):
+            st, cur = cr
+            nxt = fetch(t0 + i + 1)
+            return emit(t0 + i, st, cur, cols, cmask), nxt
+
+        st, _ = lax.fori_loop(_i32(0), _i32(tc), body, (carry, fetch(t0)))
+        return st, cols, cmask
+
+    whole = pl.BlockSpec((None, length, s), lambda i, j, c: (i, 0, 0))
+    row = pl.BlockSpec((None, None, s), lambda i, j, c: (i, c, 0))
+
+    if nc > 1:  # phase 1: every chunk but the last from a zero state
+
+        def local(a_ref, b_ref, e_ref, p_ref):
+            def emit(t, st, cur, cols, cmask):
+                h, p = st
+                a_t, b_t = cur
+                return a_t * h + b_t, a_t * p
+
+            zero = jnp.zeros((bs,), acc)
+            (h, p), cols, cmask = walk(a_ref, b_ref, pl.program_id(2) * tc, (zero, zero + 1), emit)
+            plgpu.store(e_ref.at[pl.ds(cols, bs)], h.astype(e_ref.dtype), mask=cmask)
+            plgpu.store(p_ref.at[pl.ds(cols, bs)], p.astype(p_ref.dtype), mask=cmask)
+
+        ends, prods = pl.pallas_call(
+            local,
+            out_shape=(jax.ShapeDtypeStruct((bsz, nc - 1, s), acc),) * 2,
+            grid=(bsz, nb, nc - 1),
+            in_specs=[whole, whole],
+            out_specs=(row, row),
+            interpret=interpret,
+            compiler_params=_compiler_params(interpret),
+            name="jaxcore_linear_scan_chunk_ends",
+        )(a2, b2)
+        starts = _chunk_starts(h02.astype(acc), prods, ends)
+    else:
+        starts = h02.astype(acc)[:, None]
+
+    def rerun(a_ref, b_ref, h0_ref, o_ref):  # phase 3: from the true start states
+        def emit(t, h, cur, cols, cmask):
+            a_t, b_t = cur
+            h = a_t * h + b_t
+            tt = jnp.minimum(t, length - 1)
+            plgpu.store(
+                o_ref.at[tt, pl.ds(cols, bs)], h.astype(o_ref.dtype), mask=cmask & (t < length)
+            )
+            return h
+
+        j = pl.program_id(1)
+        cmask = j * bs + lax.broadcasted_iota(jnp.int32, (bs,), 0) < s
+        h = plgpu.load(h0_ref.at[pl.ds(j * bs, bs)], mask=cmask, other=0).astype(acc)
+        walk(a_ref, b_ref, pl.program_id(2) * tc, h, emit)
+
+    out = pl.pallas_call(
+        rerun,
+        out_shape=jax.ShapeDtypeStruct((bsz, length, s), b.dtype),
+        grid=(bsz, nb, nc),
+        in_specs=[whole, whole, row],
+        out_specs=whole,
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret),
+        name="jaxcore_linear_scan_chunked",
+    )(a2, b2, starts)
+    return out.reshape(b.shape)
+
+
+def _chunk_starts(h0: Array, decays: Array, ends: Array) -> Array:
+    """Phase 2: the states entering chunks 0..nc-1 from h0 (B, ...) and chunks 0..nc-2's
+    decay products and zero-start end states (B, nc - 1, ...). Returns (B, nc, ...)."""
+
+    def step(h, de):
+        d, e = de
+        return d * h + e, h
+
+    nc1 = ends.shape[1]
+    h_last, hs = lax.scan(
+        step, h0, (jnp.moveaxis(decays, 1, 0), jnp.moveaxis(ends, 1, 0)), unroll=min(nc1, 32)
+    )
+    return jnp.concatenate([jnp.moveaxis(hs, 0, 1), h_last[:, None]], axis=1)
+
+
+def _linear_sequential(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
+    """The sequential kernel: one program per (batch, channel block) walks all L steps."""
     bsz, length = b.shape[:2]
     state = b.shape[2:]
     s = 1
@@ -226,3 +399,311 @@ _selective_pallas.defvjp(_selective_pallas_fwd, _selective_pallas_bwd)
 def selective_scan_pallas(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, interpret):
     """Batch-major selective scan core: returns (y (B, L, D), final state (B, D, N))."""
     return _selective_pallas(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, interpret)
+
+
+# ----------------------------------------------------------------------------------------------
+# selective scan, chunked and fused: delta_bias/softplus, D*u and silu(z) inside the kernel
+
+
+def _softplus_mamba(x: Array) -> Array:
+    """mamba_ssm's softplus: log1p(exp(x)) for x <= 20, else x (no is_finite: Triton-friendly)."""
+    return jnp.where(x <= 20.0, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))), x)
+
+
+def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus, tc, nc, sub,
+                            save, interpret):  # fmt: skip
+    """The three phases on padded-N operands.
+
+    u, dl, z: (B, L, D) any real float dtype; A: (D, Np); Bg, Cg: (B, L, G, Np); Dv, bias: (D,)
+    or None; h0: (B, D, Np) in the state dtype; keep: (B, L) or None (no resets). ``tc`` steps
+    per chunk, ``nc`` chunks; with ``save`` the states entering every ``sub`` steps (sub divides
+    tc) and, with z, y before the gate are written too (for the backward).
+
+    Returns (y (B, L, D) in u's dtype, final state (B, D, Np), y before the gate (B, L, D) state
+    dtype or None, sub-chunk start states (B, nc * tc / sub, D, Np) or None).
+    """
+    bsz, length, dim = u.shape
+    npad = A.shape[1]
+    acc = h0.dtype
+    pg_b, pg_c = dim // Bg.shape[2], dim // Cg.shape[2]
+    cap, warps, stages = SELECTIVE_CONFIG
+    bd = _channel_block(min(pg_b, pg_c), cap)
+    has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
+
+    seq = pl.BlockSpec((None, length, bd), lambda i, j, c: (i, 0, j))
+    b_spec = pl.BlockSpec((None, length, None, npad), lambda i, j, c: (i, 0, (j * bd) // pg_b, 0))
+    c_spec = pl.BlockSpec((None, length, None, npad), lambda i, j, c: (i, 0, (j * bd) // pg_c, 0))
+    a_spec = pl.BlockSpec((bd, npad), lambda i, j, c: (j, 0))
+    vec = pl.BlockSpec((bd,), lambda i, j, c: (j,))
+    k_spec = pl.BlockSpec((None, length), lambda i, j, c: (i, 0))
+    chunk_state = pl.BlockSpec((None, None, bd, npad), lambda i, j, c: (i, c, j, 0))
+    params = _compiler_params(interpret, warps, stages)
+
+    def make_fetch(refs, need_c: bool):
+        """fetch(t) -> the step's inputs in acc (identity step past L: delta 0, keep 1)."""
+        u_ref, dl_ref, b_ref, c_ref, z_ref, bias_ref, k_ref = refs
+        bias_v = bias_ref[...].astype(acc) if has_bias else None
+
+        def fetch(t):
+            valid = t < length
+            tt = jnp.minimum(t, length - 1)
+            dt = dl_ref[tt, :].astype(acc)
+            if has_bias:
+                dt = dt + bias_v
+            if softplus:
+                dt = _softplus_mamba(dt)
+            dt = jnp.where(valid, dt, 0.0)
+            out = {"dt": dt, "u": u_ref[tt, :].astype(acc), "b": b_ref[tt, :].astype(acc)}
+            if has_keep:
+                k = k_ref[pl.ds(tt, 1)].astype(acc)  # (1,)
+                out["k"] = jnp.where(valid, k, 1.0)
+            if need_c:
+                out["c"] = c_ref[tt, :].astype(acc)
+                if has_z:
+                    out["z"] = z_ref[tt, :].astype(acc)
+            return out
+
+        return fetch
+
+    def advance(x, a, cur):
+        da = jnp.exp(cur["dt"][:, None] * a)
+        if has_keep:
+            da = jnp.where(cur["k"][:, None] > 0, da, 0.0)
+        return da * x + (cur["dt"] * cur["u"])[:, None] * cur["b"][None, :]
+
+    def walk(fetch, t0, steps, carry, emit):
+        """emit(t, carry, inputs) -> carry over steps t0 .. t0 + steps - 1, prefetching."""
+
+        def body(i, cr):
+            st, cur = cr
+            nxt = fetch(t0 + i + 1)
+            return emit(t0 + i, st, cur), nxt
+
+        return lax.fori_loop(_i32(0), _i32(steps), body, carry)
+
+    # inputs: u, dl, A, B, C, [D], [z], [bias], [keep]; outputs follow
+    def split_refs(refs, need_c):
+        it = iter(refs)
+        u_ref, dl_ref, a_ref, b_ref, c_ref = (next(it) for _ in range(5))
+        d_ref = next(it) if has_d else None
+        z_ref = next(it) if has_z else None
+        bias_ref = next(it) if has_bias else None
+        k_ref = next(it) if has_keep else None
+        fetch = make_fetch((u_ref, dl_ref, b_ref, c_ref, z_ref, bias_ref, k_ref), need_c)
+        return a_ref, d_ref, fetch, list(it)
+
+    extra = [v for v in (Dv, z, bias, keep) if v is not None]
+    extra_specs = [
+        s for v, s in ((Dv, vec), (z, seq), (bias, vec), (keep, k_spec)) if v is not None
+    ]
+    in_args = [u, dl, A, Bg, Cg, *extra]
+    in_specs = [seq, seq, a_spec, b_spec, c_spec, *extra_specs]
+
+    if nc > 1:  # phase 1: chunks 0..nc-2 from a zero state -> end state and decay product
+
+        def local(*refs):
+            a_ref, _, fetch, (e_ref, p_ref) = split_refs(refs, need_c=False)
+            a = a_ref[...].astype(acc)
+
+            def emit(t, st, cur):
+                x, sdt, kp = st
+                x = advance(x, a, cur)
+                kp = kp * cur["k"] if has_keep else kp
+                return x, sdt + cur["dt"], kp
+
+            t0 = pl.program_id(2) * tc
+            st0 = (jnp.zeros((bd, npad), acc), jnp.zeros((bd,), acc), jnp.ones((1,), acc))
+            (x, sdt, kp), _ = walk(fetch, t0, tc, (st0, fetch(t0)), emit)
+            e_ref[...] = x.astype(e_ref.dtype)
+            decay = jnp.where(kp[:, None] > 0, jnp.exp(sdt[:, None] * a), 0.0)
+            p_ref[...] = decay.astype(p_ref.dtype)
+
+        ends, decays = pl.pallas_call(
+            local,
+            out_shape=(jax.ShapeDtypeStruct((bsz, nc - 1, dim, npad), acc),) * 2,
+            grid=(bsz, dim // bd, nc - 1),
+            in_specs=in_specs,
+            out_specs=(chunk_state, chunk_state),
+            interpret=interpret,
+            compiler_params=params,
+            name="jaxcore_selective_scan_chunk_ends",
+        )(*in_args)
+        starts = _chunk_starts(h0, decays, ends)  # (B, nc, D, Np)
+    else:
+        starts = h0[:, None]
+
+    nsub = tc // sub if save else 1
+    step_len = sub if save else tc
+
+    def rerun(*refs):  # phase 3: from the true start states; y fused
+        a_ref, d_ref, fetch, outs = split_refs(refs, need_c=True)
+        h_ref, y_ref, hT_ref, *rest = outs
+        yp_ref = rest.pop(0) if save and has_z else None
+        st_ref = rest.pop(0) if save else None
+        a = a_ref[...].astype(acc)
+        dv = d_ref[...].astype(acc) if has_d else None
+        c = pl.program_id(2)
+        row_ok = lambda t: jnp.broadcast_to(t < length, (bd,))
+
+        def emit(t, x, cur):
+            x = advance(x, a, cur)
+            y = jnp.sum(x * cur["c"][None, :], axis=1)
+            if has_d:
+                y = y + dv * cur["u"]
+            tt = jnp.minimum(t, length - 1)
+            if yp_ref is not None:
+                plgpu.store(
+                    yp_ref.at[tt, pl.ds(_i32(0), bd)], y.astype(yp_ref.dtype), mask=row_ok(t)
+                )
+            if has_z:
+                zz = cur["z"]
+                y = y * (zz / (1.0 + jnp.exp(-zz)))
+            plgpu.store(y_ref.at[tt, pl.ds(_i32(0), bd)], y.astype(y_ref.dtype), mask=row_ok(t))
+            return x
+
+        def sub_chunk(k, cr):
+            if st_ref is not None:
+                st_ref[k] = cr[0].astype(st_ref.dtype)
+            return walk(fetch, c * tc + k * step_len, step_len, cr, emit)
+
+        t0 = c * tc
+        x0 = h_ref[...].astype(acc)
+        x, _ = lax.fori_loop(_i32(0), _i32(nsub), sub_chunk, (x0, fetch(t0)))
+        last = jnp.broadcast_to(c == nc - 1, (bd, npad))
+        plgpu.store(
+            hT_ref.at[pl.ds(_i32(0), bd), pl.ds(_i32(0), npad)], x.astype(hT_ref.dtype), mask=last
+        )
+
+    state = pl.BlockSpec((None, bd, npad), lambda i, j, c: (i, j, 0))
+    out_shape = [
+        jax.ShapeDtypeStruct((bsz, length, dim), u.dtype),
+        jax.ShapeDtypeStruct((bsz, dim, npad), acc),
+    ]
+    out_specs = [seq, state]
+    if save and has_z:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, length, dim), acc))
+        out_specs.append(seq)
+    if save:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, nc * nsub, dim, npad), acc))
+        out_specs.append(pl.BlockSpec((None, nsub, bd, npad), lambda i, j, c: (i, c, j, 0)))
+    outs = pl.pallas_call(
+        rerun,
+        out_shape=tuple(out_shape),
+        grid=(bsz, dim // bd, nc),
+        in_specs=in_specs + [chunk_state],
+        out_specs=tuple(out_specs),
+        interpret=interpret,
+        compiler_params=params,
+        name="jaxcore_selective_scan_chunked",
+    )(*in_args, starts)
+    y, h_t, *rest = outs
+    ypre = rest.pop(0) if save and has_z else None
+    subs = rest.pop(0) if save else None
+    return y, h_t, ypre, subs
+
+
+def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
+    softplus, lb, lc, chunk, tc, nc, interpret = cfg
+    n = A.shape[1]
+    npad = _pow2_at_least(n)
+    g = lambda v: v[:, :, None] if v.ndim == 3 else v  # time-varying == one group
+    Bg, Cg = g(Bm), g(Cm)
+    if npad != n:
+        pad = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])
+        A, Bg, Cg, h0 = pad(A), pad(Bg), pad(Cg), pad(h0)
+    y, h_t, ypre, subs = _selective_chunked_call(
+        u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, softplus=softplus, tc=tc, nc=nc, sub=chunk,
+        save=save, interpret=interpret,
+    )  # fmt: skip
+    return y, h_t[..., :n], ypre, None if subs is None else subs[..., :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _selective_fused(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
+    y, h_t, _, _ = _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save=False)
+    return y, h_t
+
+
+def _selective_fused_fwd(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
+    y, h_t, ypre, subs = _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save=True)
+    return (y, h_t), (u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs)
+
+
+def _selective_fused_bwd(cfg, res, cts):
+    """The chunked XLA backward (recompute per chunk of ``chunk`` steps from the saved states),
+    plus the fused prologue (delta_bias, softplus) and epilogue (D, silu(z))."""
+    from ._selective import _chunked_backward, _from_chunks, _to_chunks
+
+    softplus, lb, lc, chunk, _, _, _ = cfg
+    u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs = res
+    gy, gh = cts
+    acc = subs.dtype
+    length = u.shape[1]
+    nbc = -(-length // chunk)
+    uf = u.astype(acc)
+
+    def pre(dl, *bias):
+        dt = dl.astype(acc)
+        if bias:
+            dt = dt + bias[0].astype(acc)[None, None]
+        return jax.nn.softplus(dt) if softplus else dt
+
+    dt, pre_vjp = jax.vjp(pre, dl, *([] if bias is None else [bias]))
+    gy = gy.astype(acc)
+    gz = None
+    if z is not None:
+        zf = z.astype(acc)
+        sig = jax.nn.sigmoid(zf)
+        gz = (gy * ypre * (sig * (1.0 + zf * (1.0 - sig)))).astype(z.dtype)
+        gy = gy * (zf * sig)
+    gd = None
+    if Dv is not None:
+        gd = jnp.sum(gy * uf, axis=(0, 1)).astype(Dv.dtype)
+    c = lambda v, value=0.0: _to_chunks(v, chunk, nbc, value)
+    kp = jnp.ones(u.shape[:2], acc) if keep is None else keep
+    res_c = (c(uf), c(dt), A, c(Bm), c(Cm), c(kp, 1.0), jnp.moveaxis(subs[:, :nbc], 1, 0))
+    gu, gdt, ga, gb, gc, gh0, _ = _chunked_backward(lb, lc, res_c, (c(gy), gh))
+    back = lambda v: _from_chunks(v, length)
+    gu = back(gu)
+    if Dv is not None:
+        gu = gu + gy * Dv.astype(acc)[None, None]
+    gpre = pre_vjp(back(gdt))
+    gbias = None if bias is None else gpre[1].astype(bias.dtype)
+    gkeep = None if keep is None else jnp.zeros_like(keep)
+    return (
+        gu.astype(u.dtype),
+        gpre[0].astype(dl.dtype),
+        ga.astype(A.dtype),
+        back(gb).astype(Bm.dtype),
+        back(gc).astype(Cm.dtype),
+        gd,
+        gz,
+        gbias,
+        gh0.astype(acc),
+        gkeep,
+    )
+
+
+_selective_fused.defvjp(_selective_fused_fwd, _selective_fused_bwd)
+
+
+def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, keep, lb, lc,
+                         chunk, interpret):  # fmt: skip
+    """The whole selective scan in the chunked Pallas kernel (SELECTIVE_KERNEL != "sequential").
+
+    u, delta, z: (B, L, D) as given (bf16/f32; delta_bias and softplus applied in the kernel);
+    A: (D, N) real, state dtype; Bm, Cm: (B, L, N) or (B, L, G, N); D, delta_bias: (D,) or None;
+    h0: (B, D, N) state dtype; keep: (B, L) reset flags (0 = reset) or None; ``chunk``: the
+    backward's recompute chunk (the kernel's chunk is a multiple of it).
+    Returns (y (B, L, D) in u's dtype, with D*u and silu(z) applied; final state (B, D, N)).
+    """
+    bsz, length, dim = u.shape
+    pg_b = dim // (1 if Bm.ndim == 3 else Bm.shape[2])
+    pg_c = dim // (1 if Cm.ndim == 3 else Cm.shape[2])
+    bd = _channel_block(min(pg_b, pg_c), SELECTIVE_CONFIG[0])
+    chunk = max(1, min(chunk, length))
+    tc, nc = _plan_chunks(bsz * (dim // bd), length, unit=chunk)
+    acc = h0.dtype
+    cast = lambda v: None if v is None else jnp.asarray(v).astype(acc)
+    cfg = (bool(softplus), lb, lc, chunk, tc, nc, bool(interpret))
+    return _selective_fused(u, delta, A, Bm, Cm, cast(D), z, cast(delta_bias), h0, keep, cfg)

@@ -12,8 +12,11 @@ Implementations:
   ``lax.scan`` over the steps of the chunk computing exp(delta*A) on the fly; only the states at
   chunk starts are stored. A ``custom_vjp`` backward walks the chunks in reverse, recomputes the
   chunk's states from its start state and runs the per-step VJP in reverse.
-- "pallas" / "pallas_interpret": a Pallas forward kernel (real A, time-varying or grouped B/C) that
-  also writes the chunk-start states; its backward is the chunked one.
+- "pallas" / "pallas_interpret": Pallas forward kernels (real A, time-varying or grouped B/C); by
+  default the chunked three-phase kernel with delta_bias/softplus, D and silu(z) fused (see
+  ``_pallas.py``; ``_pallas.SELECTIVE_KERNEL = "sequential"`` selects the older one-program-per-
+  channel-block kernel). Both also write the chunk-start states for the backward, which is the
+  chunked one.
 """
 
 from __future__ import annotations
@@ -365,10 +368,18 @@ def selective_scan(
                 f"got A {A.dtype}, B {B.shape}, C {C.shape}; use 'chunked'"
             )
         else:
-            from ._pallas import selective_scan_pallas
+            from . import _pallas
 
-            y, h_t = selective_scan_pallas(
-                uf, dt, A, Bm, Cm, h0, keep, lb, lc, min(chunk, length), impl == "pallas_interpret"
+            interpret = impl == "pallas_interpret"
+            if _pallas._check_kernel(_pallas.SELECTIVE_KERNEL, "SELECTIVE_KERNEL") != "sequential":
+                # chunked kernel: delta_bias/softplus, D and silu(z) fused, y in u's dtype
+                y, h_t = _pallas.selective_scan_fused(
+                    u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, h0,
+                    None if segment_ids is None else keep, lb, lc, chunk, interpret,
+                )  # fmt: skip
+                return (y, h_t) if return_final_state else y
+            y, h_t = _pallas.selective_scan_pallas(
+                uf, dt, A, Bm, Cm, h0, keep, lb, lc, min(chunk, length), interpret
             )
 
     if D is not None:
