@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
@@ -66,7 +67,7 @@ def _block(s: int) -> int:
 
 def _i32(v: int) -> Array:
     """An int32 loop bound: loop indices stay int32 under x64 too (Triton/dynamic_slice indices)."""
-    return jnp.int32(v)
+    return np.int32(v)
 
 
 def _check_kernel(kernel: str, name: str) -> str:

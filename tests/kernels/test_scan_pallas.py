@@ -1,0 +1,195 @@
+"""Pallas scan kernels in interpret mode: chunked (three-phase) and sequential vs the references.
+
+CHUNKED_CONFIG is lowered so that tiny shapes still run several chunks (asserted), with L not a
+multiple of the chunk and channel counts that leave a ragged (masked) block.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxcore.kernels.scan import _pallas, linear_scan, selective_scan
+
+from jaxcore.testing import assert_close
+
+PI = "pallas_interpret"
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of >= 4 steps and as many as L allows (tiny shapes still run several chunks)."""
+    monkeypatch.setattr(_pallas, "CHUNKED_CONFIG", (10**6, 4))
+
+
+def use_kernel(monkeypatch, kernel):
+    monkeypatch.setattr(_pallas, "LINEAR_KERNEL", kernel)
+    monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", kernel)
+
+
+def test_plan_chunks(small_chunks, monkeypatch):
+    for length, unit in [(37, 1), (37, 4), (64, 8), (5, 4), (1, 1), (1000, 3)]:
+        tc, nc = _pallas._plan_chunks(programs=2, length=length, unit=unit)
+        assert tc % unit == 0 and nc * tc >= length and (nc - 1) * tc < length
+    assert _pallas._plan_chunks(2, 37, 4) == (8, 5)  # several chunks, the last one ragged
+    monkeypatch.setattr(_pallas, "CHUNKED_CONFIG", (1024, 128))
+    assert _pallas._plan_chunks(128, 8192, 64) == (1024, 8)  # B=2, D=1024 / 16 channels
+    assert _pallas._plan_chunks(1024, 8192, 64)[1] == 1  # the grid is full: one pass
+    assert _pallas._plan_chunks(2, 100, 4)[1] == 1  # L below the fewest steps per chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_scan
+
+
+@pytest.mark.parametrize(
+    "kernel,dtype",
+    [("chunked", jnp.float32), ("chunked", jnp.bfloat16), ("sequential", jnp.float32)],
+)
+def test_linear_matches_reference(small_chunks, monkeypatch, kernel, dtype):
+    use_kernel(monkeypatch, kernel)
+    k = jax.random.split(jax.random.key(0), 4)
+    bsz, length, state = 2, 37, (5, 7)  # 35 channels: one masked block of 64
+    a = jax.random.uniform(k[0], (bsz, length) + state, minval=0.5, maxval=1.0).astype(dtype)
+    b = jax.random.normal(k[1], (bsz, length) + state).astype(dtype)
+    h0 = jax.random.normal(k[2], (bsz,) + state).astype(dtype)
+    seg = jnp.array([[0] * 9 + [1] * 28, [4] * 20 + [5] * 17])
+    kw = dict(initial_state=h0, segment_ids=seg)
+    got = linear_scan(a, b, implementation=PI, **kw)
+    f32 = lambda v: v.astype(jnp.float32)
+    want = linear_scan(f32(a), f32(b), initial_state=f32(h0), segment_ids=seg,
+                       implementation="reference")  # fmt: skip
+    assert got.dtype == dtype
+    assert_close(got, want, scale=4)
+    # reverse and a scalar coefficient per step (broadcast over the state axes)
+    got_r = linear_scan(a[:, :, 0, 0], b, reverse=True, implementation=PI)
+    want_r = linear_scan(f32(a[:, :, 0, 0]), f32(b), reverse=True, implementation="reference")
+    assert_close(got_r, want_r, scale=4)
+
+
+def test_linear_gradients_and_ragged_channel_blocks(small_chunks):
+    k = jax.random.split(jax.random.key(1), 3)
+    bsz, length, s = 1, 21, 200  # two channel blocks of 128, the second ragged
+    a = jax.random.uniform(k[0], (bsz, length, s), minval=-1.0, maxval=1.0)
+    b = jax.random.normal(k[1], (bsz, length, s))
+    h0 = jax.random.normal(k[2], (bsz, s))
+
+    def loss(impl):
+        f = lambda a, b, h0: jnp.sum(jnp.sin(linear_scan(a, b, initial_state=h0,
+                                                         implementation=impl)))  # fmt: skip
+        return jax.value_and_grad(f, (0, 1, 2))(a, b, h0)
+
+    (v, g), (v_ref, g_ref) = loss(PI), loss("reference")
+    assert_close(v, v_ref, scale=10)
+    for x, y in zip(g, g_ref):
+        assert_close(x, y, scale=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# selective_scan
+
+
+def selective_inputs(lb, lc, dtype, seed=0, bsz=2, length=37, dim=8, n=3, groups=2):
+    k = jax.random.split(jax.random.key(seed), 10)
+    r = lambda i, s: jax.random.normal(k[i], s)
+    shape = {"time": (bsz, length, n), "group": (bsz, length, groups, n)}
+    return dict(
+        u=r(0, (bsz, length, dim)).astype(dtype),
+        delta=(r(1, (bsz, length, dim)) * 0.5 - 0.5).astype(dtype),
+        A=-jnp.exp(r(2, (dim, n))),
+        B=r(3, shape[lb]).astype(dtype),
+        C=r(4, shape[lc]).astype(dtype),
+        D=r(5, (dim,)),
+        z=r(6, (bsz, length, dim)).astype(dtype),
+        delta_bias=r(7, (dim,)) * 0.3,
+        initial_state=r(8, (bsz, dim, n)),
+        segment_ids=jnp.array([[0] * min(10, length) + [1] * max(0, length - 10), [3] * length]),
+    )
+
+
+def as_f32(d):
+    return {k: (v.astype(jnp.float32) if k != "segment_ids" else v) for k, v in d.items()}
+
+
+def run(d, impl, **kw):
+    d = dict(d)
+    args = [d.pop(k) for k in ("u", "delta", "A", "B", "C")]
+    return selective_scan(*args, **d, delta_softplus=True, return_final_state=True,
+                          chunk_size=4, implementation=impl, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kernel,lb,lc,dtype",
+    [
+        ("chunked", "time", "group", jnp.float32),
+        ("chunked", "group", "time", jnp.bfloat16),
+        ("chunked", "time", "time", jnp.float32),
+        ("sequential", "group", "time", jnp.bfloat16),
+    ],
+)
+def test_selective_matches_reference(small_chunks, monkeypatch, kernel, lb, lc, dtype):
+    use_kernel(monkeypatch, kernel)
+    d = selective_inputs(lb, lc, dtype)
+    y, h = run(d, PI)
+    y_ref, h_ref = run(as_f32(d), "reference")
+    assert y.dtype == dtype and h.dtype == jnp.float32
+    scale = 10 if dtype == jnp.bfloat16 else 20
+    assert_close(y, y_ref, dtype=dtype, scale=scale)
+    assert_close(h, h_ref, scale=scale)
+
+
+def test_selective_minimal_arguments_and_pow2_state(small_chunks):
+    """No D/z/bias/softplus/state/resets (those branches are compiled out), N = 4, L = 5."""
+    d = selective_inputs("time", "time", jnp.float32, length=5, n=4)
+    args = [d[k] for k in ("u", "delta", "A", "B", "C")]
+    got = selective_scan(*args, chunk_size=2, implementation=PI)
+    want = selective_scan(*args, implementation="reference")
+    assert_close(got, want, scale=10)
+
+
+def test_selective_gradients(small_chunks):
+    d = selective_inputs("group", "time", jnp.float32, seed=1, length=13)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    seg = d.pop("segment_ids")
+
+    def grads(impl):
+        def loss(*vals):
+            y, h = run(dict(zip(names, vals)), impl, segment_ids=seg)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(h))
+
+        return jax.grad(loss, tuple(range(len(names))))(*(d[k] for k in names))
+
+    for name, g, g_ref in zip(names, grads(PI), grads("reference")):
+        assert_close(g, g_ref, scale=50, err_msg=name)
+
+
+def test_selective_jit_vmap(small_chunks):
+    d = selective_inputs("time", "group", jnp.float32, length=9)
+    args = [d[k] for k in ("u", "delta", "A", "B", "C")]
+
+    def one(u, dl, B, C):
+        return selective_scan(u[None], dl[None], args[2], B[None], C[None], d["D"],
+                              delta_softplus=True, chunk_size=2, implementation=PI)[0]  # fmt: skip
+
+    got = jax.jit(jax.vmap(one))(args[0], args[1], args[3], args[4])
+    want = selective_scan(*args, d["D"], delta_softplus=True, implementation="reference")
+    assert_close(got, want, scale=10)
+
+
+def test_bad_kernel_name(monkeypatch):
+    d = selective_inputs("time", "time", jnp.float32, length=4)
+    monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="SELECTIVE_KERNEL: expected one of"):
+        run(d, PI)
+    monkeypatch.setattr(_pallas, "LINEAR_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LINEAR_KERNEL: expected one of"):
+        linear_scan(jnp.ones((1, 3, 2)), jnp.ones((1, 3, 2)), implementation=PI)
+
+
+def test_nan_and_inf_inputs_propagate_per_channel(small_chunks):
+    d = selective_inputs("time", "time", jnp.float32, length=11)
+    d["u"] = d["u"].at[0, 6, 2].set(jnp.nan)
+    y, _ = run(d, PI)
+    y = np.asarray(y)
+    assert np.isnan(y[0, 6:10, 2]).all()  # the reset at t=10 clears the state
+    assert not np.isnan(np.delete(y[0], 2, axis=1)).any() and not np.isnan(y[1]).any()
+    assert not np.isnan(y[0, :6]).any()
