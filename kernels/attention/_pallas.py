@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 
 from ._common import Inputs, MaskSpec
@@ -57,6 +58,7 @@ class PallasConfig:
     # (B, N, T, S): True where the bias / mask has size 1 (broadcast); None = no bias / mask.
     bias_bcast: tuple[bool, bool, bool, bool] | None = None
     mask_bcast: tuple[bool, bool, bool, bool] | None = None
+    bias_grad: bool = True  # the dQ kernel also writes dS (False: bias not differentiated)
     interpret: bool = False
 
 
@@ -482,7 +484,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nk):
     """dQ of one query block; with a bias also its dS tiles (the bias gradient)."""
     opt, outs = _split(cfg, rest)
     dq_ref = outs[0]
-    db_ref = outs[1] if cfg.bias_bcast is not None else None
+    db_ref = outs[1] if cfg.bias_bcast is not None and cfg.bias_grad else None
     bc = cfg.bias_bcast
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     i = pl.program_id(0)
@@ -542,8 +544,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nk):
             db_ref[:, pl.ds(j * bk, bk)] = jnp.zeros((db_ref.shape[0], bk), db_ref.dtype)
             return c
 
-        lax.fori_loop(0, lo, clear, 0)
-        lax.fori_loop(hi, nk, clear, 0)
+        if not isinstance(lo, int):  # a left bound (window): blocks before it
+            lax.fori_loop(0, lo, clear, 0)
+        if not isinstance(hi, int):  # a right bound (causal / window): blocks after it
+            lax.fori_loop(hi, nk, clear, 0)
 
 
 def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse):
@@ -595,7 +599,7 @@ def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, 
     ex_specs, ex_args = _extras(cfg, tq, qseg, kseg, bias, mask)
     out_specs = [tq.seq(d.hp, True)]
     out_shape = [jax.ShapeDtypeStruct((d.b, d.tp, d.n, d.hp), q.dtype)]
-    bc = cfg.bias_bcast
+    bc = cfg.bias_bcast if cfg.bias_grad else None
     if bc is not None:
         # dS per (b, h): (B, N, nq | Tp, 1 | Sp); the query axis is summed per block in-kernel
         # when the bias broadcasts over it, the key axis over all blocks.
@@ -632,19 +636,27 @@ def _flash(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask):
     return _forward(cfg, q, k, v, qseg, kseg, bias, mask)
 
 
-def _flash_fwd(cfg, q, k, v, qseg, kseg, bias, mask):
-    out, lse = _forward(cfg, q, k, v, qseg, kseg, bias, mask)
-    return (out, lse), (q, k, v, qseg, kseg, bias, mask, out, lse)
+def _flash_fwd(cfg, *args):
+    """Symbolic-zeros rule: a bias that is not differentiated gets no dS output at all."""
+    bias_grad = args[5] is not None and args[5].perturbed
+    args = [None if a is None else a.value for a in args]
+    out, lse = _forward(cfg, *args)
+    return (out, lse), (*args, out, lse, () if bias_grad else None)
 
 
 def _flash_bwd(cfg, res, cts):
-    q, k, v, qseg, kseg, bias, mask, out, lse = res
+    q, k, v, qseg, kseg, bias, mask, out, lse, bias_grad = res
     do, dlse = cts
+    if isinstance(do, SymbolicZero):  # only the lse is used
+        do = jnp.zeros(out.shape, out.dtype)
+    if isinstance(dlse, SymbolicZero):  # the usual case: return_lse=False
+        dlse = jnp.zeros(lse.shape, lse.dtype)
+    cfg = dataclasses.replace(cfg, bias_grad=bias_grad is not None)
     dq, dk, dv, dbias = _backward(cfg, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse)
     return dq, dk, dv, None, None, dbias, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 
 def default_blocks(t: int, s: int, h: int, hv: int, interpret: bool) -> dict:

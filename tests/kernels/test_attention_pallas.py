@@ -195,3 +195,31 @@ def test_compiled_pallas_off_gpu_raises_clearly():
         pytest.skip("compiled pallas is the GPU default")
     with pytest.raises(ValueError, match="implementation='pallas'"):
         dot_product_attention(q, q, q, bias, implementation="pallas")
+
+
+def _pallas_outputs(jaxpr) -> list[list[tuple[int, ...]]]:
+    """Output shapes of every pallas_call in a jaxpr (nested jaxprs included)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append([tuple(v.aval.shape) for v in eqn.outvars])
+        for p in eqn.params.values():
+            sub = getattr(p, "jaxpr", None)
+            if sub is not None:
+                found += _pallas_outputs(getattr(sub, "jaxpr", sub))
+    return found
+
+
+def test_bias_gradient_only_when_differentiated():
+    """A bias that is not differentiated costs no dS output (symbolic-zeros custom VJP)."""
+    q = jnp.zeros((1, 20, 2, 16), jnp.float32)
+    bias = jnp.zeros((1, 2, 20, 20), jnp.float32)
+
+    def loss(q, bias):
+        return jnp.sum(dot_product_attention(q, q, q, bias, implementation="pallas_interpret"))
+
+    for argnums, n_out in (((0,), 1), ((0, 1), 2)):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, bias).jaxpr
+        calls = _pallas_outputs(jaxpr)
+        assert len(calls) == 3  # forward, dK/dV, dQ (+ dS)
+        assert len(calls[-1]) == n_out, calls
