@@ -1,8 +1,10 @@
 """GPU throughput of selective_scan and ssd (bf16 inputs, f32 state) vs the device's copy bandwidth.
 
 Throughput = (bytes of inputs read + outputs written) / forward time, as a fraction of a device copy
-(``x + 1`` on a large bf16 array: bytes read + written / time) measured in the same run. Also
-checks the Pallas kernel against the XLA path on the device, and times forward+backward.
+(``x + 1`` on a large bf16 array: bytes read + written / time) measured in the same run. Times the
+old "sequential" Pallas kernel, the chunked three-phase one (a few tilings and grid sizes) and the
+XLA "chunked" path in the same run, checks each against XLA on the device (max_abs_diff_vs_xla),
+and times forward+backward for the defaults; also linear_scan (bf16 a, b, h).
 One JSON object per line. ``--quick`` runs tiny shapes (on CPU: the Pallas kernel in interpret
 mode) so the script itself can be checked anywhere.
 
@@ -21,7 +23,8 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from jaxcore.kernels.scan import _pallas, selective_scan, ssd
+from jaxcore.kernels.scan import _common as _scan_common
+from jaxcore.kernels.scan import _pallas, linear_scan, selective_scan, ssd
 
 
 def timeit(f, *args, reps: int = 10) -> float:
@@ -52,52 +55,118 @@ def copy_bandwidth(quick: bool) -> float:
     return bw
 
 
+def _selective_inputs(bsz, length, dim, n):
+    k = jax.random.split(jax.random.key(0), 7)
+    bf = jnp.bfloat16
+    return dict(
+        u=jax.random.normal(k[0], (bsz, length, dim), bf),
+        dl=(jax.random.normal(k[1], (bsz, length, dim)) * 0.5 - 1.0).astype(bf),
+        A=-jnp.exp(jax.random.normal(k[2], (dim, n), jnp.float32)),
+        B=jax.random.normal(k[3], (bsz, length, n), bf),
+        C=jax.random.normal(k[4], (bsz, length, n), bf),
+        D=jax.random.normal(k[5], (dim,), jnp.float32),
+        z=jax.random.normal(k[6], (bsz, length, dim), bf),
+    )
+
+
+def _set_kernel(kernel: str, cfg, target) -> None:
+    _pallas.SELECTIVE_KERNEL = _pallas.LINEAR_KERNEL = kernel
+    if cfg is not None:
+        _pallas.SELECTIVE_CONFIG = cfg
+    if target is not None:
+        _pallas.CHUNKED_CONFIG = (target, _pallas.CHUNKED_CONFIG[1])
+
+
 def bench_selective(bw: float, quick: bool, pallas: str) -> None:
+    """Old (sequential) and new (chunked, fused) Pallas kernels and XLA "chunked", same run."""
     shapes = [(2, 256, 64, 16)] if quick else [(2, 8192, 1024, 16), (8, 8192, 2048, 16)]
-    for bsz, length, dim, n in shapes:
-        k = jax.random.split(jax.random.key(0), 5)
-        bf = jnp.bfloat16
-        u = jax.random.normal(k[0], (bsz, length, dim), bf)
-        dl = (jax.random.normal(k[1], (bsz, length, dim)) * 0.5 - 1.0).astype(bf)
-        A = -jnp.exp(jax.random.normal(k[2], (dim, n), jnp.float32))
-        B = jax.random.normal(k[3], (bsz, length, n), bf)
-        C = jax.random.normal(k[4], (bsz, length, n), bf)
-        io = nbytes(u, dl, A, B, C) + nbytes(u)  # inputs read + y written (bf16)
+    defaults = (_pallas.SELECTIVE_CONFIG, _pallas.CHUNKED_CONFIG)
+    for si, (bsz, length, dim, n) in enumerate(shapes):
+        d = _selective_inputs(bsz, length, dim, n)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
         ref = None
-        configs = [(16, 4, 1)] if quick else [(16, 4, 1), (8, 1, 3), (4, 1, 3), (8, 2, 4)]
-        runs = [(pallas, c) for c in configs] + [("chunked", None)]
-        for impl, cfg in runs:
-            if cfg is not None:
-                _pallas.SELECTIVE_CONFIG = cfg
+        # (impl, kernel, (channels cap, warps, stages), target programs, with D and z)
+        runs = [("chunked", None, None, None, False)]
+        runs += [(pallas, "sequential", (16, 4, 1), None, False)]
+        runs += [(pallas, "chunked", (16, 4, 1), t, False) for t in (1024, 2048, 512)]
+        if not quick:
+            runs += [
+                (pallas, "chunked", c, 1024, False) for c in ((16, 1, 1), (8, 1, 1), (32, 4, 1))
+            ]
+            if si == 1:
+                runs = [r for r in runs if r[3] in (None, 1024) and r[2] in (None, (16, 4, 1))]
+        runs += [(pallas, "chunked", (16, 4, 1), 1024, True), ("chunked", None, None, None, True)]
+        for impl, kernel, cfg, target, dz in runs:
+            _set_kernel(kernel or "auto", cfg, target)
+            rec = {"case": "selective_scan bf16" + (" +D,z" if dz else ""), "impl": impl,
+                   "kernel": kernel, "config": cfg, "target_programs": target, **shape}  # fmt: skip
             try:
-                f = jax.jit(
-                    lambda u, dl, A, B, C, impl=impl: selective_scan(
-                        u, dl, A, B, C, delta_softplus=True, implementation=impl
+                args = [d[k] for k in ("u", "dl", "A", "B", "C")]
+                extra = (d["D"], d["z"]) if dz else ()
+
+                def fwd(u, dl, A, B, C, *e, impl=impl):
+                    return selective_scan(u, dl, A, B, C, *e, delta_softplus=True,
+                                          implementation=impl)  # fmt: skip
+
+                f = jax.jit(fwd)
+                y = f(*args, *extra)
+                io = nbytes(*args, *extra) + nbytes(y)  # inputs read + y written
+                if not dz:
+                    err = (
+                        None
+                        if ref is None
+                        else float(
+                            jnp.max(jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32)))
+                        )
                     )
-                )
-                g = jax.jit(
-                    jax.grad(
-                        lambda u, dl, A, B, C, impl=impl: jnp.sum(
-                            selective_scan(
-                                u, dl, A, B, C, delta_softplus=True, implementation=impl
-                            ).astype(jnp.float32)
-                        ),
-                        (0, 1, 2, 3, 4),
+                    ref = y if ref is None else ref
+                    rec["max_abs_diff_vs_xla"] = err
+                if kernel == "chunked" and cfg is not None:
+                    bd = _pallas._channel_block(dim, cfg[0])
+                    rec["chunk_steps,chunks"] = _pallas._plan_chunks(
+                        bsz * dim // bd, length, _scan_common.default_chunk(length)
                     )
-                )
-                y = f(u, dl, A, B, C)
-                err = None if ref is None else float(jnp.max(jnp.abs(y - ref).astype(jnp.float32)))
-                ref = y if ref is None else ref
-                t = timeit(f, u, dl, A, B, C, reps=3 if impl == "chunked" else 10)
-                tb = timeit(g, u, dl, A, B, C, reps=3) if cfg in (None, configs[0]) else None
-                emit({"case": "selective_scan bf16", "impl": impl, "config": cfg, **shape,
-                      "fwd_s": t, "fwdbwd_s": tb, "GBps": io / t / 1e9,
-                      "fraction_of_copy": io / t / bw, "max_abs_diff_vs_first": err})  # fmt: skip
+                t = timeit(f, *args, *extra, reps=3 if impl == "chunked" else 10)
+                rec.update(fwd_s=t, GBps=io / t / 1e9, fraction_of_copy=io / t / bw)
+                if target in (None, 1024) and cfg in (None, (16, 4, 1)) and not dz:
+                    loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
+                    g = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4)))
+                    rec["fwdbwd_s"] = timeit(g, *args, reps=3)
+                emit(rec)
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
-                emit({"case": "selective_scan bf16", "impl": impl, **shape,
-                      "error": f"{type(e).__name__}: {str(e)[:300]}"})  # fmt: skip
+                emit({**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    _pallas.SELECTIVE_CONFIG, _pallas.CHUNKED_CONFIG = defaults
+    _set_kernel("auto", None, None)
+
+
+def bench_linear(bw: float, quick: bool, pallas: str) -> None:
+    """linear_scan h_t = a_t h_{t-1} + b_t, bf16 a, b, h: Pallas sequential vs chunked vs XLA."""
+    bsz, length, s = (2, 256, 64) if quick else (2, 8192, 1024)
+    k = jax.random.split(jax.random.key(2), 2)
+    a = jax.random.uniform(k[0], (bsz, length, s), minval=0.9, maxval=1.0).astype(jnp.bfloat16)
+    b = jax.random.normal(k[1], (bsz, length, s), jnp.bfloat16)
+    io = 3 * nbytes(a)
+    shape = {"B": bsz, "L": length, "S": s}
+    ref = None
+    for impl, kernel in (("chunked", None), (pallas, "sequential"), (pallas, "chunked")):
+        _set_kernel(kernel or "auto", None, None)
+        rec = {"case": "linear_scan bf16", "impl": impl, "kernel": kernel, **shape}
+        try:
+            f = jax.jit(lambda a, b, impl=impl: linear_scan(a, b, implementation=impl))
+            h = f(a, b).astype(jnp.float32)
+            rec["max_abs_diff_vs_xla"] = None if ref is None else float(jnp.max(jnp.abs(h - ref)))
+            ref = h if ref is None else ref
+            t = timeit(f, a, b, reps=3 if impl == "chunked" else 10)
+            g = jax.jit(jax.grad(lambda a, b, impl=impl: jnp.sum(
+                linear_scan(a, b, implementation=impl).astype(jnp.float32)), (0, 1)))  # fmt: skip
+            rec.update(fwd_s=t, fwdbwd_s=timeit(g, a, b, reps=3), GBps=io / t / 1e9,
+                       fraction_of_copy=io / t / bw)  # fmt: skip
+            emit(rec)
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            emit({**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    _set_kernel("auto", None, None)
 
 
 def bench_ssd(bw: float, quick: bool) -> None:
@@ -139,8 +208,11 @@ def main() -> None:
     emit({"benchmark": "gpu_scan", "jax": jax.__version__, "backend": jax.default_backend(),
           "device": getattr(dev, "device_kind", str(dev))})  # fmt: skip
     pallas = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
+    if args.quick:  # several chunks at L=256 too
+        _pallas.CHUNKED_CONFIG = (_pallas.CHUNKED_CONFIG[0], 16)
     bw = copy_bandwidth(args.quick)
     bench_selective(bw, args.quick, pallas)
+    bench_linear(bw, args.quick, pallas)
     bench_ssd(bw, args.quick)
 
 
