@@ -1,10 +1,14 @@
 """GPU check of the Pallas flash-attention kernel (run by benchmarks/gpu_check.sh).
 
 1. Correctness: the compiled kernel (forward, lse and gradients) against the float32 reference
-   on small bf16/f32 problems with causal, window, GQA, segment ids, lengths and soft cap.
+   on small bf16/f32 problems with causal, window, GQA, segment ids, lengths, soft cap, bias
+   (broadcast shapes, with its gradient) and boolean mask.
 2. Speed: bf16, B=4, N=16, H=128, T=8192, causal; forward and forward+backward TFLOP/s of the
    Pallas kernel vs ``jax.nn.dot_product_attention(implementation="cudnn")`` in the same run.
    Useful causal FLOPs: forward 2 matmuls * 2*B*N*T*T*H / 2, backward 2.5x that.
+3. Speed with a bias: the same at T=4096 with a per-head bias (1, N, T, T) bf16 (relative
+   position / ALiBi style), gradients w.r.t. q, k, v (and, in a second row, the bias too),
+   against cuDNN with the same bias.
 
 ``--quick`` runs tiny shapes (on CPU the kernel runs in interpret mode, cuDNN is skipped).
 """
@@ -48,6 +52,16 @@ def check(bench: Bench, on_gpu: bool) -> bool:
             hv=64,
             kw=dict(is_causal=True, logits_soft_cap=20.0, seg=True, kvlen=True),
         ),
+        dict(t=200, s=136, n=4, k=2, h=64, hv=64, kw=dict(bias=(1, 4, 200, 136), mask=True)),
+        dict(
+            t=128,
+            s=128,
+            n=4,
+            k=4,
+            h=64,
+            hv=32,
+            kw=dict(is_causal=True, bias=(2, 1, 1, 128), seg=True, mask=True),
+        ),
     ]
     ok_all = True
     for dt in (jnp.bfloat16, jnp.float32):
@@ -62,24 +76,31 @@ def check(bench: Bench, on_gpu: bool) -> bool:
                 kw["segment_ids"] = seg
             if kw.pop("kvlen", False):
                 kw["key_value_seq_lengths"] = jnp.array([c["s"], c["s"] // 2], jnp.int32)
+            bshape = kw.pop("bias", None)
+            bias = None if bshape is None else jnp.asarray(rng.standard_normal(bshape), dt)
+            if kw.pop("mask", False):
+                mask = rng.random((b, 1, c["t"], c["s"])) < 0.8
+                mask[:, :, 5:9] = False  # fully masked rows: zeros, zero gradients
+                kw["mask"] = jnp.asarray(mask)
             do = jnp.asarray(rng.standard_normal((b, c["t"], c["n"], c["hv"])), dt)
 
-            def loss(q, k, v, impl=impl, kw=kw, do=do):
-                o = dot_product_attention(q, k, v, implementation=impl, **kw)
+            def loss(q, k, v, bias, impl=impl, kw=kw, do=do):
+                o = dot_product_attention(q, k, v, bias, implementation=impl, **kw)
                 return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
 
-            def run(impl, q=q, k=k, v=v, kw=kw, loss=loss):
+            def run(impl, q=q, k=k, v=v, bias=bias, kw=kw, loss=loss):
+                argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
                 f = jax.jit(
-                    lambda q, k, v: (
-                        dot_product_attention(q, k, v, implementation=impl, **kw),
-                        jax.grad(lambda *xs: loss(*xs, impl=impl), argnums=(0, 1, 2))(q, k, v),
+                    lambda q, k, v, bias: (
+                        dot_product_attention(q, k, v, bias, implementation=impl, **kw),
+                        jax.grad(lambda *xs: loss(*xs, impl=impl), argnums=argnums)(q, k, v, bias),
                     )
                 )
-                return f(q, k, v)
+                return f(q, k, v, bias)
 
             got = run(impl)
-            f32 = lambda x: x.astype(jnp.float32)
-            want = run("reference", q=f32(q), k=f32(k), v=f32(v))
+            f32 = lambda x: None if x is None else x.astype(jnp.float32)
+            want = run("reference", q=f32(q), k=f32(k), v=f32(v), bias=f32(bias))
             errs = []
             for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 a, w = np.asarray(f32(a)), np.asarray(w)
@@ -194,6 +215,75 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         bench.record({"case": "best pallas config", **{k: v for k, v in best[1].items()}})
 
 
+def bias_speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
+    """Causal attention with a per-head bias (1, N, T, T): ours vs cuDNN with the same bias."""
+    b, n, h = (1, 2, 64) if quick else (4, 16, 128)
+    t = 256 if quick else 4096
+    dt = jnp.bfloat16
+    rng = np.random.default_rng(2)
+    q, k, v, do = (jnp.asarray(rng.standard_normal((b, t, n, h)), dt) for _ in range(4))
+    bias = jnp.asarray(rng.standard_normal((1, n, t, t)), dt)
+    fwd_flops = 4.0 * b * n * t * t * h / 2
+    bwd_flops = 2.5 * fwd_flops
+
+    def fns(attend):
+        def loss(q, k, v, bias):
+            return jnp.sum(attend(q, k, v, bias).astype(jnp.float32) * do.astype(jnp.float32))
+
+        return (
+            jax.jit(attend),
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))),
+        )
+
+    impl = "pallas" if on_gpu else "pallas_interpret"
+    ours = fns(
+        lambda q, k, v, bias: dot_product_attention(
+            q, k, v, bias, is_causal=True, implementation=impl
+        )
+    )
+    peer = None
+    if on_gpu:
+        peer = fns(
+            lambda q, k, v, bias: jax.nn.dot_product_attention(
+                q, k, v, bias, is_causal=True, implementation="cudnn"
+            )
+        )
+    args = (q, k, v, bias)
+    reps = bench.reps
+
+    def timed(f):
+        try:
+            return _time(f, args, reps)
+        except Exception as e:  # unsupported on this peer / backend: report, go on
+            print(f"# bias case failed: {type(e).__name__}: {str(e)[:300]}")
+            return None
+
+    for label, idx in (("grad q,k,v", 1), ("grad q,k,v,bias", 2)):
+        tf, tfb = timed(ours[0]), timed(ours[idx])
+        if tf is None or tfb is None:
+            continue
+        rec = {
+            "case": f"pallas+bias bf16 B={b} N={n} H={h} T={t} causal bias(1,N,T,T) {label}",
+            "peer": "jax.nn cudnn" if peer else "none",
+            "fwd_s": tf,
+            "fwdbwd_s": tfb,
+            "fwd_tflops": fwd_flops / tf / 1e12,
+            "bwd_tflops": bwd_flops / max(tfb - tf, 1e-9) / 1e12,
+        }
+        if peer is not None:
+            pf, pfb = timed(peer[0]), timed(peer[idx])
+            if pf is not None:
+                rec.update(peer_fwd_s=pf, fwd_ratio=pf / tf)
+            if pf is not None and pfb is not None:
+                rec.update(
+                    peer_fwdbwd_s=pfb,
+                    bwd_ratio=(pfb - pf) / max(tfb - tf, 1e-9),
+                    fwdbwd_ratio=pfb / tfb,
+                )
+        bench.record(rec)
+
+
 def main() -> None:
     bench = Bench("gpu_attention")
     args = bench.parse()
@@ -203,6 +293,7 @@ def main() -> None:
         args.quick = True
     ok = check(bench, on_gpu)
     speed(bench, on_gpu, args.quick)
+    bias_speed(bench, on_gpu, args.quick)
     bench.finish()
     if not ok:
         raise SystemExit("pallas kernel does not match the reference")
