@@ -11,9 +11,9 @@ head comes from the BlockSpec index map; nothing is repeated), Hv != H, and an a
 and boolean ``mask`` broadcastable to (B, N, T, S): each is loaded per (query block, key block)
 tile through the same BlockSpec machinery as Q/K/V, with block size 1 and index 0 on a
 broadcast axis (nothing is broadcast in HBM). The bias gradient is dS per tile, written by the
-dQ kernel (summed in-kernel over a broadcast key axis; broadcast batch/head/query axes are
-summed outside). Every block size is a static power of two >= 16; sequences and head dims are
-zero-padded to them.
+dQ kernel (summed in-kernel over a broadcast query or key axis; broadcast batch/head axes are
+summed outside), and only when the bias is differentiated (symbolic-zeros custom VJP). Every
+block size is a static power of two >= 16; sequences and head dims are zero-padded to them.
 
 Layout: query (B, Tp, N, Hp), key (B, Sp, K, Hp), value (B, Sp, K, Hvp); lse (B, N, Tp) f32;
 bias (Bb, Nb, Tp|1, Sp|1) in its own dtype; mask the same as int8 (1 = attend).
@@ -245,6 +245,8 @@ class _Tiling:
 
 @dataclasses.dataclass(frozen=True)
 class _Dims:
+    """Padded problem sizes: batch, query heads, key/value heads, Tp, Sp, Hp, Hvp."""
+
     b: int
     n: int
     kh: int
@@ -286,6 +288,7 @@ def _call(
     name: str,
     bwd: bool,
 ):
+    """``pallas_call`` over the grid (programs, B, N) with this call's compiler params."""
     return pl.pallas_call(
         kernel,
         grid=(programs, d.b, d.n),
