@@ -49,7 +49,19 @@ KERNELS: tuple[str, ...] = ("auto", "sequential", "chunked")
 
 # Chunked kernels: (target number of programs in the grid, fewest steps per chunk). Read at trace
 # time; tests lower the second to get several chunks at small L.
-CHUNKED_CONFIG: tuple[int, int] = (1024, 128)
+CHUNKED_CONFIG: tuple[int, int] = (2048, 64)
+
+# Chunked selective-scan tiling (max channels per program, warps, stages): one warp holds the
+# 16 x N state (8 values per thread at N=16) so the per-step overhead (loads, softplus, the
+# reduction over N) is shared by more state than with 4 warps. Not yet measured on a GPU:
+# benchmarks/gpu_scan.py sweeps it.
+SELECTIVE_CHUNKED_CONFIG: tuple[int, int, int] = (16, 1, 1)
+
+# Steps of inputs loaded ahead in the chunked kernels' time loops (a ring carried through the
+# loop), so that the loads of step t + PREFETCH are in flight while step t computes.
+PREFETCH: int = 2
+
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is one MUFU op on NVIDIA GPUs
 
 
 def _compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 1):
@@ -137,11 +149,13 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
             return jnp.where(valid, a_t, 1.0), jnp.where(valid, b_t, 0.0)
 
         def body(i, cr):
-            st, cur = cr
-            nxt = fetch(t0 + i + 1)
-            return emit(t0 + i, st, cur, cols, cmask), nxt
+            st, queue = cr
+            nxt = fetch(t0 + i + depth)
+            return emit(t0 + i, st, queue[0], cols, cmask), queue[1:] + (nxt,)
 
-        st, _ = lax.fori_loop(_i32(0), _i32(tc), body, (carry, fetch(t0)))
+        depth = max(1, PREFETCH)
+        queue = tuple(fetch(t0 + p) for p in range(depth))
+        st, _ = lax.fori_loop(_i32(0), _i32(tc), body, (carry, queue))
         return st, cols, cmask
 
     whole = pl.BlockSpec((None, length, s), lambda i, j, c: (i, 0, 0))
@@ -427,8 +441,9 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     npad = A.shape[1]
     acc = h0.dtype
     pg_b, pg_c = dim // Bg.shape[2], dim // Cg.shape[2]
-    cap, warps, stages = SELECTIVE_CONFIG
+    cap, warps, stages = SELECTIVE_CHUNKED_CONFIG
     bd = _channel_block(min(pg_b, pg_c), cap)
+    depth = max(1, PREFETCH)
     has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
 
     seq = pl.BlockSpec((None, length, bd), lambda i, j, c: (i, 0, j))
@@ -467,20 +482,24 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         return fetch
 
     def advance(x, a, cur):
-        da = jnp.exp(cur["dt"][:, None] * a)
+        da = jnp.exp2(cur["dt"][:, None] * a)  # a = A * log2(e)
         if has_keep:
             da = jnp.where(cur["k"][:, None] > 0, da, 0.0)
         return da * x + (cur["dt"] * cur["u"])[:, None] * cur["b"][None, :]
 
     def walk(fetch, t0, steps, carry, emit):
-        """emit(t, carry, inputs) -> carry over steps t0 .. t0 + steps - 1, prefetching."""
+        """emit(t, state, inputs) over steps t0 .. t0 + steps - 1; carry = (state, the inputs
+        of the next ``depth`` steps); the loop loads step t + depth while step t computes."""
 
         def body(i, cr):
-            st, cur = cr
-            nxt = fetch(t0 + i + 1)
-            return emit(t0 + i, st, cur), nxt
+            st, queue = cr
+            nxt = fetch(t0 + i + depth)
+            return emit(t0 + i, st, queue[0]), queue[1:] + (nxt,)
 
         return lax.fori_loop(_i32(0), _i32(steps), body, carry)
+
+    def queue_at(fetch, t0):
+        return tuple(fetch(t0 + p) for p in range(depth))
 
     # inputs: u, dl, A, B, C, [D], [z], [bias], [keep]; outputs follow
     def split_refs(refs, need_c):
@@ -504,7 +523,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
 
         def local(*refs):
             a_ref, _, fetch, (e_ref, p_ref) = split_refs(refs, need_c=False)
-            a = a_ref[...].astype(acc)
+            a = a_ref[...].astype(acc) * _LOG2E
 
             def emit(t, st, cur):
                 x, sdt, kp = st
@@ -514,9 +533,9 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
 
             t0 = pl.program_id(2) * tc
             st0 = (jnp.zeros((bd, npad), acc), jnp.zeros((bd,), acc), jnp.ones((1,), acc))
-            (x, sdt, kp), _ = walk(fetch, t0, tc, (st0, fetch(t0)), emit)
+            (x, sdt, kp), _ = walk(fetch, t0, tc, (st0, queue_at(fetch, t0)), emit)
             e_ref[...] = x.astype(e_ref.dtype)
-            decay = jnp.where(kp[:, None] > 0, jnp.exp(sdt[:, None] * a), 0.0)
+            decay = jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
             p_ref[...] = decay.astype(p_ref.dtype)
 
         ends, decays = pl.pallas_call(
@@ -541,7 +560,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         h_ref, y_ref, hT_ref, *rest = outs
         yp_ref = rest.pop(0) if save and has_z else None
         st_ref = rest.pop(0) if save else None
-        a = a_ref[...].astype(acc)
+        a = a_ref[...].astype(acc) * _LOG2E
         dv = d_ref[...].astype(acc) if has_d else None
         c = pl.program_id(2)
         row_ok = lambda t: jnp.broadcast_to(t < length, (bd,))
@@ -569,7 +588,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
 
         t0 = c * tc
         x0 = h_ref[...].astype(acc)
-        x, _ = lax.fori_loop(_i32(0), _i32(nsub), sub_chunk, (x0, fetch(t0)))
+        x, _ = lax.fori_loop(_i32(0), _i32(nsub), sub_chunk, (x0, queue_at(fetch, t0)))
         last = jnp.broadcast_to(c == nc - 1, (bd, npad))
         plgpu.store(
             hT_ref.at[pl.ds(_i32(0), bd), pl.ds(_i32(0), npad)], x.astype(hT_ref.dtype), mask=last
@@ -662,7 +681,8 @@ def _selective_fused_bwd(cfg, res, cts):
         gd = jnp.sum(gy * uf, axis=(0, 1)).astype(Dv.dtype)
     c = lambda v, value=0.0: _to_chunks(v, chunk, nbc, value)
     kp = jnp.ones(u.shape[:2], acc) if keep is None else keep
-    res_c = (c(uf), c(dt), A, c(Bm), c(Cm), c(kp, 1.0), jnp.moveaxis(subs[:, :nbc], 1, 0))
+    bf, cf = Bm.astype(acc), Cm.astype(acc)
+    res_c = (c(uf), c(dt), A, c(bf), c(cf), c(kp, 1.0), jnp.moveaxis(subs[:, :nbc], 1, 0))
     gu, gdt, ga, gb, gc, gh0, _ = _chunked_backward(lb, lc, res_c, (c(gy), gh))
     back = lambda v: _from_chunks(v, length)
     gu = back(gu)
@@ -693,7 +713,8 @@ def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, ke
     """The whole selective scan in the chunked Pallas kernel (SELECTIVE_KERNEL != "sequential").
 
     u, delta, z: (B, L, D) as given (bf16/f32; delta_bias and softplus applied in the kernel);
-    A: (D, N) real, state dtype; Bm, Cm: (B, L, N) or (B, L, G, N); D, delta_bias: (D,) or None;
+    A: (D, N) real, state dtype; Bm, Cm: (B, L, N) or (B, L, G, N), any real float dtype (cast
+    in the kernel); D, delta_bias: (D,) or None;
     h0: (B, D, N) state dtype; keep: (B, L) reset flags (0 = reset) or None; ``chunk``: the
     backward's recompute chunk (the kernel's chunk is a multiple of it).
     Returns (y (B, L, D) in u's dtype, with D*u and silu(z) applied; final state (B, D, N)).
@@ -701,7 +722,7 @@ def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, ke
     bsz, length, dim = u.shape
     pg_b = dim // (1 if Bm.ndim == 3 else Bm.shape[2])
     pg_c = dim // (1 if Cm.ndim == 3 else Cm.shape[2])
-    bd = _channel_block(min(pg_b, pg_c), SELECTIVE_CONFIG[0])
+    bd = _channel_block(min(pg_b, pg_c), SELECTIVE_CHUNKED_CONFIG[0])
     chunk = max(1, min(chunk, length))
     tc, nc = _plan_chunks(bsz * (dim // bd), length, unit=chunk)
     acc = h0.dtype

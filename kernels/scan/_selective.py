@@ -373,8 +373,10 @@ def selective_scan(
             interpret = impl == "pallas_interpret"
             if _pallas._check_kernel(_pallas.SELECTIVE_KERNEL, "SELECTIVE_KERNEL") != "sequential":
                 # chunked kernel: delta_bias/softplus, D and silu(z) fused, y in u's dtype
+                fl = lambda v: v if jnp.issubdtype(v.dtype, jnp.floating) else v.astype(acc)
+                zz = None if z is None else fl(jnp.asarray(z))
                 y, h_t = _pallas.selective_scan_fused(
-                    u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, h0,
+                    fl(u), fl(delta), A, fl(B), fl(C), D, zz, delta_bias, delta_softplus, h0,
                     None if segment_ids is None else keep, lb, lc, chunk, interpret,
                 )  # fmt: skip
                 return (y, h_t) if return_final_state else y
