@@ -69,37 +69,48 @@ def _selective_inputs(bsz, length, dim, n):
     )
 
 
-def _set_kernel(kernel: str, cfg, target) -> None:
-    _pallas.SELECTIVE_KERNEL = _pallas.LINEAR_KERNEL = kernel
-    if cfg is not None:
-        _pallas.SELECTIVE_CONFIG = cfg
-    if target is not None:
-        _pallas.CHUNKED_CONFIG = (target, _pallas.CHUNKED_CONFIG[1])
+_KNOBS = ("SELECTIVE_KERNEL", "LINEAR_KERNEL", "SELECTIVE_CONFIG", "SELECTIVE_CHUNKED_CONFIG",
+          "CHUNKED_CONFIG", "PREFETCH")  # fmt: skip
+
+
+def _set(**overrides) -> dict:
+    """Set _pallas module knobs (read at trace time); returns the previous values."""
+    old = {k: getattr(_pallas, k) for k in _KNOBS}
+    for k, v in overrides.items():
+        setattr(_pallas, k, v)
+    return old
 
 
 def bench_selective(bw: float, quick: bool, pallas: str) -> None:
     """Old (sequential) and new (chunked, fused) Pallas kernels and XLA "chunked", same run."""
     shapes = [(2, 256, 64, 16)] if quick else [(2, 8192, 1024, 16), (8, 8192, 2048, 16)]
-    defaults = (_pallas.SELECTIVE_CONFIG, _pallas.CHUNKED_CONFIG)
+    base = _set()
+    target, min_steps = base["CHUNKED_CONFIG"]
+    chunked = {"SELECTIVE_KERNEL": "chunked"}
     for si, (bsz, length, dim, n) in enumerate(shapes):
         d = _selective_inputs(bsz, length, dim, n)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
         ref = None
-        # (impl, kernel, (channels cap, warps, stages), target programs, with D and z)
-        runs = [("chunked", None, None, None, False)]
-        runs += [(pallas, "sequential", (16, 4, 1), None, False)]
-        runs += [(pallas, "chunked", (16, 4, 1), t, False) for t in (1024, 2048, 512)]
-        if not quick:
-            runs += [
-                (pallas, "chunked", c, 1024, False) for c in ((16, 1, 1), (8, 1, 1), (32, 4, 1))
+        # (impl, knob overrides, with D and z, time forward+backward too)
+        runs = [
+            ("chunked", {}, False, True),
+            (pallas, {"SELECTIVE_KERNEL": "sequential"}, False, True),
+        ]
+        runs += [(pallas, chunked, False, True)]  # the default chunked kernel
+        sweep = [{"PREFETCH": 1}]
+        if not quick and si == 0:
+            sweep += [
+                {"SELECTIVE_CHUNKED_CONFIG": c}
+                for c in ((16, 4, 1), (32, 1, 1), (8, 1, 1), (32, 2, 1))
             ]
-            if si == 1:
-                runs = [r for r in runs if r[3] in (None, 1024) and r[2] in (None, (16, 4, 1))]
-        runs += [(pallas, "chunked", (16, 4, 1), 1024, True), ("chunked", None, None, None, True)]
-        for impl, kernel, cfg, target, dz in runs:
-            _set_kernel(kernel or "auto", cfg, target)
+            sweep += [{"CHUNKED_CONFIG": (t, min_steps)} for t in (1024, 4096)]
+            sweep += [{"PREFETCH": 4}]
+        runs += [(pallas, {**chunked, **o}, False, False) for o in sweep]
+        runs += [(pallas, chunked, True, False), ("chunked", {}, True, False)]
+        for impl, knobs, dz, with_bwd in runs:
+            _set(**{**base, **knobs})
             rec = {"case": "selective_scan bf16" + (" +D,z" if dz else ""), "impl": impl,
-                   "kernel": kernel, "config": cfg, "target_programs": target, **shape}  # fmt: skip
+                   "knobs": knobs, **shape}  # fmt: skip
             try:
                 args = [d[k] for k in ("u", "dl", "A", "B", "C")]
                 extra = (d["D"], d["z"]) if dz else ()
@@ -121,14 +132,14 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                     )
                     ref = y if ref is None else ref
                     rec["max_abs_diff_vs_xla"] = err
-                if kernel == "chunked" and cfg is not None:
-                    bd = _pallas._channel_block(dim, cfg[0])
+                if impl != "chunked" and _pallas.SELECTIVE_KERNEL != "sequential":
+                    bd = _pallas._channel_block(dim, _pallas.SELECTIVE_CHUNKED_CONFIG[0])
                     rec["chunk_steps,chunks"] = _pallas._plan_chunks(
                         bsz * dim // bd, length, _scan_common.default_chunk(length)
                     )
                 t = timeit(f, *args, *extra, reps=3 if impl == "chunked" else 10)
                 rec.update(fwd_s=t, GBps=io / t / 1e9, fraction_of_copy=io / t / bw)
-                if target in (None, 1024) and cfg in (None, (16, 4, 1)) and not dz:
+                if with_bwd:
                     loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
                     g = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4)))
                     rec["fwdbwd_s"] = timeit(g, *args, reps=3)
@@ -136,8 +147,7 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
                 emit({**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-    _pallas.SELECTIVE_CONFIG, _pallas.CHUNKED_CONFIG = defaults
-    _set_kernel("auto", None, None)
+    _set(**base)
 
 
 def bench_linear(bw: float, quick: bool, pallas: str) -> None:
@@ -149,8 +159,9 @@ def bench_linear(bw: float, quick: bool, pallas: str) -> None:
     io = 3 * nbytes(a)
     shape = {"B": bsz, "L": length, "S": s}
     ref = None
+    base = _set()
     for impl, kernel in (("chunked", None), (pallas, "sequential"), (pallas, "chunked")):
-        _set_kernel(kernel or "auto", None, None)
+        _set(**{**base, "LINEAR_KERNEL": kernel or base["LINEAR_KERNEL"]})
         rec = {"case": "linear_scan bf16", "impl": impl, "kernel": kernel, **shape}
         try:
             f = jax.jit(lambda a, b, impl=impl: linear_scan(a, b, implementation=impl))
@@ -166,7 +177,7 @@ def bench_linear(bw: float, quick: bool, pallas: str) -> None:
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
             emit({**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-    _set_kernel("auto", None, None)
+    _set(**base)
 
 
 def bench_ssd(bw: float, quick: bool) -> None:
