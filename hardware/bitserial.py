@@ -8,13 +8,23 @@ Each of ``pes`` processing elements holds ``lanes`` bit-parallel inputs and cons
 * ``serial="activations"`` (Stripes): cycles ~ ceil(a_bits / bpc),
 * ``serial="both"`` (Loom): cycles ~ ceil(w_bits / bpc) * ceil(a_bits / bpc).
 
-A matmul op takes ``ceil(MACs / (pes * lanes)) * bit_cycles`` cycles, or its memory time if larger
-(operands at their bit-widths over ``mem_bw``). Per-group bit-widths (BitMoD: every group of
+Mapping: PEs hold output neurons (``n``), lanes the reduction (``k``); activations are
+broadcast to all PEs. A matmul op (batch, m, k, n) takes
+``batch * m * ceil(n / pes) * ceil(k / lanes) * bit_cycles`` cycles (so a layer narrower than the
+array leaves PEs idle), or its DRAM time if larger. Per-group bit-widths (BitMoD: every group of
 weights carries its own datatype and width) are given as a 1-D array in ``precision`` (see
 :func:`jaxcore.hardware.resolve_precision`); the op's bit cycles are then the mean over groups of
-``ceil(bits_g / bpc)``. Energy per PE-cycle scales with the lane width and the bit-slice width
-from the energy table (an adder tree of ``lanes`` adds of ``a_bits + bpc`` bits plus
-``lanes`` AND/mux gates modelled as 1-bit multiplies); area per PE likewise.
+``ceil(bits_g / bpc)``. Energy per active PE-cycle (idle PEs are clock-gated) scales with the lane
+width and the datapath width from the energy table (``lanes`` partial products of the
+bit-parallel operand times a ``bpc``-bit slice, plus an adder tree); PE area likewise, at the
+widest bit-parallel operand of the workload (activations when weights are serial, weights when
+activations are serial, ``bpc`` when both are), so narrower bit-widths buy smaller PEs.
+
+Memory: operands move at their bit-widths. Every operand crosses the SRAM once; DRAM traffic is
+compulsory when the weights (or the activations) fit in ``sram_kb``, else the better of the two
+loop orders re-streams the other operand once per SRAM-sized chunk:
+``min(W + A * ceil(W / S), A + W * ceil(A / S)) + O`` bytes. A larger SRAM costs area and energy
+per access and saves DRAM refetches.
 """
 
 from __future__ import annotations
@@ -61,14 +71,24 @@ class BitSerial:
                 f"serial: expected 'weights', 'activations' or 'both', got {self.serial!r}"
             )
 
-    def _pe_cycle_pj(self, a_bits) -> jax.Array:
+    def datapath_bits(self, a_bits: Any, w_bits: Any) -> Any:
+        """Width of the bit-parallel operand that each lane multiplies by a ``bpc``-bit slice."""
+        if self.serial == "weights":
+            return a_bits
+        if self.serial == "activations":
+            return w_bits
+        return jnp.broadcast_to(self.bits_per_cycle, jnp.shape(a_bits))
+
+    def _pe_cycle_pj(self, par_bits) -> jax.Array:
         bpc = self.bits_per_cycle
-        # lanes partial products of (a_bits x bpc) bits + an adder tree over them
-        mul = self.table.mul_pj(jnp.sqrt(a_bits * bpc))
-        add = self.table.add_pj(a_bits + bpc + jnp.log2(self.lanes))
+        # lanes partial products of (par_bits x bpc) bits + an adder tree over them
+        mul = self.table.mul_pj(jnp.sqrt(par_bits * bpc))
+        add = self.table.add_pj(par_bits + bpc + jnp.log2(self.lanes))
         return self.lanes * (mul + add)
 
     def area_mm2(self, a_bits: Any = 16.0) -> jax.Array:
+        """PEs built for a ``a_bits``-wide bit-parallel operand (see :meth:`datapath_bits`) plus
+        the SRAM (mm^2)."""
         bpc = self.bits_per_cycle
         per_pe = self.lanes * (
             self.table.mac_area_um2(jnp.sqrt(a_bits * bpc))
@@ -93,18 +113,23 @@ class BitSerial:
     def _cost(self, ops: dict[str, jax.Array], a_bits, w_bits, groups) -> Cost:
         """Per-op arrays (see ``cost.op_arrays``) and bit-widths -> Cost."""
         is_mm = ops["is_matmul"]
-        macs = ops["batch"] * ops["m"] * ops["n"] * ops["k"]
-        par = ste_round(self.pes) * ste_round(self.lanes)
+        b, m, n, k = ops["batch"], ops["m"], ops["n"], ops["k"]
+        pes, lanes_ = ste_round(self.pes), ste_round(self.lanes)
         bc = self.bit_cycles(a_bits, w_bits, groups, ops["m"].shape[0])
-        cycles = ceil_div(macs, par) * bc
+        passes = b * m * ceil_div(k, lanes_)  # cycles of one PE per output neuron per bit-pass
+        cycles = passes * ceil_div(n, pes) * bc
         hz = self.freq * 1e9
-        nbytes = ops["batch"] * (ops["m"] * ops["k"] * a_bits + ops["k"] * ops["n"] * w_bits
-                                 + ops["m"] * ops["n"] * a_bits) / 8  # fmt: skip
-        t_mem = nbytes / (self.mem_bw * 1e9)
+        w_b, a_b, o_b = k * n * w_bits / 8, m * k * a_bits / 8, m * n * a_bits / 8
+        cap = self.sram_kb * 1024.0
+        refetch = -soft_max(-(w_b + a_b * ceil_div(w_b, cap)), -(a_b + w_b * ceil_div(a_b, cap)))
+        dram = b * (refetch + o_b)
+        onchip = b * (w_b + a_b + o_b)
+        t_mem = dram / (self.mem_bw * 1e9)
         lat_mm = soft_max(cycles / hz, t_mem)
         sram_bit = self.table.sram_pj_per_bit(self.sram_kb)
-        e_pe = cycles * ste_round(self.pes) * self._pe_cycle_pj(a_bits)
-        e_mem = nbytes * 8 * (sram_bit + self.table.dram_pj_per_bit)
+        par_bits = self.datapath_bits(a_bits, w_bits)
+        e_pe = passes * n * bc * self._pe_cycle_pj(par_bits)  # active PE-cycles only
+        e_mem = 8 * (onchip * sram_bit + dram * self.table.dram_pj_per_bit)
         en_mm = (e_pe + e_mem) * 1e-12
         lanes = ste_round(self.vector_lanes)
         v_lat, v_en = vector_unit(
@@ -124,8 +149,10 @@ class BitSerial:
             "cycles": jnp.sum(jnp.where(is_mm, cycles, 0.0) * cnt),
             "energy_pe_j": jnp.sum(jnp.where(is_mm, e_pe, 0.0) * cnt) * 1e-12,
             "energy_mem_j": jnp.sum(jnp.where(is_mm, e_mem, 0.0) * cnt) * 1e-12,
+            "dram_bytes": jnp.sum(jnp.where(is_mm, dram, 0.0) * cnt),
         }
-        area = self.area_mm2()
+        widest = jnp.max(jnp.where(is_mm, par_bits, 0.0))
+        area = self.area_mm2(jnp.where(jnp.any(is_mm), widest, 16.0))
         return finish(jnp.where(is_mm, lat_mm, v_lat), jnp.where(is_mm, en_mm, v_en), cnt, area,
                       **comps)  # fmt: skip
 

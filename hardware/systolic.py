@@ -128,7 +128,8 @@ class Systolic:
 
     # ------------------------------------------------------------------------------------------
     def area_mm2(self, bits: Any = 8.0) -> jax.Array:
-        """Array (MACs at ``bits``) + SRAMs, from ``table`` (mm^2)."""
+        """Array (MACs at ``bits``, the geometric mean of weight and activation widths) + SRAMs,
+        from ``table`` (mm^2)."""
         pe = self.table.mac_area_um2(bits, floating=self.floating) * 1e-6
         sram = self.table.sram_area_mm2(
             self.ifmap_sram_kb + self.filter_sram_kb + self.ofmap_sram_kb
@@ -170,7 +171,9 @@ class Systolic:
         per_lat = jnp.where(is_mm, lat_mm, v_lat)
         per_en = jnp.where(is_mm, en_mm, v_en)
         cnt = ops["count"]
-        area = self.area_mm2(jnp.max(jnp.where(is_mm, w_bits, 0.0)))
+        # MACs sized for the widest (weight x activation) product (geometric-mean width, as in
+        # ``EnergyTable.mac_pj``)
+        area = self.area_mm2(jnp.max(jnp.where(is_mm, jnp.sqrt(w_bits * a_bits), 0.0)))
         comps = {k_: jnp.sum(b * v * cnt) for k_, v in c.items() if k_.startswith("e_")}
         comps = {f"energy_{k_[2:]}_j": v * 1e-12 for k_, v in comps.items()}
         comps["cycles"] = (
