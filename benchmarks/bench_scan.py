@@ -10,9 +10,11 @@ Plus the compile time of selective_scan forward+backward at L=1024 and L=65536.
     python benchmarks/bench_scan.py [--quick] [--reps N] [--json-out FILE]
 """
 
+import time
+
 import jax
 import jax.numpy as jnp
-from harness import Bench, compile_seconds
+from harness import Bench, block, compile_seconds, temp_bytes
 from jax import lax
 from jaxcore.kernels.scan import linear_scan, selective_scan, ssd
 
@@ -105,7 +107,23 @@ def compile_case(bench, dim, n, q):
                   "growth": cts[1] / cts[0], "D": dim, "N": n})  # fmt: skip
 
 
-def ssd_case(bench, q, heavy_reps):
+def time_blocks(fns, args, reps):
+    """Min wall seconds of each fn(*args): all warmed first, then each timed in its own block of
+    ``reps`` consecutive calls (so one function's allocations do not land between another's)."""
+    for f in fns:
+        block(f(*args))
+    out = []
+    for f in fns:
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            block(f(*args))
+            ts.append(time.perf_counter() - t0)
+        out.append(min(ts))
+    return out
+
+
+def ssd_case(bench, q, heavy_reps, chunks=(64, 32, 128)):
     # ---- ssd (Mamba-2 shapes) -----------------------------------------------------------------
     bsz, length, heads, p, n = (2, 512, 4, 16, 16) if q else (2, 8192, 16, 64, 64)
     k = jax.random.split(jax.random.key(1), 5)
@@ -114,22 +132,28 @@ def ssd_case(bench, q, heavy_reps):
     A = -jnp.exp(jax.random.normal(k[2], (heads,)))
     B = jax.random.normal(k[3], (bsz, length, 1, n))
     C = jax.random.normal(k[4], (bsz, length, 1, n))
+    args = (x, dt, A, B, C)
 
     def ssd_grad(impl, chunk_size=64):
         loss = lambda *a: jnp.sum(ssd(*a, chunk_size=chunk_size, implementation=impl) ** 2)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
-    peer = ssd_grad("reference")
-    for chunk in (64, 32):  # 64 is the API default; 32 is faster on a 2-core CPU
-        bench.compare(
-            f"ssd fwd+bwd B{bsz} L{length} H{heads} P{p} N{n} chunk {chunk}",
-            ours=ssd_grad("chunked", chunk),
-            peer=peer,
-            peer_name="sequential lax.scan reference",
-            args=(x, dt, A, B, C),
-            reps=heavy_reps,
-            B=bsz, L=length, H=heads, P=p, N=n, chunk=chunk, dtype="float32",
-        )  # fmt: skip
+    def ssd_fwd(impl, chunk_size=64):
+        return jax.jit(lambda *a: ssd(*a, chunk_size=chunk_size, implementation=impl))
+
+    shape = dict(B=bsz, L=length, H=heads, P=p, N=n, dtype="float32")
+    for mode, make in (("fwd", ssd_fwd), ("fwd+bwd", ssd_grad)):
+        # ours at every chunk size and the reference, timed in the same process; the reference
+        # (8.7 GB of temporaries for fwd+bwd) runs in its own block, after ours
+        fns = [make("chunked", c) for c in chunks] + [make("reference")]
+        times = time_blocks(fns, args, heavy_reps)
+        peer_temp = temp_bytes(fns[-1], *args)
+        for c, f, t in zip(chunks, fns, times):
+            bench.record({"case": f"ssd {mode} B{bsz} L{length} H{heads} P{p} N{n} chunk {c}",
+                          "peer": "sequential lax.scan reference", "ours_s": t,
+                          "peer_s": times[-1], "ratio": times[-1] / t,
+                          "ours_temp_bytes": temp_bytes(f, *args), "peer_temp_bytes": peer_temp,
+                          "chunk": c, "timing": f"min of {heavy_reps}", **shape})  # fmt: skip
 
 
 def linear_cases(bench, q):

@@ -12,6 +12,7 @@ L need not be a multiple of the chunk (padded with dt = 0, which leaves the stat
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -55,101 +56,171 @@ def _sequential(x, dt, A, Bh, Ch, h0, keep):
 
 
 def _chunked(x, dt, A, Bg, Cg, h0, sidx, chunk):
-    """Matmul form. Bg/Cg: (B, L, G, N); sidx: (B, L) monotone segment index (resets on change).
+    """Matmul form. x (B, L, H, P); Bg/Cg (B, L, G, N); sidx (B, L) segment index.
 
-    Internally (chunk, batch, group, head-in-group, step, ...) so every matmul has its batch axes
-    leading, C B^T is computed once per group (not per head), and the chunk recurrence scans the
-    leading axis of the per-chunk states as they come out of their matmul (no transposes of the
-    large (chunks, batch, H, P, N) tensors, forward or backward).
+    Pads L up to a multiple of the chunk (dt = 0 keeps the state; the padded steps join the last
+    segment) and runs :func:`_core` on the padded arrays.
     """
     bsz, length, heads, p = x.shape
-    g = Bg.shape[2]
-    r = heads // g
     t = min(chunk, length)
-    nc = -(-length // t)
-    lp = nc * t
-    x, dt, Bg, Cg = (pad_time(v, lp) for v in (x, dt, Bg, Cg))
-    sidx = pad_time(sidx, lp, value=0)
-    if lp != length:  # padded steps belong to the last segment (dt = 0 keeps the state)
+    lp = -(-length // t) * t
+    if lp != length:
+        x, dt, Bg, Cg = (pad_time(v, lp) for v in (x, dt, Bg, Cg))
         last = sidx[:, length - 1 : length]
-        pos = jnp.arange(lp)[None, :]
-        sidx = jnp.where(pos >= length, last, sidx)
-    n = Bg.shape[-1]
-    xc = x.reshape(bsz, nc, t, g, r, p).transpose(1, 0, 3, 4, 2, 5)  # (nc, B, G, R, T, P)
-    dtc = dt.reshape(bsz, nc, t, g, r).transpose(1, 0, 3, 4, 2)  # (nc, B, G, R, T)
-    bc = Bg.reshape(bsz, nc, t, g, n).transpose(1, 0, 3, 2, 4)  # (nc, B, G, T, N)
-    cc = Cg.reshape(bsz, nc, t, g, n).transpose(1, 0, 3, 2, 4)
-    sc = sidx.reshape(bsz, nc, t).transpose(1, 0, 2).reshape(nc, bsz, 1, 1, t)  # (nc, B, 1, 1, T)
-    acum = jnp.cumsum(dtc * A.reshape(1, 1, g, r, 1), axis=-1)  # (nc, B, G, R, T) log-decay
-    xdt = xc * dtc[..., None]  # (nc, B, G, R, T, P)
-
-    # 1. intra-chunk: y[l] = sum_{s<=l, same segment} C_l.B_s exp(acum_l - acum_s) x_s dt_s
-    causal = jnp.tril(jnp.ones((t, t), bool)).reshape(1, 1, 1, 1, t, t)
-    mask = (sc[..., :, None] == sc[..., None, :]) & causal  # (nc, B, 1, 1, T, T)
-    diff = acum[..., :, None] - acum[..., None, :]  # (nc, B, G, R, T(l), T(s))
-    decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
-    cb = jnp.einsum("bcgln,bcgsn->bcgls", cc, bc)  # once per group
-    y = jnp.einsum("bcgrls,bcgrsp->bcgrlp", cb[:, :, :, None] * decay, xdt)
-
-    # 2. the state each chunk leaves (from its own steps, in the chunk's last segment)
-    in_last = sc == sc[..., -1:]  # (nc, B, 1, 1, T)
-    w = jnp.exp(jnp.where(in_last, acum[..., -1:] - acum, -jnp.inf))  # (nc, B, G, R, T)
-    states = jnp.einsum("bcgrlp,bcgln->bcgrpn", xdt * w[..., None], bc)  # (nc, B, G, R, P, N)
-
-    # 3. recurrence over chunks: s_in[c+1] = decay_c * keep_c * s_in[c] + states_c
-    end = sidx.reshape(bsz, nc, t)[:, :, -1]  # (B, nc)
-    prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
-    keep_c = (end == prev_end).astype(x.dtype).T.reshape(nc, bsz, 1, 1)  # no reset inside chunk
-    chunk_decay = jnp.exp(acum[..., -1]) * keep_c  # (nc, B, G, R)
-
-    s_in, h_t = _chunk_recurrence(chunk_decay, states, h0.reshape(bsz, g, r, p, n))
-    # s_in: (nc, B, G, R, P, N), the state entering each chunk
-
-    # 4. carried state read out: y[l] += exp(acum_l) C_l s_in (if l is in the carried segment)
-    carried = sc == prev_end.T.reshape(nc, bsz, 1, 1, 1)  # (nc, B, 1, 1, T)
-    out_decay = jnp.exp(jnp.where(carried, acum, -jnp.inf))  # (nc, B, G, R, T)
-    y = y + jnp.einsum("bcgln,bcgrpn->bcgrlp", cc, s_in) * out_decay[..., None]
-    y = y.transpose(1, 0, 4, 2, 3, 5).reshape(bsz, lp, heads, p)[:, :length]
-    return y, h_t.reshape(bsz, heads, p, n)
+        sidx = jnp.concatenate([sidx, jnp.broadcast_to(last, (bsz, lp - length))], axis=1)
+    y, h_t = _core(t, x, dt, A, Bg, Cg, h0, sidx)
+    return y[:, :length], h_t
 
 
-@jax.custom_vjp
-def _chunk_recurrence(decay, states, h0):
-    """s_in[c + 1] = decay[c] s_in[c] + states[c], s_in[0] = h0, over the leading (chunk) axis.
+def _chunk_major(t, x, dt, Bg, Cg, g):
+    """Chunk-major, head-major copies for ``lax.scan``: x (B, L, H, P) -> (nc, B, G, R, T, P),
+    dt (B, L, H) -> (nc, B, G, R, T), B/C (B, L, G, N) -> (nc, B, G, T, N)."""
+    bsz, lp, heads = dt.shape
+    r, nc = heads // g, lp // t
+    xh = x.reshape(bsz, nc, t, g, r, -1).transpose(1, 0, 3, 4, 2, 5)
+    dth = dt.reshape(bsz, nc, t, g, r).transpose(1, 0, 3, 4, 2)
+    bc, cc = (v.reshape(bsz, nc, t, g, -1).transpose(1, 0, 3, 2, 4) for v in (Bg, Cg))
+    return xh, dth, bc, cc
 
-    decay: (nc, B, G, R); states: (nc, B, G, R, P, N); h0: (B, G, R, P, N). Returns s_in (the
-    state entering each chunk) and the final state. Its VJP is the reverse recurrence of the
-    cotangents (one ``lax.scan`` that carries only the adjoint), with the decay cotangent taken
-    afterwards in one reduction, instead of the generic scan transpose.
+
+def _from_chunk_major(v):
+    """(nc, B, G, R, T, ...) -> (B, L, H, ...)."""
+    nc, bsz, g, r, t = v.shape[:5]
+    perm = (1, 0, 4, 2, 3) + tuple(range(5, v.ndim))
+    return v.transpose(perm).reshape(bsz, nc * t, g * r, *v.shape[5:])
+
+
+def _chunk_consts(dth, A, sidx):
+    """Per-chunk quantities that only need dt, A and the segments, chunk-major for ``lax.scan``.
+
+    Returns (acum, in_last, carried, keep, seg): the in-chunk cumulative log-decay (nc, B, G, R, T);
+    whether a step is in its chunk's last segment (nc, B, T) (its input reaches the chunk state);
+    whether it is in the segment carried in from the previous chunk (nc, B, T) (it reads the
+    carried state); whether the carried state survives the chunk (nc, B); the segment index
+    (nc, B, T).
     """
-
-    def carry(s, inp):
-        d, st = inp
-        return d[..., None, None] * s + st, s
-
-    h_t, s_in = lax.scan(carry, h0, (decay, states))
-    return s_in, h_t
-
-
-def _chunk_recurrence_fwd(decay, states, h0):
-    s_in, h_t = _chunk_recurrence(decay, states, h0)
-    return (s_in, h_t), (decay, s_in)
+    nc, bsz, g, r, t = dth.shape
+    acum = jnp.cumsum(dth * A.reshape(1, 1, g, r, 1), axis=-1)
+    seg = jnp.moveaxis(sidx.reshape(bsz, nc, t), 1, 0)  # (nc, B, T)
+    end = seg[:, :, -1]
+    prev_end = jnp.concatenate([jnp.zeros_like(end[:1]), end[:-1]], axis=0)
+    in_last = seg == end[..., None]
+    carried = seg == prev_end[..., None]
+    keep = end == prev_end  # no reset inside the chunk
+    return acum, in_last, carried, keep, seg
 
 
-def _chunk_recurrence_bwd(res, cts):
-    decay, s_in = res
-    g_in, g_t = cts
+def _chunk_terms(a, in_last, carried, keep, seg, xc, dtc, bc, cc):
+    """Recomputed per chunk (forward and backward), head-major: a (B, G, R, T), xc (B, G, R, T, P),
+    bc/cc (B, G, T, N); in_last/carried/seg (B, T), keep (B,)."""
+    t = a.shape[-1]
+    xdt = xc * dtc[..., None]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal[None]  # (B, T(l), T(s))
+    diff = a[..., :, None] - a[..., None, :]
+    lmat = jnp.exp(jnp.where(mask[:, None, None], diff, -jnp.inf))  # (B, G, R, T, T)
+    cb = jnp.einsum("bgln,bgsn->bgls", cc, bc)  # once per group
+    m = cb[:, :, None] * lmat
+    od = jnp.exp(jnp.where(carried[:, None, None], a, -jnp.inf))  # reads the carried state
+    w = jnp.exp(jnp.where(in_last[:, None, None], a[..., -1:] - a, -jnp.inf))  # to chunk state
+    cd = jnp.exp(a[..., -1]) * keep[:, None, None].astype(a.dtype)  # (B, G, R) carried decay
+    return xdt, lmat, m, od, w, cd
 
-    def back(lam, inp):  # lam: cotangent of s_in[c + 1]
-        d, g = inp
-        return g + d[..., None, None] * lam, lam
 
-    g_h0, g_states = lax.scan(back, g_t, (decay, g_in), reverse=True)
-    g_decay = jnp.einsum("cbgrpn,cbgrpn->cbgr", g_states, s_in)
-    return g_decay, g_states, g_h0
+def _core_fwd_impl(t, x, dt, A, Bg, Cg, h0, sidx):
+    """One ``lax.scan`` over chunks; returns y (B, L, H, P), the final state, and the residuals
+    of the backward (chunk-major inputs and s_in (nc, B, G, R, P, N), the state entering each
+    chunk).
+    """
+    bsz, lp, heads, p = x.shape
+    g, n = Bg.shape[2], Bg.shape[3]
+    xh, dth, bh, ch = _chunk_major(t, x, dt, Bg, Cg, g)
+
+    def body(s, inp):
+        xc, dtc, bc, cc, a, in_last, carried, keep, seg = inp
+        xdt, _, m, od, w, cd = _chunk_terms(a, in_last, carried, keep, seg, xc, dtc, bc, cc)
+        y = jnp.einsum("bgrls,bgrsp->bgrlp", m, xdt)
+        y = y + jnp.einsum("bgln,bgrpn->bgrlp", cc, s) * od[..., None]
+        st = jnp.einsum("bgrsp,bgsn->bgrpn", xdt * w[..., None], bc)
+        return cd[..., None, None] * s + st, (y, s)
+
+    s0 = h0.reshape(bsz, g, heads // g, p, n)
+    consts = _chunk_consts(dth, A, sidx)
+    h_t, (y, s_in) = lax.scan(body, s0, (xh, dth, bh, ch, *consts))
+    res = (xh, dth, A, bh, ch, sidx, s_in)
+    return _from_chunk_major(y), h_t.reshape(bsz, heads, p, n), res
 
 
-_chunk_recurrence.defvjp(_chunk_recurrence_fwd, _chunk_recurrence_bwd)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(t, x, dt, A, Bg, Cg, h0, sidx):
+    """y, final state of the chunked SSD on padded inputs (L a multiple of t).
+
+    Custom VJP: the forward keeps only its inputs and the state entering each chunk; the backward
+    is one reverse ``lax.scan`` over chunks that recomputes the chunk's decay matrices and carries
+    the state cotangent.
+    """
+    y, h_t, _ = _core_fwd_impl(t, x, dt, A, Bg, Cg, h0, sidx)
+    return y, h_t
+
+
+def _core_fwd(t, x, dt, A, Bg, Cg, h0, sidx):
+    y, h_t, res = _core_fwd_impl(t, x, dt, A, Bg, Cg, h0, sidx)
+    return (y, h_t), res
+
+
+def _core_bwd(t, res, cts):
+    xh, dth, A, bh, ch, sidx, s_in = res
+    gy, g_t = cts
+    nc, bsz, g, r, _, p = xh.shape
+    n = bh.shape[-1]
+    heads = g * r
+    gyh = gy.reshape(bsz, nc, t, g, r, p).transpose(1, 0, 3, 4, 2, 5)
+
+    def body(lam, inp):  # lam: cotangent of the state leaving chunk c
+        xc, dtc, bc, cc, gyc, a, in_last, carried, keep, seg, s = inp
+        xdt, lmat, m, od, w, cd = _chunk_terms(a, in_last, carried, keep, seg, xc, dtc, bc, cc)
+        # read-out of the carried state: y += od * (C s)
+        gz = gyc * od[..., None]
+        z = jnp.einsum("bgln,bgrpn->bgrlp", cc, s)
+        ga = jnp.sum(gyc * z, axis=-1) * od  # (B, G, R, T)
+        gc = jnp.einsum("bgrlp,bgrpn->bgln", gz, s)
+        g_s = jnp.einsum("bgrlp,bgln->bgrpn", gz, cc)
+        # recurrence: s_next = cd * s + st
+        ga_last = jnp.sum(lam * s, axis=(-2, -1)) * cd  # (B, G, R)
+        lam_new = g_s + cd[..., None, None] * lam
+        # chunk state: st = (xdt * w)^T B
+        g_u = jnp.einsum("bgsn,bgrpn->bgrsp", bc, lam)
+        gb = jnp.einsum("bgrsp,bgrpn->bgsn", xdt * w[..., None], lam)
+        g_xdt = g_u * w[..., None]
+        gw = jnp.sum(g_u * xdt, axis=-1) * w
+        ga = ga - gw
+        ga_last = ga_last + jnp.sum(gw, axis=-1)
+        # intra-chunk: y += (CB * L) @ xdt
+        gm = jnp.einsum("bgrlp,bgrsp->bgrls", gyc, xdt)
+        g_xdt = g_xdt + jnp.einsum("bgrls,bgrlp->bgrsp", m, gyc)
+        gcb = jnp.sum(gm * lmat, axis=2)  # (B, G, T, T)
+        ge = gm * m
+        ga = ga + jnp.sum(ge, axis=-1) - jnp.sum(ge, axis=-2)
+        ga = ga.at[..., -1].add(ga_last)
+        gc = gc + jnp.einsum("bgls,bgsn->bgln", gcb, bc)
+        gb = gb + jnp.einsum("bgls,bgln->bgsn", gcb, cc)
+        gdt = jnp.sum(g_xdt * xc, axis=-1)
+        return lam_new, (g_xdt * dtc[..., None], gdt, ga, gb, gc)
+
+    consts = _chunk_consts(dth, A, sidx)
+    g_h0, (gx, gdt, ga, gb, gc) = lax.scan(
+        body, g_t.reshape(bsz, g, r, p, n), (xh, dth, bh, ch, gyh, *consts, s_in), reverse=True
+    )
+    # acum = in-chunk cumsum of dt * A: its cotangent is the reverse in-chunk cumsum of ga
+    g_da = jnp.flip(jnp.cumsum(jnp.flip(ga, -1), axis=-1), -1)  # (nc, B, G, R, T)
+    gdt = gdt + g_da * A.reshape(1, 1, g, r, 1)
+    g_a = jnp.sum(g_da * dth, axis=(0, 1, 4)).reshape(heads)
+    gb, gc = (v.transpose(1, 0, 3, 2, 4).reshape(bsz, nc * t, g, n) for v in (gb, gc))
+    return (_from_chunk_major(gx), _from_chunk_major(gdt), g_a, gb, gc,
+            g_h0.reshape(bsz, heads, p, n), None)  # fmt: skip
+
+
+_core.defvjp(_core_fwd, _core_bwd)
 
 
 def ssd(
