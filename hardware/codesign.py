@@ -93,9 +93,10 @@ HARDWARE: dict[str, tuple[Callable[[], Any], dict[str, tuple[float, ...]], float
             "pes": (16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0),
             "lanes": (4.0, 8.0, 16.0, 32.0),
             "bits_per_cycle": (1.0, 2.0, 4.0),
+            "sram_kb": (16.0, 32.0, 64.0, 128.0, 256.0),
         },
         1.0,
-        10.0,
+        1.0,
     ),
     "systolic": (
         _systolic,
@@ -103,6 +104,7 @@ HARDWARE: dict[str, tuple[Callable[[], Any], dict[str, tuple[float, ...]], float
             "rows": (4.0, 8.0, 16.0, 32.0, 64.0, 128.0),
             "cols": (4.0, 8.0, 16.0, 32.0, 64.0, 128.0),
             "dram_bw": (8.0, 16.0, 32.0, 64.0),
+            "ifmap_sram_kb": (16.0, 32.0, 64.0, 128.0, 256.0),
         },
         1.0,
         10.0,
@@ -125,12 +127,15 @@ class DesignSpace:
     """The discrete design space: hardware choices x per-layer (weight, act) bit choices.
 
     ``hw``: ``((field, (choice, ...)), ...)`` sorted ascending; ``bits``: bit-width choices;
-    ``layers``: the quantized layers (each has a weight and an activation bit-width).
+    ``layers``: the quantized layers (each has a weight and an activation bit-width);
+    ``tied``: one bit-width per layer for both its weights and its activations (a reduced space,
+    e.g. for the exhaustive check).
     """
 
     hw: tuple[tuple[str, tuple[float, ...]], ...]
     bits: tuple[float, ...]
     layers: tuple[str, ...]
+    tied: bool = False
 
     def __post_init__(self) -> None:
         for name, ch in self.hw:
@@ -142,7 +147,8 @@ class DesignSpace:
     @property
     def dims(self) -> list[int]:
         """Number of choices per dimension: hardware fields, then (layer, weight/act) bits."""
-        return [len(c) for _, c in self.hw] + [len(self.bits)] * (2 * len(self.layers))
+        per_layer = 1 if self.tied else 2
+        return [len(c) for _, c in self.hw] + [len(self.bits)] * (per_layer * len(self.layers))
 
     @property
     def size(self) -> int:
@@ -158,18 +164,95 @@ class DesignSpace:
         nh = len(self.hw)
         hw = np.stack([np.asarray(c)[idx[..., i]] for i, (_, c) in enumerate(self.hw)], -1)
         b = np.asarray(self.bits)[idx[..., nh:]]
+        if self.tied:
+            return hw, np.stack([b, b], -1)
         return hw, b.reshape(*b.shape[:-1], len(self.layers), 2)
 
 
 def default_space(
-    hardware: str, layers: Sequence[str], bits: Sequence[float] = BIT_CHOICES
+    hardware: str,
+    layers: Sequence[str],
+    bits: Sequence[float] = BIT_CHOICES,
+    *,
+    tied: bool = False,
 ) -> DesignSpace:
     """The built-in design space of ``hardware`` for a model with quantized ``layers``."""
     if hardware not in HARDWARE:
         raise ValueError(f"hardware: expected one of {tuple(HARDWARE)}, got {hardware!r}")
     return DesignSpace(
-        tuple(HARDWARE[hardware][1].items()), tuple(float(b) for b in bits), tuple(layers)
+        tuple(HARDWARE[hardware][1].items()),
+        tuple(float(b) for b in bits),
+        tuple(layers),
+        bool(tied),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# the co-design model built here: a causal MLP language model (several quantized layers)
+
+#: models this module builds itself (besides ``jaxcore.models.MODEL_NAMES``)
+LOCAL_MODELS: tuple[str, ...] = ("mlp",)
+
+
+def _causal_mlp_class():
+    from flax import nnx
+    from jaxcore.models import QDense
+
+    class CausalMLP(nnx.Module):
+        """A causal MLP language model (Bengio et al. 2003 style, over the whole prefix).
+
+        Tokens (B, T) -> embeddings (B, T, E); position t reads the concatenation of the
+        embeddings of positions <= t (zeros after t), shape (B, T, T*E); then ``num_layers``
+        hidden :class:`~jaxcore.models.QDense` layers of width ``d_hidden`` with ReLU and a
+        QDense head -> logits (B, T, vocab). Every matmul is a quantized layer with its own
+        weight and activation bit-widths.
+        """
+
+        def __init__(self, vocab_size, seq_len, *, d_model, d_hidden, num_layers, quant, rngs):
+            self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+            widths = (seq_len * d_model, *([d_hidden] * num_layers), vocab_size)
+            self.layers = nnx.List(
+                [QDense(a, b, quant=quant, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
+            )
+            # biases here, added with explicit ranks (QDense's bias add relies on rank promotion)
+            self.biases = nnx.List(
+                [nnx.Param(jnp.zeros((1, 1, b), jnp.float32)) for b in widths[1:]]
+            )
+
+        def __call__(self, tokens):
+            bsz, t = tokens.shape
+            e = self.embed(tokens)
+            mask = jnp.tril(jnp.ones((t, t), e.dtype))
+            x = (mask[None, :, :, None] * e[:, None, :, :]).reshape(bsz, t, -1)
+            for i, (layer, b) in enumerate(zip(self.layers, self.biases)):
+                x = layer(x) + b[...]
+                if i + 1 < len(self.layers):
+                    x = jax.nn.relu(x)
+            return x
+
+    return CausalMLP
+
+
+def _build(name: str, vocab: int, seq_len: int, *, seed: int, learn_bits: bool, init_bits: float,
+           d_model: int, d_hidden: int, num_layers: int, num_heads: int) -> Any:  # fmt: skip
+    from flax import nnx
+    from jaxcore.models import QuantConfig, build_model
+
+    if name == "mlp":
+        quant = QuantConfig(learn_bits=True, init_bits=init_bits) if learn_bits else None
+        return _causal_mlp_class()(
+            vocab,
+            seq_len,
+            d_model=d_model,
+            d_hidden=d_hidden,
+            num_layers=num_layers,
+            quant=quant,
+            rngs=nnx.Rngs(seed),
+        )
+    kw = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads)
+    if learn_bits:
+        kw.update(learn_bits=True, init_bits=init_bits)
+    return build_model(name, vocab, seed=seed, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +273,7 @@ class DesignPoint:
     hw: dict[str, float]
     bits: dict[str, tuple[float, float]]
     lam: float | None = None
+    ptq_accuracy: float | None = None  # gradient designs: the pretrained weights at these bits
 
     @property
     def edp(self) -> float:
@@ -219,6 +303,7 @@ class SearchResult:
             "evals": self.evals,
             "best": None if self.best is None else self.best.to_json(),
             "n_feasible": int(self.feasible.sum()),
+            "n_accuracy_scored": int(np.isfinite(self.accuracy).sum()),
         }
 
 
@@ -358,7 +443,7 @@ class CodesignResult:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for r, c in ((self.random, "tab:gray"), (self.grid, "tab:green")):
             if r is not None and len(r.edp):
-                m = r.feasible
+                m = r.feasible & np.isfinite(r.accuracy)
                 ax.scatter(
                     r.edp[m],
                     r.accuracy[m],
@@ -473,9 +558,40 @@ def _layer_params(model: Any, wl: Any) -> dict[str, list[str]]:
     return out
 
 
-def _precision(layer_params: Mapping[str, list[str]], bits: Any) -> dict[str, Any]:
-    """``bits`` (L, 2) (weight, act per layer) -> a precision mapping for :func:`cost`."""
-    prec: dict[str, Any] = {}
+def _op_act_layers(wl: Any, layer_params: Mapping[str, list[str]]) -> dict[int, int]:
+    """Non-matmul op index -> the quantized layer whose activation width it runs at.
+
+    The activations between two quantized layers are stored at the next layer's activation
+    bit-width (what it quantizes them to), so the elementwise, reduction and data-movement ops
+    that produce them (bias, ReLU, the causal concatenation, ...) are costed at that width: an op
+    maps to the first weight matmul after it in program order. Ops after the last one (the
+    logits) keep their traced width.
+    """
+    owner = {n: li for li, names in enumerate(layer_params.values()) for n in names}
+    mm_layer = {}
+    for i, o in enumerate(wl.ops):
+        if o.kind == "matmul":
+            hit = [owner[n] for n in (*o.rhs_params, *o.lhs_params) if n in owner]
+            if hit:
+                mm_layer[i] = hit[0]
+    out: dict[int, int] = {}
+    nxt = None
+    for i in range(len(wl.ops) - 1, -1, -1):
+        if i in mm_layer:
+            nxt = mm_layer[i]
+        elif wl.ops[i].kind != "matmul" and nxt is not None:
+            out[i] = nxt
+    return out
+
+
+def _precision(
+    layer_params: Mapping[str, list[str]], bits: Any, op_layers: Mapping[int, int] | None = None
+) -> dict[Any, Any]:
+    """``bits`` (L, 2) (weight, act per layer) -> a precision mapping for :func:`cost`; with
+    ``op_layers`` (:func:`_op_act_layers`) the non-matmul ops run at their layer's act width."""
+    prec: dict[Any, Any] = {}
+    for i, li in (op_layers or {}).items():
+        prec[int(i)] = bits[li, 1]
     for i, names in enumerate(layer_params.values()):
         for n in names:
             prec[n] = (bits[i, 0], bits[i, 1])
@@ -497,6 +613,25 @@ def _bits_state(state: Any, layers: Sequence[str], bits: Any) -> Any:
     return jax.tree_util.tree_map_with_path(put, state)
 
 
+def _leaf_key(path: tuple) -> tuple[str, int]:
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    if keys and keys[-1] == "value":
+        keys = keys[:-1]
+    return ".".join(str(k) for k in keys[:-1]), {"weight_bits": 0, "act_bits": 1}[keys[-1]]
+
+
+def _tie_state(state: Any, layers: Sequence[str]) -> Any:
+    """The BitWidth ``state`` with every layer's activation bits set to its weight bits
+    (differentiable: the weight bit-width receives both gradients)."""
+    index = {layer: i for i, layer in enumerate(layers)}
+    w = [None] * len(layers)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        layer, col = _leaf_key(path)
+        if col == 0:
+            w[index[layer]] = leaf
+    return _bits_state(state, layers, jnp.stack([jnp.stack([v, v]) for v in w]))
+
+
 def _bits_array(model: Any) -> jax.Array:
     from jaxcore.models.quant import bit_widths
 
@@ -508,18 +643,26 @@ def _bits_array(model: Any) -> jax.Array:
 # the main job
 
 
+#: per-task defaults of the built-in co-design setting (task lengths)
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "addition": {"min_len": 2, "max_len": 3},
+    "parity": {"min_len": 2, "max_len": 8},
+}
+
+
 def codesign(
-    model: str = "lstm",
-    task: str = "parity",
+    model: str = "mlp",
+    task: str = "addition",
     hardware: str = "bitserial",
     *,
     lambdas: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
-    steps: int = 150,
-    pretrain_steps: int = 300,
+    steps: int = 200,
+    pretrain_steps: int = 1500,
     batch_size: int = 32,
-    eval_size: int = 256,
-    d_model: int = 32,
-    num_layers: int = 1,
+    eval_size: int = 512,
+    d_model: int = 16,
+    d_hidden: int = 256,
+    num_layers: int = 3,
     num_heads: int = 2,
     task_kwargs: Mapping[str, Any] | None = None,
     metric: str = "edp",
@@ -528,14 +671,16 @@ def codesign(
     penalty: float = 10.0,
     accuracy_target: float | None = None,
     target_fraction: float = 0.95,
-    lr: float = 1e-2,
+    lr: float | None = None,
     bits_lr: float = 0.1,
     hw_lr: float = 0.1,
     baselines: bool = True,
-    random_repeats: int = 1,
+    random_repeats: int = 5,
     exhaustive: bool | None = False,
     exhaustive_limit: int = 400_000,
+    exhaustive_bit_configs: int = 20_000,
     bit_choices: Sequence[float] = BIT_CHOICES,
+    tied_bits: bool = False,
     seed: int = 0,
     log: Callable[[str], None] | None = print,
     log_every: int = 25,
@@ -543,28 +688,35 @@ def codesign(
     """Co-design ``model`` (trained on ``task``), its per-layer bit-widths and ``hardware``.
 
     Args:
-      model, task, hardware: names (``jaxcore.models.MODEL_NAMES``, ``tasks.TASKS``,
-        :data:`HARDWARE`). The model is built with ``d_model``/``num_layers``/``num_heads`` and
-        learnable bit-widths; the task with ``task_kwargs`` (default lengths 2..8).
+      model, task, hardware: names (``"mlp"`` (:data:`LOCAL_MODELS`, the default: a causal MLP
+        LM with ``num_layers`` hidden layers of width ``d_hidden`` over ``d_model``-wide
+        embeddings) or ``jaxcore.models.MODEL_NAMES``; ``tasks.TASKS``; :data:`HARDWARE`).
+        Models are built with ``d_model``/``num_layers``/``num_heads`` and learnable
+        bit-widths; the task with ``task_kwargs`` (default :data:`TASK_DEFAULTS`, else lengths
+        2..8).
       lambdas: cost weights; one co-design run (``steps`` optax steps) per value, each starting
-        from the model pretrained for ``pretrain_steps`` at 8 bits.
+        from the model pretrained for ``pretrain_steps`` at the largest bit choice.
       metric: "edp" | "latency" | "energy" (the cost term is ``log(metric)``).
       area_budget_mm2, power_budget_w: constraints (quadratic penalties with weight ``penalty``
         in training; a discrete design violating them is infeasible). Defaults per hardware.
       accuracy_target: accuracy a design must reach to count; default ``target_fraction`` x the
         pretrained model's accuracy.
-      lr, bits_lr, hw_lr: Adam learning rates of weights, bit-widths, log hardware parameters.
+      lr, bits_lr, hw_lr: Adam learning rates of weights (None: 2e-3 for the MLP, 1e-2 for the
+        other models), bit-widths, log hardware parameters.
       baselines: run random and grid search with the same number of cost evaluations.
       random_repeats: independent random searches (seeds ``[seed, i]``); ``random`` is the one
         with the median best EDP, all are in ``random_runs``.
-      exhaustive: also search the full grid (None: when its size <= ``exhaustive_limit``).
+      exhaustive: also search the full grid (None: when its size <= ``exhaustive_limit``); it
+        is skipped when it has more than ``exhaustive_bit_configs`` bit-width configurations
+        (one accuracy evaluation each).
       bit_choices: the discrete bit-widths of the design space (default 2..8); the model
         starts (and is pretrained) at the largest.
+      tied_bits: one bit-width per layer for its weights and activations (a smaller space).
       log: progress printer (None for silence).
     Returns a :class:`CodesignResult`.
     """
     from flax import nnx
-    from jaxcore.models import build_model, pure, tasks
+    from jaxcore.models import MODEL_NAMES, tasks
 
     from jaxcore.train import masked_metrics
 
@@ -572,8 +724,15 @@ def codesign(
     from .trace import trace
 
     t0 = time.perf_counter()
-    say = log or (lambda s: None)
+    say0 = log or (lambda s: None)
+
+    def say(msg: str) -> None:
+        say0(f"[{time.perf_counter() - t0:6.1f}s] {msg}")
+
     # ---------------- argument checks (before any work) ----------------
+    names = (*LOCAL_MODELS, *MODEL_NAMES)
+    if model not in names:
+        raise ValueError(f"model: expected one of {names}, got {model!r}")
     if hardware not in HARDWARE:
         raise ValueError(f"hardware: expected one of {tuple(HARDWARE)}, got {hardware!r}")
     lambdas = [float(v) for v in lambdas]
@@ -584,9 +743,11 @@ def codesign(
         ("batch_size", batch_size),
         ("eval_size", eval_size),
         ("d_model", d_model),
+        ("d_hidden", d_hidden),
         ("num_layers", num_layers),
         ("num_heads", num_heads),
         ("log_every", log_every),
+        ("exhaustive_bit_configs", exhaustive_bit_configs),
     ):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -597,6 +758,8 @@ def codesign(
         raise ValueError(f"random_repeats: expected a positive integer, got {random_repeats!r}")
     if not isinstance(pretrain_steps, (int, np.integer)) or pretrain_steps < 0:
         raise ValueError(f"pretrain_steps: expected an integer >= 0, got {pretrain_steps!r}")
+    if lr is None:
+        lr = 2e-3 if model == "mlp" else 1e-2
     for name, v in (("lr", lr), ("bits_lr", bits_lr), ("hw_lr", hw_lr), ("penalty", penalty)):
         if not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"{name}: expected a finite value >= 0, got {v}")
@@ -612,22 +775,29 @@ def codesign(
             f"area_budget_mm2/power_budget_w: expected positive numbers, got "
             f"{area_budget}/{power_budget}"
         )
-    tkw = dict(task_kwargs) if task_kwargs is not None else {"min_len": 2, "max_len": 8}
+    if task_kwargs is not None:
+        tkw = dict(task_kwargs)
+    else:
+        tkw = dict(TASK_DEFAULTS.get(task, {"min_len": 2, "max_len": 8}))
     the_task = tasks.get_task(task, **tkw)
-    mkw = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads)
+    T = the_task.seq_len("train")
+    mkw = dict(d_model=d_model, d_hidden=d_hidden, num_layers=num_layers, num_heads=num_heads)
     hi = float(max(bit_choices))
-    net = build_model(model, the_task.vocab_size, seed=seed, learn_bits=True, init_bits=hi, **mkw)
-    twin = build_model(model, the_task.vocab_size, seed=seed, **mkw)  # float twin, for tracing
+    net = _build(model, the_task.vocab_size, T, seed=seed, learn_bits=True, init_bits=hi, **mkw)
+    # float twin, for tracing (each matmul's weight operand is a named parameter)
+    twin = _build(model, the_task.vocab_size, T, seed=seed, learn_bits=False, init_bits=hi, **mkw)
     base_hw = factory()
 
     # ---------------- trace the model step; map layers to traced weights ----------------
-    T = the_task.seq_len("train")
+    from jaxcore.models import pure
+
     fn, tstate = pure(twin)
     wl = trace(fn, tstate, jax.ShapeDtypeStruct((batch_size, T), jnp.int32), warn=False)
     if wl.unknown:
         say(f"warning: {len(wl.unknown)} op(s) not costed: {[u.name for u in wl.unknown]}")
     layer_params = _layer_params(net, wl)
-    space = default_space(hardware, tuple(layer_params), bit_choices)
+    op_layers = _op_act_layers(wl, layer_params)
+    space = default_space(hardware, tuple(layer_params), bit_choices, tied=tied_bits)
     fields = space.hw_fields
     lo_b, hi_b = space.bits[0], space.bits[-1]
     say(
@@ -646,7 +816,7 @@ def codesign(
     def exact_cost(hw_vals: jax.Array, bits: jax.Array) -> dict[str, jax.Array]:
         from .cost import cost
 
-        c = cost(make_hw(hw_vals), wl, precision=_precision(layer_params, bits))
+        c = cost(make_hw(hw_vals), wl, precision=_precision(layer_params, bits, op_layers))
         return {
             "latency_s": c.latency_s,
             "energy_j": c.energy_j,
@@ -696,20 +866,24 @@ def codesign(
         flat = bits.reshape(len(bits), -1)
         uniq, inv = np.unique(flat, axis=0, return_inverse=True)
         vals = []
-        for s in range(0, len(uniq), 64):
-            u = uniq[s : s + 64]
-            pad = 64 - len(u)
+        n = _ACC_CHUNK
+        for s in range(0, len(uniq), n):
+            u = uniq[s : s + n]
+            pad = n - len(u)
             u = np.concatenate([u, np.repeat(u[-1:], pad, 0)]) if pad else u
-            a = acc_many_j(p, r, jnp.asarray(u.reshape(64, -1, 2), jnp.float32))
-            vals.append(np.asarray(a)[: 64 - pad])
+            a = acc_many_j(p, r, jnp.asarray(u.reshape(n, -1, 2), jnp.float32))
+            vals.append(np.asarray(a)[: n - pad])
         return np.concatenate(vals)[np.ravel(inv)]
 
+    def tie(b):
+        return _tie_state(b, space.layers) if space.tied else b
+
     def loss_fn(groups, r, batch, lam):
-        m = merged(groups["weights"], groups["bits"], r)
+        m = merged(groups["weights"], tie(groups["bits"]), r)
         task_loss, met = masked_metrics(m(batch["inputs"]), batch)
         bits = _bits_array(m)
         hw = make_hw([jnp.exp(groups["hw"][f]) for f in fields])
-        c = hw_objective(hw, wl, _precision(layer_params, bits), **obj_kw)
+        c = hw_objective(hw, wl, _precision(layer_params, bits, op_layers), **obj_kw)
         aux = {
             "task_loss": task_loss,
             "accuracy": met["accuracy"],
@@ -791,7 +965,7 @@ def codesign(
                 )
         history[lam] = hist
         # discretise: bits to nearest choice, hw to the best feasible floor/ceil neighbour
-        m = merged(groups["weights"], groups["bits"], rest)
+        m = merged(groups["weights"], tie(groups["bits"]), rest)
         bits_c = np.asarray(_bits_array(m))
         bch = np.asarray(space.bits)
         bits_r = bch[np.abs(bits_c[..., None] - bch).argmin(-1)]
@@ -816,6 +990,7 @@ def codesign(
             else int(np.argmin(cres["area_mm2"] / area_budget + cres["power_w"] / power_budget))
         )
         acc = float(acc_one(groups["weights"], rest, jnp.asarray(bits_r, jnp.float32)))
+        ptq = float(acc_one(pre["weights"], rest, jnp.asarray(bits_r, jnp.float32)))
         p = _point(
             "gradient",
             acc,
@@ -827,9 +1002,11 @@ def codesign(
             bits_r,
             lam,
         )
+        p.ptq_accuracy = ptq
         points.append(p)
         say(
-            f"λ={lam:g} design: acc {acc:.3f} EDP {p.edp:.3e} J*s area {p.area_mm2:.3f} "
+            f"λ={lam:g} design: acc {acc:.3f} (PTQ {ptq:.3f}) EDP {p.edp:.3e} J*s "
+            f"area {p.area_mm2:.3f} "
             f"power {p.power_w:.3f} {'' if p.feasible else '(infeasible) '}"
             f"hw {p.hw} bits {bits_r.reshape(-1).astype(int).tolist()}"
         )
@@ -867,7 +1044,7 @@ def codesign(
         )
         do_ex = exhaustive if exhaustive is not None else space.size <= exhaustive_limit
         n_bit_cfg = math.prod(dims[len(fields) :])
-        if do_ex and n_bit_cfg > 20_000:
+        if do_ex and n_bit_cfg > exhaustive_bit_configs:
             say(f"exhaustive grid skipped: {n_bit_cfg} bit-width configurations to evaluate")
         elif do_ex:
             exh = _exhaustive(space, pre, rest, cost_many, acc_many, feasible, target)
@@ -921,6 +1098,9 @@ def _bitwidth_type():
     return BitWidth
 
 
+_ACC_CHUNK = 32  # bit configurations per batched accuracy evaluation
+
+
 def _fmt(p: DesignPoint | None) -> str:
     return "none reached the target" if p is None else f"{p.edp:.3e} J*s (acc {p.accuracy:.3f})"
 
@@ -941,56 +1121,72 @@ def _point(method, acc, c, feas, fields, hw_vals, layers, bits, lam=None) -> Des
 
 
 def _search(method, space, idx, pre, rest, cost_many, acc_many, feasible, target) -> SearchResult:
+    """Best feasible design at the accuracy target among the designs ``idx``.
+
+    Every design is costed; accuracies are then computed in increasing-EDP order among the
+    feasible designs, a batch at a time, until one reaches the target: the answer is the same
+    as scoring them all (designs after it cannot have a lower EDP), at a fraction of the
+    accuracy evaluations. Unscored designs have accuracy NaN.
+    """
     hw, bits = space.decode(idx)
     c = cost_many(hw, bits)
-    acc = acc_many(pre["weights"], rest, bits)
     feas = feasible(c)
     edp = c["latency_s"] * c["energy_j"]
-    ok = feas & (acc >= target)
+    acc = np.full(len(idx), np.nan)
+    order = np.flatnonzero(feas)[np.argsort(edp[feas], kind="stable")]
     best = None
-    if ok.any():
-        j = int(np.argmin(np.where(ok, edp, np.inf)))
-        best = _point(
-            method,
-            acc[j],
-            {k: v[j] for k, v in c.items()},
-            True,
-            space.hw_fields,
-            hw[j],
-            space.layers,
-            bits[j],
-        )
+    for s in range(0, len(order), _ACC_CHUNK):
+        sel = order[s : s + _ACC_CHUNK]
+        acc[sel] = acc_many(pre["weights"], rest, bits[sel])
+        ok = sel[acc[sel] >= target]
+        if len(ok):
+            j = int(ok[0])  # sel is in increasing EDP order
+            best = _point(
+                method,
+                acc[j],
+                {k: v[j] for k, v in c.items()},
+                True,
+                space.hw_fields,
+                hw[j],
+                space.layers,
+                bits[j],
+            )
+            break
     return SearchResult(method, len(idx), acc, edp, feas, best)
 
 
 def _exhaustive(space, pre, rest, cost_many, acc_many, feasible, target) -> SearchResult:
-    """Every design: accuracy per bit config once, then the cheapest feasible hardware for each
-    bit config at the target (all hardware choices costed)."""
+    """Every design: accuracy per bit config once, then every hardware choice costed for each
+    bit config that reaches the target (in large batches); the cheapest feasible one wins."""
     nh = len(space.hw)
     bdims = space.dims[nh:]
     bidx = np.array(list(itertools.product(*[range(d) for d in bdims])), np.int64)
-    bits_all = np.asarray(space.bits)[bidx].reshape(len(bidx), len(space.layers), 2)
+    _, bits_all = space.decode(np.concatenate([np.zeros((len(bidx), nh), np.int64), bidx], 1))
     acc = acc_many(pre["weights"], rest, bits_all)
     hidx = np.array(list(itertools.product(*[range(d) for d in space.dims[:nh]])), np.int64)
     hw_all = np.stack([np.asarray(c)[hidx[:, i]] for i, (_, c) in enumerate(space.hw)], -1)
     evals = len(bidx) * len(hidx)
-    best, best_edp = None, np.inf
     good = np.flatnonzero(acc >= target)
-    for bi in good:
-        c = cost_many(hw_all, np.repeat(bits_all[bi][None], len(hw_all), 0))
+    best_edp, best = np.inf, None
+    per = max(1, 32768 // len(hw_all))  # bit configs per batch
+    for s in range(0, len(good), per):
+        g = good[s : s + per]
+        hw = np.tile(hw_all, (len(g), 1))
+        bits = np.repeat(bits_all[g], len(hw_all), 0)
+        c = cost_many(hw, bits)
         edp = np.where(feasible(c), c["latency_s"] * c["energy_j"], np.inf)
         j = int(np.argmin(edp))
         if edp[j] < best_edp:
             best_edp = edp[j]
             best = _point(
                 "exhaustive",
-                acc[bi],
+                acc[g[j // len(hw_all)]],
                 {k: v[j] for k, v in c.items()},
                 True,
                 space.hw_fields,
-                hw_all[j],
+                hw[j],
                 space.layers,
-                bits_all[bi],
+                bits[j],
             )
     # designs whose accuracy misses the target cannot be best: their costs are not needed for
     # the optimum, but they count as evaluations of the exhaustive grid (it enumerates them).
@@ -1020,23 +1216,28 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "parameters; lambda sweep -> Pareto front; random and grid search baselines.",
     )
     s.__class__ = _OneLineParser
-    s.add_argument("--model", default="lstm", help="model name (jaxcore.models.MODEL_NAMES)")
-    s.add_argument("--task", default="parity", help="task name (jaxcore.models.tasks.TASKS)")
+    s.add_argument(
+        "--model", default="mlp", help="mlp (causal MLP LM) or a jaxcore.models.MODEL_NAMES name"
+    )
+    s.add_argument("--task", default="addition", help="task name (jaxcore.models.tasks.TASKS)")
     s.add_argument("--hardware", default="bitserial", help="|".join(HARDWARE))
     s.add_argument("--lambdas", default="0.01,0.03,0.1,0.3,1", help="comma-separated cost weights")
-    s.add_argument("--steps", type=int, default=150, help="co-design steps per lambda")
+    s.add_argument("--steps", type=int, default=200, help="co-design steps per lambda")
     s.add_argument(
-        "--pretrain-steps",
-        type=int,
-        default=None,
-        help="8-bit pretraining steps (default 2 x --steps)",
+        "--pretrain-steps", type=int, default=1500, help="pretraining steps at the top bit-width"
     )
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--d-model", type=int, default=32)
-    s.add_argument("--layers", type=int, default=1)
+    s.add_argument("--d-model", type=int, default=16, help="width (MLP: embedding width)")
+    s.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
+    s.add_argument("--layers", type=int, default=3, help="layers (MLP: hidden layers)")
     s.add_argument("--heads", type=int, default=2)
-    s.add_argument("--min-len", type=int, default=2)
-    s.add_argument("--max-len", type=int, default=8)
+    s.add_argument("--min-len", type=int, default=None, help="task length (default per task)")
+    s.add_argument("--max-len", type=int, default=None, help="task length (default per task)")
+    s.add_argument("--bits", default=None, help="comma-separated bit-width choices (2..8)")
+    s.add_argument(
+        "--tied-bits", action="store_true", help="one bit-width per layer (weights = acts)"
+    )
+    s.add_argument("--random-repeats", type=int, default=5, help="random search seeds")
     s.add_argument("--metric", default="edp", help="edp|latency|energy")
     s.add_argument("--area-budget", type=float, default=None, help="mm^2")
     s.add_argument("--power-budget", type=float, default=None, help="W")
@@ -1072,8 +1273,9 @@ def _cmd_codesign(args: argparse.Namespace) -> int:
 
     from .objective import METRICS
 
-    if args.model not in MODEL_NAMES:
-        raise _usage_error(f"--model: expected one of {MODEL_NAMES}, got {args.model!r}")
+    names = (*LOCAL_MODELS, *MODEL_NAMES)
+    if args.model not in names:
+        raise _usage_error(f"--model: expected one of {names}, got {args.model!r}")
     if args.task not in TASKS:
         raise _usage_error(f"--task: expected one of {tuple(TASKS)}, got {args.task!r}")
     if args.hardware not in HARDWARE:
@@ -1092,15 +1294,37 @@ def _cmd_codesign(args: argparse.Namespace) -> int:
         ("--steps", args.steps),
         ("--batch-size", args.batch_size),
         ("--d-model", args.d_model),
+        ("--hidden", args.hidden),
         ("--layers", args.layers),
         ("--heads", args.heads),
-        ("--min-len", args.min_len),
+        ("--random-repeats", args.random_repeats),
     ):
         if v < 1:
             raise _usage_error(f"{flag}: expected a positive integer, got {v}")
-    if args.max_len < args.min_len:
-        raise _usage_error(f"--max-len: expected >= --min-len={args.min_len}, got {args.max_len}")
-    pre = 2 * args.steps if args.pretrain_steps is None else args.pretrain_steps
+    tkw = dict(TASK_DEFAULTS.get(args.task, {"min_len": 2, "max_len": 8}))
+    if args.min_len is not None:
+        tkw["min_len"] = args.min_len
+    if args.max_len is not None:
+        tkw["max_len"] = args.max_len
+    if tkw["min_len"] < 1:
+        raise _usage_error(f"--min-len: expected a positive integer, got {tkw['min_len']}")
+    if tkw["max_len"] < tkw["min_len"]:
+        raise _usage_error(
+            f"--max-len: expected >= --min-len={tkw['min_len']}, got {tkw['max_len']}"
+        )
+    bits = BIT_CHOICES
+    if args.bits is not None:
+        try:
+            bits = tuple(float(v) for v in args.bits.split(",") if v.strip())
+        except ValueError:
+            raise _usage_error(
+                f"--bits: expected comma-separated numbers, got {args.bits!r}"
+            ) from None
+        if not bits or list(bits) != sorted(set(bits)) or bits[0] < 2 or bits[-1] > 16:
+            raise _usage_error(
+                f"--bits: expected ascending distinct values in [2, 16], got {args.bits!r}"
+            )
+    pre = args.pretrain_steps
     if pre < 0:
         raise _usage_error(f"--pretrain-steps: expected an integer >= 0, got {pre}")
     for flag, v in (("--area-budget", args.area_budget), ("--power-budget", args.power_budget)):
@@ -1122,9 +1346,13 @@ def _cmd_codesign(args: argparse.Namespace) -> int:
             pretrain_steps=pre,
             batch_size=args.batch_size,
             d_model=args.d_model,
+            d_hidden=args.hidden,
             num_layers=args.layers,
             num_heads=args.heads,
-            task_kwargs={"min_len": args.min_len, "max_len": args.max_len},
+            task_kwargs=tkw,
+            bit_choices=bits,
+            tied_bits=args.tied_bits,
+            random_repeats=args.random_repeats,
             metric=args.metric,
             area_budget_mm2=args.area_budget,
             power_budget_w=args.power_budget,

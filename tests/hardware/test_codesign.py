@@ -71,6 +71,31 @@ def test_bits_reach_the_cost():
     assert float(lo.energy_j) < float(hi.energy_j)
 
 
+def test_activation_ops_follow_layer_bits():
+    """Elementwise ops between quantized layers are costed at the next layer's act width."""
+    from jaxcore.hardware import cost
+
+    net = cd._build("mlp", TASK.vocab_size, TASK.seq_len(), seed=0, learn_bits=True,
+                    init_bits=8.0, d_model=4, d_hidden=16, num_layers=2, num_heads=1)  # fmt: skip
+    twin = cd._build("mlp", TASK.vocab_size, TASK.seq_len(), seed=0, learn_bits=False,
+                     init_bits=8.0, d_model=4, d_hidden=16, num_layers=2, num_heads=1)  # fmt: skip
+    fn, st = pure(twin)
+    wl = trace(fn, st, jax.ShapeDtypeStruct((4, TASK.seq_len()), jnp.int32), warn=False)
+    lp = cd._layer_params(net, wl)
+    assert list(lp) == ["layers.0", "layers.1", "layers.2"]
+    ol = cd._op_act_layers(wl, lp)
+    relu = [i for i, o in enumerate(wl.ops) if o.name == "max"]
+    assert [ol[i] for i in relu] == [1, 2]  # ReLU outputs feed layers 1 and 2
+    hw = cd.HARDWARE["bitserial"][0]()
+    b8 = np.full((3, 2), 8.0)
+    b4 = b8.copy()
+    b4[1, 1] = 4.0  # only layer 1's activations narrower
+    e = [cost(hw, wl, precision=cd._precision(lp, b, ol)).breakdown["per_op_energy_j"] for b in
+         (b8, b4)]  # fmt: skip
+    assert float(e[1][relu[0]]) < float(e[0][relu[0]])
+    assert float(e[1][relu[1]]) == pytest.approx(float(e[0][relu[1]]))
+
+
 def test_pareto_mask_non_dominated():
     rng = np.random.default_rng(0)
     acc, c = rng.random(50), rng.random(50)
@@ -100,10 +125,14 @@ def test_grid_levels_budget():
 
 def test_design_space_decode_and_bad_input():
     sp = cd.default_space("bitserial", ("a", "b"))
-    assert sp.dims == [7, 4, 3, 7, 7, 7, 7]
-    hw, bits = sp.decode(np.array([[0, 3, 2, 0, 6, 1, 2]]))
-    assert hw.tolist() == [[16.0, 32.0, 4.0]]
+    assert sp.dims == [7, 4, 3, 5, 7, 7, 7, 7]
+    hw, bits = sp.decode(np.array([[0, 3, 2, 1, 0, 6, 1, 2]]))
+    assert hw.tolist() == [[16.0, 32.0, 4.0, 32.0]]
     assert bits.tolist() == [[[2.0, 8.0], [3.0, 4.0]]]
+    tied = cd.default_space("bitserial", ("a", "b"), tied=True)
+    assert tied.dims == [7, 4, 3, 5, 7, 7] and tied.size == sp.size // 49
+    _, tb = tied.decode(np.array([[0, 0, 0, 0, 6, 1]]))
+    assert tb.tolist() == [[[8.0, 8.0], [3.0, 3.0]]]
     with pytest.raises(ValueError, match="hardware"):
         cd.default_space("tpu9000", ("a",))
     with pytest.raises(ValueError, match="bits"):
@@ -122,6 +151,8 @@ def tiny_result():
         batch_size=8,
         eval_size=32,
         d_model=8,
+        num_layers=1,
+        random_repeats=2,
         task_kwargs={"min_len": 2, "max_len": 4},
         log=None,
         log_every=4,
@@ -159,12 +190,21 @@ def test_tiny_run_improves_objective_and_budgets(tiny_result):
         if b is not None:
             assert b.accuracy >= r.accuracy_target and b.feasible
     # the exhaustive grid sees every design (scored like random/grid): it is never beaten by them
-    assert r.exhaustive.evals == r.space.size == 7 * 4 * 3 * 3**4
+    assert r.exhaustive.evals == r.space.size == 7 * 4 * 3 * 5 * 3**4
     ex = r.exhaustive.best
     assert ex is not None
     for b in (r.random.best, r.grid.best):
         assert b is None or ex.edp <= b.edp * (1 + 1e-6)
     assert "gradient" in r.table()
+    # random/grid score accuracies lazily in EDP order: no scored feasible design cheaper than
+    # the best reaches the target, and the best is the cheapest feasible design at the target
+    for s in (r.random, r.grid):
+        if s.best is not None:
+            cheaper = s.feasible & (s.edp < s.best.edp * (1 - 1e-6))
+            assert np.all(np.isfinite(s.accuracy[cheaper]))
+            assert not np.any(s.accuracy[cheaper] >= r.accuracy_target)
+    for p in r.points:
+        assert p.ptq_accuracy is not None and 0.0 <= p.ptq_accuracy <= 1.0
 
 
 def test_report_written(tiny_result, tmp_path):
@@ -228,6 +268,12 @@ def test_cli_end_to_end(tmp_path, capsys):
             "8",
             "--max-len",
             "4",
+            "--hidden",
+            "32",
+            "--layers",
+            "2",
+            "--random-repeats",
+            "2",
             "--out",
             str(out),
         ]
@@ -252,6 +298,10 @@ def test_cli_end_to_end(tmp_path, capsys):
         (["--area-budget", "-2"], "--area-budget"),
         (["--accuracy-target", "2"], "--accuracy-target"),
         (["--max-len", "1"], "--max-len"),
+        (["--bits", "8,4"], "--bits"),
+        (["--bits", "x"], "--bits"),
+        (["--hidden", "0"], "--hidden"),
+        (["--random-repeats", "0"], "--random-repeats"),
     ],
 )
 def test_cli_bad_input_one_line(argv, needle):
