@@ -18,6 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as _jcore
+from jax._src.custom_derivatives import linear_call_p as _linear_call_p
+from jax._src.interpreters import batching as _batching
+from jax.custom_derivatives import SymbolicZero, linear_call
 
 from jaxcore import backend, checks
 
@@ -151,21 +155,94 @@ def _core_fwd_impl(t, x, dt, A, Bg, Cg, h0, sidx):
     return _from_chunk_major(y), h_t.reshape(bsz, heads, p, n), res
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _core(t, x, dt, A, Bg, Cg, h0, sidx):
     """y, final state of the chunked SSD on padded inputs (L a multiple of t).
 
-    Custom VJP: the forward keeps only its inputs and the state entering each chunk; the backward
-    is one reverse ``lax.scan`` over chunks that recomputes the chunk's decay matrices and carries
-    the state cotangent.
+    Differentiated by a custom JVP whose tangent map is a ``linear_call``: forward mode runs the
+    JVP of the scan over chunks; reverse mode transposes that call with :func:`_core_bwd`, one
+    reverse ``lax.scan`` over chunks that recomputes each chunk's decay matrices from the inputs
+    and the saved state entering the chunk, and carries the state cotangent. So ``grad`` keeps
+    only the inputs and the chunk-entry states, and ``jvp``/``jacfwd`` work too.
     """
     y, h_t, _ = _core_fwd_impl(t, x, dt, A, Bg, Cg, h0, sidx)
     return y, h_t
 
 
-def _core_fwd(t, x, dt, A, Bg, Cg, h0, sidx):
-    y, h_t, res = _core_fwd_impl(t, x, dt, A, Bg, Cg, h0, sidx)
-    return (y, h_t), res
+def _core_lin(t, nz, resid, tangents):
+    """The tangent map (linear in ``tangents``, the non-zero ones marked in ``nz``)."""
+    primals, sidx, _ = resid
+    it = iter(tangents)
+    full = tuple(next(it) if z else jnp.zeros_like(v) for z, v in zip(nz, primals))
+    f = lambda *p: _core_fwd_impl(t, *p, sidx)[:2]
+    return jax.jvp(f, primals, full)[1]
+
+
+def _core_lin_t(t, nz, resid, cts):
+    """Transpose of :func:`_core_lin`: the hand-written backward."""
+    grads = _core_bwd(t, resid[2], cts)
+    return [_vary_as(gv, p) for z, gv, p in zip(nz, grads, resid[0]) if z]
+
+
+def _vma(v: Array) -> frozenset:
+    """Mesh axes ``v`` varies over inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(v)
+    mat = getattr(aval, "mat", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _vary_as(g: Array, primal: Array) -> Array:
+    """A cotangent typed like its primal under ``shard_map``: summed over the mesh axes it varies
+    over and the primal does not (the transpose of the implicit broadcast), marked varying over
+    those the primal varies over."""
+    extra, missing = _vma(g) - _vma(primal), _vma(primal) - _vma(g)
+    if extra:
+        g = lax.psum(g, tuple(sorted(extra, key=str)))
+    if missing:
+        g = lax.pcast(g, tuple(sorted(missing, key=str)), to="varying")
+    return g
+
+
+@partial(_core.defjvp, symbolic_zeros=True)
+def _core_jvp(t, primals, tangents):
+    y, h_t, res = _core_fwd_impl(t, *primals)
+    nz = tuple(not isinstance(v, SymbolicZero) for v in tangents[:6])
+    if not any(nz):
+        return (y, h_t), (jnp.zeros_like(y), jnp.zeros_like(h_t))
+    resid = (tuple(primals[:6]), primals[6], res)
+    lin = [v for z, v in zip(nz, tangents[:6]) if z]
+    out_t = linear_call(partial(_core_lin, t, nz), partial(_core_lin_t, t, nz), resid, lin)
+    return (y, h_t), tuple(out_t)
+
+
+def _linear_call_batch(vals, dims, *, callee, transpose_thunk, num_callee_consts, num_res):
+    """vmap rule for ``linear_call`` (JAX has none): vmap the callee and its transpose."""
+    size = next(v.shape[d] for v, d in zip(vals, dims) if d is not None)
+    vals = [v if d is None else jnp.moveaxis(v, d, 0) for v, d in zip(vals, dims)]
+    k = num_callee_consts + num_res
+    res = list(vals[:k])
+    res_axes = [None if d is None else 0 for d in dims[:k]]
+    lin = [v if d is not None else jnp.broadcast_to(v, (size, *v.shape))
+           for v, d in zip(vals[k:], dims[k:])]  # fmt: skip
+    f_fun = _jcore.jaxpr_as_fun(callee)
+
+    def f(r, lv):
+        return jax.vmap(lambda r, lv: f_fun(*r, *lv), in_axes=(res_axes, 0))(r, lv)
+
+    def ft(r, cts):
+        tj, tconsts = transpose_thunk()
+        t_fun = _jcore.jaxpr_as_fun(tj)
+        g = lambda rr, c: t_fun(*tconsts, *rr, *c)
+        return jax.vmap(g, in_axes=(res_axes[num_callee_consts:], 0))(r[num_callee_consts:], cts)
+
+    out = linear_call(f, ft, res, lin)
+    return out, [0] * len(out)
+
+
+if _linear_call_p not in _batching.fancy_primitive_batchers:
+    _batching.primitive_batchers[_linear_call_p] = _linear_call_batch
 
 
 def _core_bwd(t, res, cts):
@@ -218,9 +295,6 @@ def _core_bwd(t, res, cts):
     gb, gc = (v.transpose(1, 0, 3, 2, 4).reshape(bsz, nc * t, g, n) for v in (gb, gc))
     return (_from_chunk_major(gx), _from_chunk_major(gdt), g_a, gb, gc,
             g_h0.reshape(bsz, heads, p, n), None)  # fmt: skip
-
-
-_core.defvjp(_core_fwd, _core_bwd)
 
 
 def ssd(
