@@ -12,6 +12,10 @@ This module adds three things on top:
   the ``JAXCORE_COORDINATOR`` / ``JAXCORE_NUM_PROCESSES`` / ``JAXCORE_PROCESS_ID`` environment
   variables that :func:`launch` sets. On managed clusters (SLURM, Open MPI, Kubernetes, Cloud
   TPU) call it with no arguments and JAX detects the cluster.
+- :func:`barrier`: wait for every process at a named point through the coordinator service (no
+  collective). Gloo creates its communicator at the first collective and gives up if the
+  processes arrive more than 30 s apart (e.g. one compiled slower); the training loop compiles
+  each step ahead of time and meets at a barrier before running it.
 - :func:`free_port`: a free TCP port for a local coordinator.
 - :func:`launch`: start N local processes of one Python program with bounded wall time; all are
   always reaped, and the first that fails stops the others and raises with its stderr.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import socket
 import subprocess
@@ -157,6 +162,32 @@ def shutdown() -> None:
     """Leave the multi-process program (``jax.distributed.shutdown``); a no-op if not joined."""
     if is_initialized():
         jax.distributed.shutdown()
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+    """Block until every process has reached ``barrier(name)``; a no-op in a single process.
+
+    Uses the coordinator service of ``jax.distributed`` (a key-value barrier, no device
+    collective), so it works before any communicator exists. Every process must call the same
+    barriers in the same order (a per-process counter keeps repeated names distinct).
+
+    Raises:
+      RuntimeError: if more than one process exists but ``jax.distributed`` is not initialized,
+        or the barrier times out (the coordinator's message names the barrier).
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _jd  # the coordinator client has no public handle
+
+    client = _jd.global_state.client
+    if client is None:
+        raise RuntimeError("jaxcore.distributed.barrier: jax.distributed is not initialized")
+    client.wait_at_barrier(f"jaxcore:{name}:{next(_BARRIERS)}", int(timeout_s * 1000))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -217,6 +217,28 @@ class _Placement:
         return {k: jax.device_put(np.asarray(v), self.batch) for k, v in batch.items()}
 
 
+class _SyncedStep:
+    """A jitted step that, in a multi-process run, is compiled ahead of time for each new input
+    signature and then waits at a :func:`jaxcore.distributed.barrier` before its first run: gloo
+    builds its communicator at the first collective and fails if the processes arrive more than
+    30 s apart (one process compiling slower on a loaded machine is enough)."""
+
+    def __init__(self, fn: Any, name: str):
+        self.fn, self.name = fn, name
+        self.compiled: dict[Any, Any] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        exe = self.compiled.get(key)
+        if exe is None:
+            from jaxcore import distributed
+
+            exe = self.compiled[key] = self.fn.lower(*args).compile()
+            distributed.barrier(f"{self.name}:{len(self.compiled)}")
+        return exe(*args)
+
+
 def train(
     model: nnx.Module,
     task: Any,
@@ -240,6 +262,12 @@ def train(
     tx = optimizer if optimizer is not None else make_optimizer(config)
     schedule = make_schedule(config)
     place = _Placement(config.data_parallel, config.batch_size)
+    if jax.process_count() > 1:
+        # device_put to a multi-process sharding runs a collective (a cross-process equality
+        # check): meet first, so gloo's 30 s set-up window is not spent waiting for a late rank.
+        from jaxcore import distributed
+
+        distributed.barrier("train:start")
 
     graphdef, params, rest = nnx.split(model, wrt, ...)
     params, rest = place.put_state(params), place.put_state(rest)
@@ -282,6 +310,10 @@ def train(
     @jax.jit
     def eval_step(p, r, batch):
         return loss_of(p, r, batch)[1]
+
+    if jax.process_count() > 1:
+        train_step = _SyncedStep(train_step, "train_step")
+        eval_step = _SyncedStep(eval_step, "eval_step")
 
     def evaluate(p, r, step: int) -> dict[str, dict]:
         res = {}

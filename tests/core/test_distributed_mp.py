@@ -120,12 +120,21 @@ def train_with_jaxcore() -> dict:
     }
 
 
-def _worker() -> None:
+SKEW_S = 35.0  # > gloo's 30 s communicator set-up timeout
+
+
+def _worker(skewed: bool = False) -> None:
     from jaxcore import distributed
 
     info = distributed.initialize()
     import jax
 
+    if skewed:  # rank 1 reaches the training loop 35 s late; no collective has run before
+        if jax.process_index() == 1:
+            time.sleep(SKEW_S)
+        print("RESULT " + json.dumps({"train": train_with_jaxcore()}), flush=True)
+        distributed.shutdown()
+        return
     out = data_parallel_sgd(jax.devices())
     out["train"] = train_with_jaxcore()
     out["process_count"] = info["process_count"]
@@ -136,7 +145,7 @@ def _worker() -> None:
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker()
+    _worker(skewed="--skewed" in sys.argv)
     sys.exit(0)
 
 
@@ -184,6 +193,23 @@ def test_two_processes_equal_one_process_four_devices():
         assert len(tr["params"]) == len(tw["params"]) > 0
         for a, b in zip(tr["params"], tw["params"]):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_survives_ranks_arriving_35s_apart():
+    """Without the compile-then-barrier step in jaxcore.train, gloo's communicator set-up at the
+    first collective times out after 30 s ("Gloo context initialization failed")."""
+    env = {"JAX_PLATFORMS": "cpu"}
+    pair = distributed.launch(
+        [__file__, "--worker", "--skewed"], 2, local_device_count=1, timeout=200, env=env
+    )
+    a, b = (_result(r)["train"] for r in pair)
+    assert len(a["losses"]) == STEPS and a["losses"] == b["losses"]
+
+
+def test_barrier_is_a_noop_in_one_process():
+    distributed.barrier("solo")
+    with pytest.raises(ValueError, match="timeout_s"):
+        distributed.barrier("solo", timeout_s=0)
 
 
 def test_hand_written_data_parallel_matches_in_process():

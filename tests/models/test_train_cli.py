@@ -92,3 +92,20 @@ def test_exit_status_in_a_real_process(tmp_path):
     )
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "--model: expected one of" in p.stderr
+
+
+def test_two_process_cli_run_agrees(tmp_path):
+    """`jaxcore train` over 2 processes x 2 CPU devices (gloo): both ranks finish with the same
+    final metrics, and only rank 0 writes metrics."""
+    from jaxcore import distributed
+
+    out = tmp_path / "run"
+    results = distributed.launch(
+        ["-m", "jaxcore", "train", "--model", "transformer", "--task", "parity", "--steps", "3",
+         "--batch-size", "8", "--d-model", "16", "--layers", "1", "--heads", "2",
+         "--no-progress", "--out", str(out), "--eval-every", "0"],
+        2, local_device_count=2, timeout=240, env={"XLA_FLAGS": ""},
+    )  # fmt: skip
+    finals = [[ln for ln in r.stdout.splitlines() if "accuracy" in ln] for r in results]
+    assert finals[0] and finals[0] == finals[1], finals
+    assert (out / "metrics.jsonl").exists()
