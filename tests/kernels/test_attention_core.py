@@ -109,8 +109,6 @@ def _split_static(kw):
 @pytest.mark.parametrize("impl, case", GRID, ids=[f"{c[0]}-{i}" for i, c in GRID])
 def test_matches_reference_float64(x64, impl, case):
     _, b, t, s, n, k, h, hv, opts = case
-    if impl.startswith("pallas") and (opts.get("bias") or opts.get("mask")):
-        pytest.skip("the Pallas kernel takes no bias/mask (checked in test_pallas_rejects_bias)")
     q, kk, v, kw = _case(b, t, s, n, k, h, hv, opts, jnp.float64)
     bias = kw.pop("bias", None)
     static, arrays = _split_static(kw)
@@ -224,12 +222,6 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(impl):
         assert np.all(np.isfinite(np.asarray(g)))
     np.testing.assert_array_equal(np.asarray(grads[0][:, 5:9]), 0.0)
     np.testing.assert_array_equal(np.asarray(grads[0][1]), 0.0)
-
-
-def test_pallas_rejects_bias():
-    q, k, v, kw = _case(1, 8, 8, 2, 2, 16, 16, dict(bias=True), jnp.float32)
-    with pytest.raises(ValueError, match="bias"):
-        dot_product_attention(q, k, v, implementation="pallas_interpret", **kw)
 
 
 def test_block_plan_skips_masked_blocks():
