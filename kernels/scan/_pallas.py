@@ -8,16 +8,19 @@ Two kernel designs, chosen by :data:`LINEAR_KERNEL` / :data:`SELECTIVE_KERNEL` (
 - "chunked" (default, "auto"): L is split into chunks of T_c steps across the grid
   (batch x channel blocks x chunks). Phase 1: every chunk but the last scans from a zero state
   and writes its end state and the product of its decays (selective scan: exp(A * sum of delta)
-  times the product of the reset flags). Phase 2 (XLA, a short unrolled ``lax.scan`` over the
-  chunks): the true state entering each chunk. Phase 3: every chunk rescans from its true start
-  state and writes the outputs (selective scan: y = <x_t, C_t> + D*u_t, times silu(z_t), fused,
-  in u's dtype). Inputs are read twice; the grid has (batch x channel blocks x chunks) programs.
-  The number of chunks is chosen so that the grid has about :data:`CHUNKED_CONFIG` ``[0]``
-  programs (1 chunk, i.e. no phases 1-2, when batch x channels already fill the device).
+  times the product of the reset flags). Phase 2, folded into phase 3's prologue (no extra
+  launch, no XLA loop): each program combines the earlier chunks' (decay, end state) pairs into
+  its true start state (c tiny steps on L2-resident data). Phase 3: every chunk rescans from its
+  true start state and writes the outputs (selective scan: y = <x_t, C_t> + D*u_t, times
+  silu(z_t), fused, in u's dtype). Inputs are read twice; the grid has (batch x channel blocks x
+  chunks) programs. The number of chunks is chosen so that the grid has about
+  :data:`CHUNKED_CONFIG` ``[0]`` programs (1 chunk, i.e. a single fused pass, when L is short or
+  batch x channels already fill the device).
 
-Both keep f32 state (f64 under x64 with f64 inputs), read bf16/f32 inputs as they come, and load
-the next step's inputs one step ahead (carried through the loop) so that a load's latency overlaps
-a step of arithmetic.
+Both keep f32 state (f64 under x64 with f64 inputs) and read bf16/f32 inputs as they come. The
+chunked kernels load the inputs of step t + PREFETCH while step t computes (a ring of loaded
+steps carried through the loop), so that load latency overlaps arithmetic; ragged L and channel
+edges are handled with clamped indices and masked loads/stores (no padding copies).
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, interpret: bool) -> Arr
 
 
 def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
-    """Three-phase chunked linear scan (see the module docstring); no padding copies."""
+    """Three-phase chunked linear scan (see the module docstring); a is broadcast to b's shape."""
     bsz, length = b.shape[:2]
     s = 1
     for d in b.shape[2:]:
@@ -138,7 +141,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
         return v.astype(acc), t < length
 
     def walk(a_ref, b_ref, t0, carry, emit):
-        """Steps t0 .. t0 + tc - 1 (identity past L), inputs prefetched one step ahead."""
+        """Steps t0 .. t0 + tc - 1 (identity past L), inputs loaded PREFETCH steps ahead."""
         j = pl.program_id(1)
         cols = j * bs
         cmask = cols + lax.broadcasted_iota(jnp.int32, (bs,), 0) < s
@@ -184,11 +187,10 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
             compiler_params=_compiler_params(interpret),
             name="jaxcore_linear_scan_chunk_ends",
         )(a2, b2)
-        starts = _chunk_starts(h02.astype(acc), prods, ends)
-    else:
-        starts = h02.astype(acc)[:, None]
 
-    def rerun(a_ref, b_ref, h0_ref, o_ref):  # phase 3: from the true start states
+    def rerun(a_ref, b_ref, h0_ref, *refs):  # phase 3: from the true start states
+        *ep, o_ref = refs
+
         def emit(t, h, cur, cols, cmask):
             a_t, b_t = cur
             h = a_t * h + b_t
@@ -199,36 +201,58 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
             return h
 
         j = pl.program_id(1)
-        cmask = j * bs + lax.broadcasted_iota(jnp.int32, (bs,), 0) < s
-        h = plgpu.load(h0_ref.at[pl.ds(j * bs, bs)], mask=cmask, other=0).astype(acc)
+        cols = j * bs
+        cmask = cols + lax.broadcasted_iota(jnp.int32, (bs,), 0) < s
+        h = plgpu.load(h0_ref.at[pl.ds(cols, bs)], mask=cmask, other=0).astype(acc)
+        if ep:  # phase 2, folded in: h = d_k h + e_k over the chunks k before this one
+            c = pl.program_id(2)
+            at = lambda k: (k, pl.ds(cols, bs))
+            h = _fold_starts(h, *ep, c, nc - 1, at, lambda k: cmask & (k < c))
         walk(a_ref, b_ref, pl.program_id(2) * tc, h, emit)
 
+    ep_args, ep_specs = [], []
+    if nc > 1:
+        ep_args = [ends, prods]
+        ep_specs = [pl.BlockSpec((None, nc - 1, s), lambda i, j, c: (i, 0, 0))] * 2
     out = pl.pallas_call(
         rerun,
         out_shape=jax.ShapeDtypeStruct((bsz, length, s), b.dtype),
         grid=(bsz, nb, nc),
-        in_specs=[whole, whole, row],
+        in_specs=[whole, whole, pl.BlockSpec((None, s), lambda i, j, c: (i, 0)), *ep_specs],
         out_specs=whole,
         interpret=interpret,
         compiler_params=_compiler_params(interpret),
         name="jaxcore_linear_scan_chunked",
-    )(a2, b2, starts)
+    )(a2, b2, h02, *ep_args)
     return out.reshape(b.shape)
 
 
-def _chunk_starts(h0: Array, decays: Array, ends: Array) -> Array:
-    """Phase 2: the states entering chunks 0..nc-1 from h0 (B, ...) and chunks 0..nc-2's
-    decay products and zero-start end states (B, nc - 1, ...). Returns (B, nc, ...)."""
+def _fold_starts(h, e_ref, p_ref, c, n: int, at, mask_at):
+    """Phase 2 inside phase 3: the state entering chunk ``c`` from the state entering chunk 0,
+    h <- p_k * h + e_k for k < c (chunk k's decay product and zero-start end state).
 
-    def step(h, de):
-        d, e = de
-        return d * h + e, h
+    A static loop over all ``n`` earlier-chunk slots (loads masked off for k >= c: identity
+    steps), the loads PREFETCH slots ahead; ``at(k)`` is the ref index of slot k,
+    ``mask_at(k)`` its load mask.
+    """
+    acc = h.dtype
+    depth = max(1, PREFETCH)
 
-    nc1 = ends.shape[1]
-    h_last, hs = lax.scan(
-        step, h0, (jnp.moveaxis(decays, 1, 0), jnp.moveaxis(ends, 1, 0)), unroll=min(nc1, 32)
-    )
-    return jnp.concatenate([jnp.moveaxis(hs, 0, 1), h_last[:, None]], axis=1)
+    def fetch(k):
+        kk = jnp.minimum(k, n - 1)
+        m = mask_at(k)
+        e = plgpu.load(e_ref.at[at(kk)], mask=m, other=0).astype(acc)
+        p = plgpu.load(p_ref.at[at(kk)], mask=m, other=1).astype(acc)
+        return e, p
+
+    def body(k, cr):
+        h, queue = cr
+        e, p = queue[0]
+        return p * h + e, queue[1:] + (fetch(k + depth),)
+
+    queue = tuple(fetch(_i32(k)) for k in range(depth))
+    h, _ = lax.fori_loop(_i32(0), _i32(n), body, (h, queue))
+    return h
 
 
 def _linear_sequential(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
@@ -453,6 +477,8 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     vec = pl.BlockSpec((bd,), lambda i, j, c: (j,))
     k_spec = pl.BlockSpec((None, length), lambda i, j, c: (i, 0))
     chunk_state = pl.BlockSpec((None, None, bd, npad), lambda i, j, c: (i, c, j, 0))
+    all_chunks = pl.BlockSpec((None, max(nc - 1, 1), bd, npad), lambda i, j, c: (i, 0, j, 0))
+    state = pl.BlockSpec((None, bd, npad), lambda i, j, c: (i, j, 0))
     params = _compiler_params(interpret, warps, stages)
 
     def make_fetch(refs, need_c: bool):
@@ -548,16 +574,15 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             compiler_params=params,
             name="jaxcore_selective_scan_chunk_ends",
         )(*in_args)
-        starts = _chunk_starts(h0, decays, ends)  # (B, nc, D, Np)
-    else:
-        starts = h0[:, None]
 
     nsub = tc // sub if save else 1
     step_len = sub if save else tc
 
     def rerun(*refs):  # phase 3: from the true start states; y fused
         a_ref, d_ref, fetch, outs = split_refs(refs, need_c=True)
-        h_ref, y_ref, hT_ref, *rest = outs
+        h_ref, *outs = outs
+        ep = (outs.pop(0), outs.pop(0)) if nc > 1 else ()
+        y_ref, hT_ref, *rest = outs
         yp_ref = rest.pop(0) if save and has_z else None
         st_ref = rest.pop(0) if save else None
         a = a_ref[...].astype(acc) * _LOG2E
@@ -588,13 +613,16 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
 
         t0 = c * tc
         x0 = h_ref[...].astype(acc)
+        if ep:  # phase 2, folded in: x = decay_k x + end_k over the chunks k before this one
+            full = pl.ds(_i32(0), bd), pl.ds(_i32(0), npad)
+            mask_at = lambda k: jnp.broadcast_to(k < c, (bd, npad))
+            x0 = _fold_starts(x0, *ep, c, nc - 1, lambda k: (k, *full), mask_at)
         x, _ = lax.fori_loop(_i32(0), _i32(nsub), sub_chunk, (x0, queue_at(fetch, t0)))
         last = jnp.broadcast_to(c == nc - 1, (bd, npad))
         plgpu.store(
             hT_ref.at[pl.ds(_i32(0), bd), pl.ds(_i32(0), npad)], x.astype(hT_ref.dtype), mask=last
         )
 
-    state = pl.BlockSpec((None, bd, npad), lambda i, j, c: (i, j, 0))
     out_shape = [
         jax.ShapeDtypeStruct((bsz, length, dim), u.dtype),
         jax.ShapeDtypeStruct((bsz, dim, npad), acc),
@@ -610,12 +638,12 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         rerun,
         out_shape=tuple(out_shape),
         grid=(bsz, dim // bd, nc),
-        in_specs=in_specs + [chunk_state],
+        in_specs=in_specs + [state] + ([all_chunks] * 2 if nc > 1 else []),
         out_specs=tuple(out_specs),
         interpret=interpret,
         compiler_params=params,
         name="jaxcore_selective_scan_chunked",
-    )(*in_args, starts)
+    )(*in_args, h0, *((ends, decays) if nc > 1 else ()))
     y, h_t, *rest = outs
     ypre = rest.pop(0) if save and has_z else None
     subs = rest.pop(0) if save else None
