@@ -3,10 +3,13 @@
     h_t = exp(dt_t * A) h_t-1 + dt_t * x_t B_t^T      h: (batch, H, P, N) per head
     y_t = h_t C_t + D * x_t
 
-"chunked" (default) is the matmul form of the Mamba-2 paper (``ssd_minimal_discrete``): within a
-chunk, a masked (l, l) decay matrix times C B^T times x (the quadratic, attention-like part); the
-state each chunk leaves; a recurrence over chunk states (a ``lax.scan``, so compile time does not
-depend on L); the carried state read out by C. "reference" is the obvious ``lax.scan`` over steps.
+"chunked" (default) is the matmul form of the Mamba-2 paper (``ssd_minimal_discrete``) run as one
+``lax.scan`` over chunks (compile time independent of L): per chunk, a masked (T, T) decay matrix
+times C B^T times x (the quadratic, attention-like part), the carried state read out by C, and the
+state the chunk leaves. Its derivative is a custom JVP whose tangent map is a ``linear_call``:
+``jvp`` runs the JVP of that scan; ``grad`` transposes it with a hand-written reverse scan over
+chunks that recomputes the decay matrices, so reverse mode stores only the inputs and the state
+entering each chunk. "reference" is the obvious ``lax.scan`` over steps, differentiated by JAX.
 L need not be a multiple of the chunk (padded with dt = 0, which leaves the state unchanged).
 """
 
@@ -37,6 +40,12 @@ backend.register_family(
     {"*": "chunked"},
     doc="Mamba-2 SSD (scalar A per head): chunked matmul form and a sequential reference.",
 )
+
+
+def default_chunk_size(platform: str | None = None) -> int:
+    """Chunk length used when ``chunk_size=None``: 32 on CPU (fastest of 32/64/128 for fwd and
+    fwd+bwd at Mamba-2 shapes, benchmarks/bench_scan.py), 64 elsewhere."""
+    return 32 if (platform or backend.platform()) == "cpu" else 64
 
 
 def _group(v: Array, heads: int) -> Array:
@@ -304,7 +313,7 @@ def ssd(
     B: Array,
     C: Array,
     *,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     D: Array | None = None,
     initial_state: Array | None = None,
     return_final_state: bool = False,
@@ -319,7 +328,8 @@ def ssd(
       A: (H,) scalar decay rate per head (negative for a stable scan).
       B, C: (batch, length, G, N) with G dividing H (head h uses group h // (H / G)), or
         (batch, length, N) shared by all heads.
-      chunk_size: chunk length of the matmul form (L is padded internally).
+      chunk_size: chunk length of the matmul form (L is padded internally); None picks
+        ``default_chunk_size()`` (32 on CPU, 64 elsewhere).
       D: (H,) or (H, P) skip connection.
       initial_state: (batch, H, P, N); return_final_state: also return the state after step L-1.
       segment_ids: (batch, length) ints; the state resets where the id changes.
@@ -352,8 +362,10 @@ def ssd(
         D = jnp.asarray(D)
         if D.shape not in ((heads,), (heads, p)):
             raise ValueError(f"D: expected shape ({heads},) or ({heads}, {p}), got {D.shape}")
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size()
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     check_segment_ids(segment_ids, bsz, length)
 
     acc = jnp.promote_types(x.dtype, jnp.float32)

@@ -4,7 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P_
 from jaxcore.kernels.scan import selective_scan, ssd
+from jaxcore.kernels.scan._ssd import default_chunk_size
 
 from jaxcore.testing import assert_close
 
@@ -99,14 +102,15 @@ def test_duality_with_selective_scan(x64):
 
 def test_length_one_bf16_and_nan():
     d = make(jnp.float32)
-    y = ssd(d["x"][:, :1], d["dt"][:, :1], d["A"], d["B"][:, :1], d["C"][:, :1])
+    jssd = jax.jit(ssd, static_argnames=("chunk_size",))
+    y = jssd(d["x"][:, :1], d["dt"][:, :1], d["A"], d["B"][:, :1], d["C"][:, :1])
     ly, _ = loop(d["x"][:, :1], d["dt"][:, :1], d["A"], d["B"][:, :1], d["C"][:, :1],
                  np.zeros((BZ, H, P, N)), np.zeros(H), None)  # fmt: skip
     assert_close(y, ly, scale=10)
-    yb = ssd(*(d[k].astype(jnp.bfloat16) for k in ("x", "dt")), d["A"], d["B"], d["C"])
+    yb = jssd(*(d[k].astype(jnp.bfloat16) for k in ("x", "dt")), d["A"], d["B"], d["C"])
     assert yb.dtype == jnp.bfloat16
     x = d["x"].at[0, 6, 1, 0].set(jnp.nan)
-    y = np.asarray(ssd(x, d["dt"], d["A"], d["B"], d["C"], chunk_size=4))
+    y = np.asarray(jssd(x, d["dt"], d["A"], d["B"], d["C"], chunk_size=4))
     assert np.isnan(y[0, 6:, 1, 0]).all()
     # the matmul form spreads a NaN over its chunk (positions 4..7), never to earlier chunks
     assert not np.isnan(y[0, :4]).any() and not np.isnan(y[1]).any()
@@ -126,5 +130,89 @@ def test_bad_shapes():
         ssd(x, dt, A, B, jnp.ones((BZ, L, 3, N)))
     with pytest.raises(ValueError, match="D: expected shape"):
         ssd(x, dt, A, B, C, D=jnp.ones((H + 1,)))
-    with pytest.raises(ValueError, match="chunk_size"):
-        ssd(x, dt, A, B, C, chunk_size=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            ssd(x, dt, A, B, C, chunk_size=bad)
+
+
+def _fn(impl, chunk=4, seg=SEG):
+    """(x, dt, A, B, C, h0) -> (y, final state) with resets; L=13 is not a multiple of 4."""
+    return lambda x, dt, A, B, C, h0: ssd(x, dt, A, B, C, initial_state=h0, chunk_size=chunk,
+                                          return_final_state=True, segment_ids=seg,
+                                          implementation=impl)  # fmt: skip
+
+
+def test_jvp_and_jacfwd_match_reference(x64):
+    d = make()
+    args = tuple(d[k] for k in ("x", "dt", "A", "B", "C", "h0"))
+    ks = jax.random.split(jax.random.key(7), len(args))
+    tans = tuple(jax.random.normal(k, a.shape, a.dtype) for k, a in zip(ks, args))
+    (y, h), (ty, th) = jax.jit(lambda *a: jax.jvp(_fn("chunked"), a, tans))(*args)
+    (yr, hr), (tyr, thr) = jax.jvp(_fn("reference"), args, tans)
+    for a, b, name in ((y, yr, "y"), (h, hr, "h"), (ty, tyr, "ty"), (th, thr, "th")):
+        assert_close(a, b, scale=100, err_msg=name)
+    # one tangent at a time (the others symbolic zeros) and jacfwd
+    jf = lambda impl: jax.jacfwd(lambda A: _fn(impl)(args[0], args[1], A, *args[3:])[1])
+    assert_close(jax.jit(jf("chunked"))(args[2]), jf("reference")(args[2]), scale=100)
+
+
+def test_custom_backward_subsets_remat_vmap(x64):
+    """The hand backward (transpose of the linear_call) vs autodiff of the reference, float64:
+    gradients of a subset of the inputs, under jax.checkpoint, and vmap of grad and of jvp."""
+    d = make()
+    args = tuple(d[k] for k in ("x", "dt", "A", "B", "C", "h0"))
+
+    def loss(impl):
+        def f(*a):
+            y, h = _fn(impl)(*a)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(h * h)
+
+        return f
+
+    for argnums in ((1, 3), (2, 5)):
+        got = jax.jit(jax.grad(jax.checkpoint(loss("chunked")), argnums))(*args)
+        want = jax.grad(loss("reference"), argnums)(*args)
+        for a, b in zip(got, want):
+            assert_close(a, b, scale=100, err_msg=str(argnums))
+    xs = jnp.stack([args[0], 2 * args[0]])
+    vg = lambda impl: jax.vmap(jax.grad(loss(impl)), in_axes=(0,) + (None,) * 5)
+    assert_close(jax.jit(vg("chunked"))(xs, *args[1:]), vg("reference")(xs, *args[1:]), scale=100)
+    vj = lambda impl: jax.vmap(
+        lambda x: jax.jvp(
+            lambda a: _fn(impl)(x, *args[1:2], a, *args[3:])[0],
+            (args[2],),
+            (jnp.ones_like(args[2]),),
+        )[1]  # fmt: skip
+    )
+    assert_close(jax.jit(vj("chunked"))(xs), vj("reference")(xs), scale=100)
+
+
+def test_vmap_and_shard_map_match_reference():
+    n = jax.device_count()
+    k = jax.random.split(jax.random.key(4), 6)
+    x = jax.random.normal(k[0], (n, 6, H, P))
+    dt = jax.nn.softplus(jax.random.normal(k[1], (n, 6, H)))
+    A = -jnp.exp(jax.random.normal(k[2], (H,)))
+    B, C = jax.random.normal(k[3], (n, 6, N)), jax.random.normal(k[4], (n, 6, N))
+    ref = lambda x, dt, A, B, C: ssd(x, dt, A, B, C, implementation="reference")
+    want = ref(x, dt, A, B, C)
+    one = lambda x, dt, A, B, C: ssd(x[None], dt[None], A, B[None], C[None], chunk_size=4)[0]
+    assert_close(jax.jit(jax.vmap(one, (0, 0, None, 0, 0)))(x, dt, A, B, C), want, scale=10)
+    mesh = jax.make_mesh((n,), ("batch",))
+    f = lambda x, dt, A, B, C: ssd(x, dt, A, B, C, chunk_size=4)
+    specs = (P_("batch"), P_("batch"), P_(), P_("batch"), P_("batch"))
+    sm = jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P_("batch"))
+    put = lambda v, s: jax.device_put(v, NamedSharding(mesh, s))
+    sharded = [put(v, s) for v, s in zip((x, dt, A, B, C), specs)]
+    assert_close(jax.jit(sm)(*sharded), want, scale=10)
+    loss = lambda g: lambda *a: jnp.sum(g(*a) ** 2)
+    got = jax.jit(jax.grad(loss(sm), (0, 1, 2, 3, 4)))(*sharded)  # dA: summed over shards
+    for a, b, name in zip(got, jax.grad(loss(ref), (0, 1, 2, 3, 4))(x, dt, A, B, C), "xdtABC"):
+        assert_close(a, b, scale=100, err_msg=name)
+
+
+def test_default_chunk_size():
+    assert default_chunk_size("cpu") == 32 and default_chunk_size("gpu") == 64
+    d = make(jnp.float32)
+    a = (d["x"], d["dt"], d["A"], d["B"], d["C"])
+    assert_close(ssd(*a), ssd(*a, chunk_size=default_chunk_size()), scale=10)
