@@ -640,6 +640,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise _usage_error(_flagify(str(e))) from None
     result = train(model, task, config)
+    if result.resumed_from is not None:
+        print(f"resumed from the checkpoint at step {result.resumed_from}")
     for split, m in result.final.items():
         print(
             f"{split:>6}: loss {m['loss']:.4f}  accuracy {m['accuracy']:.3f}  "

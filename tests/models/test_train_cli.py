@@ -109,3 +109,64 @@ def test_two_process_cli_run_agrees(tmp_path):
     finals = [[ln for ln in r.stdout.splitlines() if "accuracy" in ln] for r in results]
     assert finals[0] and finals[0] == finals[1], finals
     assert (out / "metrics.jsonl").exists()
+
+
+def _records(path):
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    for r in recs:
+        r.pop("tokens_per_s", None)  # wall-clock dependent
+    return recs
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    """A real kill: SIGKILL the training process mid-run (possibly mid-checkpoint), run the same
+    command again; it resumes from the last complete checkpoint and ends with the same metrics
+    and checkpoint as a run that was never interrupted."""
+    import os
+    import signal
+    import time
+
+    common = ["-m", "jaxcore", "train", "--model", "lstm", "--task", "parity", "--steps", "150",
+              "--batch-size", "8", "--d-model", "16", "--layers", "1", "--log-every", "1",
+              "--eval-every", "0", "--checkpoint-every", "5", "--single-device",
+              "--no-progress"]  # fmt: skip
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    a, b = tmp_path / "a", tmp_path / "b"
+    subprocess.run([sys.executable, *common, "--out", str(a)], env=env, check=True, timeout=300)
+
+    proc = subprocess.Popen(
+        [sys.executable, *common, "--out", str(b)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = b / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 23:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 150
+
+    done = subprocess.run(
+        [sys.executable, *common, "--out", str(b)], env=env, timeout=300, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = [ln for ln in done.stdout.decode().splitlines() if ln.startswith("resumed from")]
+    assert resumed, done.stdout
+    step = int(resumed[0].split()[-1])
+    assert 0 < step <= killed_at and step % 5 == 0, (step, killed_at)
+    config = json.loads((b / "config.json").read_text())
+    assert config["config"]["steps"] == 150
+    assert _records(b / "metrics.jsonl") == _records(a / "metrics.jsonl")
+    assert sorted(p.name for p in (b / "checkpoints").iterdir() if p.name.isdigit())[-1] == "150"
