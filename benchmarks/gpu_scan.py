@@ -70,7 +70,7 @@ def _selective_inputs(bsz, length, dim, n):
 
 
 _KNOBS = ("SELECTIVE_KERNEL", "LINEAR_KERNEL", "SELECTIVE_CONFIG", "SELECTIVE_CHUNKED_CONFIG",
-          "CHUNKED_CONFIG", "PREFETCH")  # fmt: skip
+          "LINEAR_CHUNKED_CONFIG", "CHUNKED_CONFIG", "PREFETCH")  # fmt: skip
 
 
 def _set(**overrides) -> dict:
@@ -104,7 +104,7 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                 for c in ((16, 4, 1), (32, 1, 1), (8, 1, 1), (32, 2, 1))
             ]
             sweep += [{"CHUNKED_CONFIG": (t, min_steps)} for t in (1024, 4096)]
-            sweep += [{"PREFETCH": 4}]
+            sweep += [{"PREFETCH": 4}, {"PREFETCH": 8}]
         runs += [(pallas, {**chunked, **o}, False, False) for o in sweep]
         runs += [(pallas, chunked, True, False), ("chunked", {}, True, False)]
         for impl, knobs, dz, with_bwd in runs:
@@ -160,19 +160,29 @@ def bench_linear(bw: float, quick: bool, pallas: str) -> None:
     shape = {"B": bsz, "L": length, "S": s}
     ref = None
     base = _set()
-    for impl, kernel in (("chunked", None), (pallas, "sequential"), (pallas, "chunked")):
-        _set(**{**base, "LINEAR_KERNEL": kernel or base["LINEAR_KERNEL"]})
-        rec = {"case": "linear_scan bf16", "impl": impl, "kernel": kernel, **shape}
+    runs = [("chunked", {}, True), (pallas, {"LINEAR_KERNEL": "sequential"}, True)]
+    runs += [(pallas, {"LINEAR_KERNEL": "chunked"}, True)]
+    sweep = [{"PREFETCH": 1}]
+    if not quick:
+        sweep += [{"LINEAR_CHUNKED_CONFIG": c} for c in ((256, 4), (64, 2), (32, 1))]
+        sweep += [{"PREFETCH": 4}, {"PREFETCH": 8}, {"CHUNKED_CONFIG": (4096, 32)}]
+    runs += [(pallas, {"LINEAR_KERNEL": "chunked", **o}, False) for o in sweep]
+    for impl, knobs, with_bwd in runs:
+        _set(**{**base, **knobs})
+        rec = {"case": "linear_scan bf16", "impl": impl, "knobs": knobs, **shape}
         try:
             f = jax.jit(lambda a, b, impl=impl: linear_scan(a, b, implementation=impl))
             h = f(a, b).astype(jnp.float32)
             rec["max_abs_diff_vs_xla"] = None if ref is None else float(jnp.max(jnp.abs(h - ref)))
             ref = h if ref is None else ref
             t = timeit(f, a, b, reps=3 if impl == "chunked" else 10)
-            g = jax.jit(jax.grad(lambda a, b, impl=impl: jnp.sum(
-                linear_scan(a, b, implementation=impl).astype(jnp.float32)), (0, 1)))  # fmt: skip
-            rec.update(fwd_s=t, fwdbwd_s=timeit(g, a, b, reps=3), GBps=io / t / 1e9,
-                       fraction_of_copy=io / t / bw)  # fmt: skip
+            rec.update(fwd_s=t, GBps=io / t / 1e9, fraction_of_copy=io / t / bw)
+            if with_bwd:
+                loss = lambda a, b, impl=impl: jnp.sum(
+                    linear_scan(a, b, implementation=impl).astype(jnp.float32)
+                )
+                g = jax.jit(jax.grad(loss, (0, 1)))
+                rec["fwdbwd_s"] = timeit(g, a, b, reps=3)
             emit(rec)
         except Exception as e:
             traceback.print_exc(file=sys.stderr)

@@ -60,6 +60,9 @@ CHUNKED_CONFIG: tuple[int, int] = (2048, 64)
 # benchmarks/gpu_scan.py sweeps it.
 SELECTIVE_CHUNKED_CONFIG: tuple[int, int, int] = (16, 1, 1)
 
+# Chunked linear-scan tiling (max channels per program, a power of two; warps). Not yet measured.
+LINEAR_CHUNKED_CONFIG: tuple[int, int] = (128, 4)
+
 # Steps of inputs loaded ahead in the chunked kernels' time loops (a ring carried through the
 # loop), so that the loads of step t + PREFETCH are in flight while step t computes.
 PREFETCH: int = 2
@@ -130,9 +133,11 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
     b2 = b.reshape(bsz, length, s)
     h02 = h0.reshape(bsz, s)
     acc = jnp.promote_types(b.dtype, jnp.float32)
-    bs = _block(s)
+    cap, warps = LINEAR_CHUNKED_CONFIG
+    bs = _pow2_at_least(min(s, cap))
     nb = -(-s // bs)
     tc, nc = _plan_chunks(bsz * nb, length)
+    params = _compiler_params(interpret, warps)
 
     def load(ref, t, cols, cmask):
         """Row min(t, L-1) of a (L, S) ref at ``cols`` (0 outside S) in acc, and t < L."""
@@ -184,7 +189,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
             in_specs=[whole, whole],
             out_specs=(row, row),
             interpret=interpret,
-            compiler_params=_compiler_params(interpret),
+            compiler_params=params,
             name="jaxcore_linear_scan_chunk_ends",
         )(a2, b2)
 
@@ -221,7 +226,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
         in_specs=[whole, whole, pl.BlockSpec((None, s), lambda i, j, c: (i, 0)), *ep_specs],
         out_specs=whole,
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=params,
         name="jaxcore_linear_scan_chunked",
     )(a2, b2, h02, *ep_args)
     return out.reshape(b.shape)
