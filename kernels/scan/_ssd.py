@@ -254,6 +254,17 @@ if _linear_call_p not in _batching.fancy_primitive_batchers:
     _batching.primitive_batchers[_linear_call_p] = _linear_call_batch
 
 
+def _rowdot(a: Array, b: Array) -> Array:
+    """sum(a * b, -1) as a contraction (XLA:CPU's reductions are several times slower)."""
+    return jnp.einsum("...p,...p->...", a, b)
+
+
+def _ones_dot(v: Array, spec: str) -> Array:
+    """Sum of ``v`` over the axis the second operand of ``spec`` names, as a contraction."""
+    ax = spec.split(",")[0].index(spec.split(",")[1].split("-")[0])
+    return jnp.einsum(spec, v, jnp.ones((v.shape[ax],), v.dtype))
+
+
 def _core_bwd(t, res, cts):
     xh, dth, A, bh, ch, sidx, s_in = res
     gy, g_t = cts
@@ -268,29 +279,29 @@ def _core_bwd(t, res, cts):
         # read-out of the carried state: y += od * (C s)
         gz = gyc * od[..., None]
         z = jnp.einsum("bgln,bgrpn->bgrlp", cc, s)
-        ga = jnp.sum(gyc * z, axis=-1) * od  # (B, G, R, T)
+        ga = _rowdot(gyc, z) * od  # (B, G, R, T)
         gc = jnp.einsum("bgrlp,bgrpn->bgln", gz, s)
         g_s = jnp.einsum("bgrlp,bgln->bgrpn", gz, cc)
         # recurrence: s_next = cd * s + st
-        ga_last = jnp.sum(lam * s, axis=(-2, -1)) * cd  # (B, G, R)
+        ga_last = jnp.einsum("bgrpn,bgrpn->bgr", lam, s) * cd  # (B, G, R)
         lam_new = g_s + cd[..., None, None] * lam
         # chunk state: st = (xdt * w)^T B
         g_u = jnp.einsum("bgsn,bgrpn->bgrsp", bc, lam)
         gb = jnp.einsum("bgrsp,bgrpn->bgsn", xdt * w[..., None], lam)
         g_xdt = g_u * w[..., None]
-        gw = jnp.sum(g_u * xdt, axis=-1) * w
+        gw = _rowdot(g_u, xdt) * w
         ga = ga - gw
-        ga_last = ga_last + jnp.sum(gw, axis=-1)
+        ga_last = ga_last + _ones_dot(gw, "bgrt,t->bgr")
         # intra-chunk: y += (CB * L) @ xdt
         gm = jnp.einsum("bgrlp,bgrsp->bgrls", gyc, xdt)
         g_xdt = g_xdt + jnp.einsum("bgrls,bgrlp->bgrsp", m, gyc)
-        gcb = jnp.sum(gm * lmat, axis=2)  # (B, G, T, T)
+        gcb = _ones_dot(gm * lmat, "bgrls,r->bgls")  # (B, G, T, T)
         ge = gm * m
-        ga = ga + jnp.sum(ge, axis=-1) - jnp.sum(ge, axis=-2)
+        ga = ga + _ones_dot(ge, "bgrls,s->bgrl") - _ones_dot(ge, "bgrls,l->bgrs")
         ga = ga.at[..., -1].add(ga_last)
         gc = gc + jnp.einsum("bgls,bgsn->bgln", gcb, bc)
         gb = gb + jnp.einsum("bgls,bgln->bgsn", gcb, cc)
-        gdt = jnp.sum(g_xdt * xc, axis=-1)
+        gdt = _rowdot(g_xdt, xc)
         return lam_new, (g_xdt * dtc[..., None], gdt, ga, gb, gc)
 
     consts = _chunk_consts(dth, A, sidx)
