@@ -215,3 +215,46 @@ def test_bad_kernel_name(monkeypatch):
     monkeypatch.setattr(_pallas, "LINEAR_KERNEL", "fast")
     with pytest.raises(ValueError, match="LINEAR_KERNEL: expected one of"):
         linear_scan(jnp.ones((1, 3, 2)), jnp.ones((1, 3, 2)), implementation=PI)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU lowering, checked without a GPU: export for CUDA runs the Pallas -> Triton IR lowering
+# (the power-of-two load/store shapes, the supported primitives and loops), not Triton's compiler
+
+
+def _lower_for_cuda(f, *args) -> str:
+    from jax import export
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    return export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(
+        *args
+    ).mlir_module()
+
+
+@pytest.mark.parametrize(
+    "kernel,knobs",
+    [("chunked", {"PREFETCH": 3, "SELECTIVE_CHUNKED_CONFIG": (32, 1, 1)}), ("sequential", {})],
+)
+def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
+    pytest.importorskip("jax._src.lib.triton")
+    from jaxcore import backend
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")  # allow implementation="pallas"
+    use_kernel(monkeypatch, kernel)
+    for k, v in knobs.items():
+        monkeypatch.setattr(_pallas, k, v)
+    d = selective_inputs("time", "group", jnp.bfloat16, dim=64, n=16)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def loss(*vals):
+        kw = dict(zip(names[5:], vals[5:]))
+        y, h = selective_scan(*vals[:5], **kw, delta_softplus=True, return_final_state=True,
+                              segment_ids=d["segment_ids"], implementation="pallas")  # fmt: skip
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+    text = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), *(d[k] for k in names))
+    assert text.count("xla.gpu.triton") == (2 if kernel == "chunked" else 1)
+    a = jnp.full((2, 37, 200), 0.9, jnp.bfloat16)
+    lin = lambda a, b: jnp.sum(linear_scan(a, b, implementation="pallas").astype(jnp.float32))
+    text = _lower_for_cuda(jax.grad(lin, (0, 1)), a, a)
+    assert text.count("xla.gpu.triton") == (4 if kernel == "chunked" else 2)  # fwd + adjoint
