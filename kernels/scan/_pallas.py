@@ -137,6 +137,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
     bs = _pow2_at_least(min(s, cap))
     nb = -(-s // bs)
     tc, nc = _plan_chunks(bsz * nb, length)
+    ragged = nc * tc != length  # the last chunk runs past L (identity steps, stores masked)
     params = _compiler_params(interpret, warps)
 
     def load(ref, t, cols, cmask):
@@ -154,6 +155,8 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
         def fetch(t):
             a_t, valid = load(a_ref, t, cols, cmask)
             b_t, _ = load(b_ref, t, cols, cmask)
+            if not ragged:  # every step emitted is < L (loads past L: prefetch only, unused)
+                return a_t, b_t
             return jnp.where(valid, a_t, 1.0), jnp.where(valid, b_t, 0.0)
 
         def body(i, cr):
@@ -201,7 +204,9 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
             h = a_t * h + b_t
             tt = jnp.minimum(t, length - 1)
             plgpu.store(
-                o_ref.at[tt, pl.ds(cols, bs)], h.astype(o_ref.dtype), mask=cmask & (t < length)
+                o_ref.at[tt, pl.ds(cols, bs)],
+                h.astype(o_ref.dtype),
+                mask=cmask & (t < length) if ragged else cmask,
             )
             return h
 
@@ -473,6 +478,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     cap, warps, stages = SELECTIVE_CHUNKED_CONFIG
     bd = _channel_block(min(pg_b, pg_c), cap)
     depth = max(1, PREFETCH)
+    ragged = nc * tc != length  # the last chunk runs past L (identity steps, stores masked)
     has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
 
     seq = pl.BlockSpec((None, length, bd), lambda i, j, c: (i, 0, j))
@@ -486,8 +492,9 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     state = pl.BlockSpec((None, bd, npad), lambda i, j, c: (i, j, 0))
     params = _compiler_params(interpret, warps, stages)
 
-    def make_fetch(refs, need_c: bool):
-        """fetch(t) -> the step's inputs in acc (identity step past L: delta 0, keep 1)."""
+    def make_fetch(refs, need_c: bool, masked: bool):
+        """fetch(t) -> the step's inputs in acc (with ``masked``, identity steps past L: delta 0,
+        keep 1; without, the caller never emits a step past L)."""
         u_ref, dl_ref, b_ref, c_ref, z_ref, bias_ref, k_ref = refs
         bias_v = bias_ref[...].astype(acc) if has_bias else None
 
@@ -499,11 +506,12 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
                 dt = dt + bias_v
             if softplus:
                 dt = _softplus_mamba(dt)
-            dt = jnp.where(valid, dt, 0.0)
+            if masked:
+                dt = jnp.where(valid, dt, 0.0)
             out = {"dt": dt, "u": u_ref[tt, :].astype(acc), "b": b_ref[tt, :].astype(acc)}
             if has_keep:
                 k = k_ref[pl.ds(tt, 1)].astype(acc)  # (1,)
-                out["k"] = jnp.where(valid, k, 1.0)
+                out["k"] = jnp.where(valid, k, 1.0) if masked else k
             if need_c:
                 out["c"] = c_ref[tt, :].astype(acc)
                 if has_z:
@@ -540,7 +548,9 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         z_ref = next(it) if has_z else None
         bias_ref = next(it) if has_bias else None
         k_ref = next(it) if has_keep else None
-        fetch = make_fetch((u_ref, dl_ref, b_ref, c_ref, z_ref, bias_ref, k_ref), need_c)
+        # only the last chunk (phase 3) can run past L
+        masked = need_c and ragged
+        fetch = make_fetch((u_ref, dl_ref, b_ref, c_ref, z_ref, bias_ref, k_ref), need_c, masked)
         return a_ref, d_ref, fetch, list(it)
 
     extra = [v for v in (Dv, z, bias, keep) if v is not None]
@@ -593,7 +603,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         a = a_ref[...].astype(acc) * _LOG2E
         dv = d_ref[...].astype(acc) if has_d else None
         c = pl.program_id(2)
-        row_ok = lambda t: jnp.broadcast_to(t < length, (bd,))
+        row_ok = lambda t: jnp.broadcast_to(t < length, (bd,)) if ragged else None
 
         def emit(t, x, cur):
             x = advance(x, a, cur)

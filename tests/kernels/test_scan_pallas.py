@@ -50,6 +50,8 @@ def test_plan_chunks(small_chunks, monkeypatch):
         tc, nc = _pallas._plan_chunks(programs=2, length=length, unit=unit)
         assert tc % unit == 0 and nc * tc >= length and (nc - 1) * tc < length
     assert _pallas._plan_chunks(2, 37, 4) == (8, 5)  # several chunks, the last one ragged
+    assert _pallas._plan_chunks(2, 16, 4) == (4, 4)  # whole chunks (test_selective_gradients)
+    assert _pallas._plan_chunks(2, 20, 1) == (4, 5)  # whole chunks (linear gradients)
     monkeypatch.setattr(_pallas, "CHUNKED_CONFIG", (1024, 128))
     assert _pallas._plan_chunks(128, 8192, 64) == (1024, 8)  # B=2, D=1024 / 16 channels
     assert _pallas._plan_chunks(1024, 8192, 64)[1] == 1  # the grid is full: one pass
@@ -89,7 +91,7 @@ def test_linear_matches_reference(small_chunks, monkeypatch, kernel, dtype):
 
 def test_linear_gradients_and_ragged_channel_blocks(small_chunks):
     k = jax.random.split(jax.random.key(1), 3)
-    bsz, length, s = 1, 21, 200  # two channel blocks of 128, the second ragged
+    bsz, length, s = 1, 20, 200  # two channel blocks of 128, the second ragged; L = 5 chunks of 4
     a = jax.random.uniform(k[0], (bsz, length, s), minval=-1.0, maxval=1.0)
     b = jax.random.normal(k[1], (bsz, length, s))
     h0 = jax.random.normal(k[2], (bsz, s))
@@ -179,7 +181,7 @@ def test_selective_minimal_arguments_pow2_state_and_nan(small_chunks):
 
 
 def test_selective_gradients(small_chunks):
-    d = selective_inputs("group", "time", jnp.float32, seed=1, length=13)
+    d = selective_inputs("group", "time", jnp.float32, seed=1, length=16)  # 4 chunks of 4 steps
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
     seg = d.pop("segment_ids")
 
