@@ -1001,6 +1001,39 @@ def _call(
     )(*args)
 
 
+def _sharded_attention(
+    mesh: Mesh,
+    attn,
+    query: Array,
+    key: Array,
+    value: Array,
+    segment_ids: Array | None,
+    *,
+    seq: AxisName,
+    batch_axis: AxisName | None,
+    zigzag_shards: int | None,
+    check_vma: bool,
+) -> Array:
+    """``attn(q, k, v, segment_ids=s)`` inside ``jax.shard_map`` on global arrays.
+
+    query/key/value (B, T, N|K, H) and segment_ids (B, T) have T sharded over the mesh axis (or
+    axes) ``seq`` and B over ``batch_axis``. With ``zigzag_shards`` the sequence is put in the
+    zigzag order of that many shards before and restored after. Returns the global output
+    (B, T, N, Hv).
+    """
+    args = [query, key, value, segment_ids]
+    if zigzag_shards is not None:
+        args = [None if x is None else to_zigzag(x, zigzag_shards) for x in args]
+    spec4 = _seq_spec(batch_axis, seq, 4)
+    spec2 = _seq_spec(batch_axis, seq, 2)
+
+    def fn(q, k, v, s):
+        return attn(q, k, v, segment_ids=s)
+
+    out = _call(mesh, fn, args, [spec4, spec4, spec4, spec2], spec4, check_vma=check_vma)
+    return out if zigzag_shards is None else from_zigzag(out, zigzag_shards)
+
+
 def sharded_ring_attention(
     mesh: Mesh,
     query: Array,
@@ -1025,26 +1058,25 @@ def sharded_ring_attention(
     p = _axis_sizes(mesh, axis)
     zig = bool(is_causal)
     _check_len(query, 2 * p if zig else p, "query", "2 x the ring size" if zig else "ring size")
-    args = [query, key, value, segment_ids]
-    if zig:
-        args = [None if x is None else to_zigzag(x, p) for x in args]
-    spec4 = _seq_spec(batch_axis, axis, 4)
-    spec2 = _seq_spec(batch_axis, axis, 2)
-
-    def fn(q, k, v, s):
-        return ring_attention(
-            q,
-            k,
-            v,
-            axis_name=axis,
-            is_causal=is_causal,
-            segment_ids=s,
-            scale=scale,
-            implementation=implementation,
-        )
-
-    out = _call(mesh, fn, args, [spec4, spec4, spec4, spec2], spec4, check_vma=check_vma)
-    return from_zigzag(out, p) if zig else out
+    attn = functools.partial(
+        ring_attention,
+        axis_name=axis,
+        is_causal=is_causal,
+        scale=scale,
+        implementation=implementation,
+    )
+    return _sharded_attention(
+        mesh,
+        attn,
+        query,
+        key,
+        value,
+        segment_ids,
+        seq=axis,
+        batch_axis=batch_axis,
+        zigzag_shards=p if zig else None,
+        check_vma=check_vma,
+    )
 
 
 def sharded_ulysses_attention(
@@ -1064,27 +1096,23 @@ def sharded_ulysses_attention(
     """:func:`ulysses_attention` on global arrays (B, T, N, H), T sharded over ``axis``."""
     p = _axis_sizes(mesh, axis)
     _check_len(query, p, "query", "the Ulysses axis size")
-    spec4 = _seq_spec(batch_axis, axis, 4)
-    spec2 = _seq_spec(batch_axis, axis, 2)
-
-    def fn(q, k, v, s):
-        return ulysses_attention(
-            q,
-            k,
-            v,
-            axis_name=axis,
-            is_causal=is_causal,
-            segment_ids=s,
-            scale=scale,
-            implementation=implementation,
-        )
-
-    return _call(
+    attn = functools.partial(
+        ulysses_attention,
+        axis_name=axis,
+        is_causal=is_causal,
+        scale=scale,
+        implementation=implementation,
+    )
+    return _sharded_attention(
         mesh,
-        fn,
-        [query, key, value, segment_ids],
-        [spec4, spec4, spec4, spec2],
-        spec4,
+        attn,
+        query,
+        key,
+        value,
+        segment_ids,
+        seq=axis,
+        batch_axis=batch_axis,
+        zigzag_shards=None,
         check_vma=check_vma,
     )
 
@@ -1109,28 +1137,26 @@ def sharded_usp_attention(
     u = _axis_sizes(mesh, ulysses_axis)
     zig = bool(is_causal)
     _check_len(query, (2 * r if zig else r) * u, "query", "the ring x Ulysses sizes")
-    args = [query, key, value, segment_ids]
-    if zig:
-        args = [None if x is None else to_zigzag(x, r) for x in args]
-    seq = (ring_axis, ulysses_axis)
-    spec4 = _seq_spec(batch_axis, seq, 4)
-    spec2 = _seq_spec(batch_axis, seq, 2)
-
-    def fn(q, k, v, s):
-        return usp_attention(
-            q,
-            k,
-            v,
-            ulysses_axis=ulysses_axis,
-            ring_axis=ring_axis,
-            is_causal=is_causal,
-            segment_ids=s,
-            scale=scale,
-            implementation=implementation,
-        )
-
-    out = _call(mesh, fn, args, [spec4, spec4, spec4, spec2], spec4, check_vma=check_vma)
-    return from_zigzag(out, r) if zig else out
+    attn = functools.partial(
+        usp_attention,
+        ulysses_axis=ulysses_axis,
+        ring_axis=ring_axis,
+        is_causal=is_causal,
+        scale=scale,
+        implementation=implementation,
+    )
+    return _sharded_attention(
+        mesh,
+        attn,
+        query,
+        key,
+        value,
+        segment_ids,
+        seq=(ring_axis, ulysses_axis),
+        batch_axis=batch_axis,
+        zigzag_shards=r if zig else None,
+        check_vma=check_vma,
+    )
 
 
 def sharded_linear_attention(
