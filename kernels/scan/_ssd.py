@@ -9,7 +9,10 @@ times C B^T times x (the quadratic, attention-like part), the carried state read
 state the chunk leaves. Its derivative is a custom JVP whose tangent map is a ``linear_call``:
 ``jvp`` runs the JVP of that scan; ``grad`` transposes it with a hand-written reverse scan over
 chunks that recomputes the decay matrices, so reverse mode stores only the inputs and the state
-entering each chunk. "reference" is the obvious ``lax.scan`` over steps, differentiated by JAX.
+entering each chunk. "matmul" (default off CPU, where a loop of small kernels would be latency
+bound) computes all chunks at once (masked (T, T) matrices for every chunk, then a ``lax.scan``
+over the chunk states only) and is differentiated by JAX. "reference" is the obvious ``lax.scan``
+over steps, differentiated by JAX.
 L need not be a multiple of the chunk (padded with dt = 0, which leaves the state unchanged).
 """
 
@@ -36,8 +39,8 @@ FAMILY = "ssd"
 
 backend.register_family(
     FAMILY,
-    ("reference", "sequential", "chunked"),
-    {"*": "chunked"},
+    ("reference", "sequential", "chunked", "matmul"),
+    {"cpu": "chunked", "*": "matmul"},
     doc="Mamba-2 SSD (scalar A per head): chunked matmul form and a sequential reference.",
 )
 
@@ -83,6 +86,71 @@ def _chunked(x, dt, A, Bg, Cg, h0, sidx, chunk):
         sidx = jnp.concatenate([sidx, jnp.broadcast_to(last, (bsz, lp - length))], axis=1)
     y, h_t = _core(t, x, dt, A, Bg, Cg, h0, sidx)
     return y[:, :length], h_t
+
+
+def _matmul(x, dt, A, Bg, Cg, h0, sidx, chunk):
+    """All chunks at once (``ssd_minimal_discrete``), differentiated by JAX; the GPU default.
+
+    Bg/Cg: (B, L, G, N); sidx: (B, L) monotone segment index (resets on change).
+
+    Internally (chunk, batch, group, head-in-group, step, ...) so every matmul has its batch axes
+    leading, C B^T is computed once per group (not per head), and the chunk recurrence scans the
+    leading axis of the per-chunk states as they come out of their matmul (no transposes of the
+    large (chunks, batch, H, P, N) tensors, forward or backward).
+    """
+    bsz, length, heads, p = x.shape
+    g = Bg.shape[2]
+    r = heads // g
+    t = min(chunk, length)
+    nc = -(-length // t)
+    lp = nc * t
+    x, dt, Bg, Cg = (pad_time(v, lp) for v in (x, dt, Bg, Cg))
+    sidx = pad_time(sidx, lp, value=0)
+    if lp != length:  # padded steps belong to the last segment (dt = 0 keeps the state)
+        last = sidx[:, length - 1 : length]
+        pos = jnp.arange(lp)[None, :]
+        sidx = jnp.where(pos >= length, last, sidx)
+    n = Bg.shape[-1]
+    xc = x.reshape(bsz, nc, t, g, r, p).transpose(1, 0, 3, 4, 2, 5)  # (nc, B, G, R, T, P)
+    dtc = dt.reshape(bsz, nc, t, g, r).transpose(1, 0, 3, 4, 2)  # (nc, B, G, R, T)
+    bc = Bg.reshape(bsz, nc, t, g, n).transpose(1, 0, 3, 2, 4)  # (nc, B, G, T, N)
+    cc = Cg.reshape(bsz, nc, t, g, n).transpose(1, 0, 3, 2, 4)
+    sc = sidx.reshape(bsz, nc, t).transpose(1, 0, 2).reshape(nc, bsz, 1, 1, t)  # (nc, B, 1, 1, T)
+    acum = jnp.cumsum(dtc * A.reshape(1, 1, g, r, 1), axis=-1)  # (nc, B, G, R, T) log-decay
+    xdt = xc * dtc[..., None]  # (nc, B, G, R, T, P)
+
+    # 1. intra-chunk: y[l] = sum_{s<=l, same segment} C_l.B_s exp(acum_l - acum_s) x_s dt_s
+    causal = jnp.tril(jnp.ones((t, t), bool)).reshape(1, 1, 1, 1, t, t)
+    mask = (sc[..., :, None] == sc[..., None, :]) & causal  # (nc, B, 1, 1, T, T)
+    diff = acum[..., :, None] - acum[..., None, :]  # (nc, B, G, R, T(l), T(s))
+    decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
+    cb = jnp.einsum("bcgln,bcgsn->bcgls", cc, bc)  # once per group
+    y = jnp.einsum("bcgrls,bcgrsp->bcgrlp", cb[:, :, :, None] * decay, xdt)
+
+    # 2. the state each chunk leaves (from its own steps, in the chunk's last segment)
+    in_last = sc == sc[..., -1:]  # (nc, B, 1, 1, T)
+    w = jnp.exp(jnp.where(in_last, acum[..., -1:] - acum, -jnp.inf))  # (nc, B, G, R, T)
+    states = jnp.einsum("bcgrlp,bcgln->bcgrpn", xdt * w[..., None], bc)  # (nc, B, G, R, P, N)
+
+    # 3. recurrence over chunks: s_in[c+1] = decay_c * keep_c * s_in[c] + states_c
+    end = sidx.reshape(bsz, nc, t)[:, :, -1]  # (B, nc)
+    prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
+    keep_c = (end == prev_end).astype(x.dtype).T.reshape(nc, bsz, 1, 1)  # no reset inside chunk
+    chunk_decay = jnp.exp(acum[..., -1]) * keep_c  # (nc, B, G, R)
+
+    def carry(s, inp):
+        d, st = inp
+        return d[..., None, None] * s + st, s
+
+    h_t, s_in = lax.scan(carry, h0.reshape(bsz, g, r, p, n), (chunk_decay, states))
+    # s_in: (nc, B, G, R, P, N), the state entering each chunk
+
+    # 4. carried state read out: y[l] += exp(acum_l) C_l s_in (if l is in the carried segment)
+    carried = sc == prev_end.T.reshape(nc, bsz, 1, 1, 1)  # (nc, B, 1, 1, T)
+    out_decay = jnp.exp(jnp.where(carried, acum, -jnp.inf))  # (nc, B, G, R, T)
+    y = y + jnp.einsum("bcgln,bcgrpn->bcgrlp", cc, s_in) * out_decay[..., None]
+    y = y.transpose(1, 0, 4, 2, 3, 5).reshape(bsz, lp, heads, p)[:, :length]
+    return y, h_t.reshape(bsz, heads, p, n)
 
 
 def _chunk_major(t, x, dt, Bg, Cg, g):
@@ -344,7 +412,8 @@ def ssd(
       D: (H,) or (H, P) skip connection.
       initial_state: (batch, H, P, N); return_final_state: also return the state after step L-1.
       segment_ids: (batch, length) ints; the state resets where the id changes.
-      implementation: None (default "chunked"), "chunked", "reference" or "sequential".
+      implementation: None (the platform default: "chunked" on CPU, "matmul" elsewhere),
+        "chunked", "matmul", "reference" or "sequential".
 
     Returns:
       y (batch, length, H, P) in x's dtype (accumulated in float32 or wider), and with
@@ -399,7 +468,8 @@ def ssd(
         y, h_t = _sequential(xf, dtf, Af, _group(Bg, heads), _group(Cg, heads), h0, keep)
     else:
         sidx = jnp.cumsum(resets.astype(jnp.int32), axis=1)
-        y, h_t = _chunked(xf, dtf, Af, Bg, Cg, h0, sidx, chunk_size)
+        run = _chunked if impl == "chunked" else _matmul
+        y, h_t = run(xf, dtf, Af, Bg, Cg, h0, sidx, chunk_size)
     if D is not None:
         d = D.astype(acc)
         d = d[None, None, :, None] if d.ndim == 1 else d[None, None]
