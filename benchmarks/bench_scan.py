@@ -3,7 +3,8 @@
 Peers (measured in the same run, alternating with ours):
 - selective_scan: mamba_ssm's ``selective_scan_ref`` algorithm in JAX (materialise exp(delta*A)
   and delta*B*u as (B, L, D, N), then ``lax.scan``), i.e. implementation="reference".
-- ssd: the sequential ``lax.scan`` reference.
+- ssd: the sequential ``lax.scan`` reference (forward and forward+backward; all functions warmed,
+  then each timed in its own block of reps, min reported).
 - linear_scan: ``lax.scan`` and ``lax.associative_scan`` on a diagonal recurrence.
 Plus the compile time of selective_scan forward+backward at L=1024 and L=65536.
 
@@ -123,7 +124,7 @@ def time_blocks(fns, args, reps):
     return out
 
 
-def ssd_case(bench, q, heavy_reps, chunks=(64, 32, 128)):
+def ssd_case(bench, q, heavy_reps):
     # ---- ssd (Mamba-2 shapes) -----------------------------------------------------------------
     bsz, length, heads, p, n = (2, 512, 4, 16, 16) if q else (2, 8192, 16, 64, 64)
     k = jax.random.split(jax.random.key(1), 5)
@@ -142,18 +143,23 @@ def ssd_case(bench, q, heavy_reps, chunks=(64, 32, 128)):
         return jax.jit(lambda *a: ssd(*a, chunk_size=chunk_size, implementation=impl))
 
     shape = dict(B=bsz, L=length, H=heads, P=p, N=n, dtype="float32")
+    # "chunked" (CPU default; chunk 32 is its CPU default) at three chunk sizes, and "matmul" (the
+    # all-chunks-at-once form, default off CPU) at 64
+    variants = (("chunked", 32), ("chunked", 64), ("chunked", 128), ("matmul", 64))
     for mode, make in (("fwd", ssd_fwd), ("fwd+bwd", ssd_grad)):
-        # ours at every chunk size and the reference, timed in the same process; the reference
-        # (8.7 GB of temporaries for fwd+bwd) runs in its own block, after ours
-        fns = [make("chunked", c) for c in chunks] + [make("reference")]
+        # all timed in the same process; each function in its own block of reps after all are
+        # warm, so the reference's 8.7 GB of fwd+bwd temporaries are not allocated between ours
+        fns = [make(i, c) for i, c in variants] + [make("reference")]
         times = time_blocks(fns, args, heavy_reps)
         peer_temp = temp_bytes(fns[-1], *args)
-        for c, f, t in zip(chunks, fns, times):
-            bench.record({"case": f"ssd {mode} B{bsz} L{length} H{heads} P{p} N{n} chunk {c}",
+        name = f"ssd {mode} B{bsz} L{length} H{heads} P{p} N{n}"
+        for (impl, c), f, t in zip(variants, fns, times):
+            bench.record({"case": f"{name} {impl} chunk {c}",
                           "peer": "sequential lax.scan reference", "ours_s": t,
                           "peer_s": times[-1], "ratio": times[-1] / t,
                           "ours_temp_bytes": temp_bytes(f, *args), "peer_temp_bytes": peer_temp,
-                          "chunk": c, "timing": f"min of {heavy_reps}", **shape})  # fmt: skip
+                          "impl": impl, "chunk": c, "timing": f"min of {heavy_reps}",
+                          **shape})  # fmt: skip
 
 
 def linear_cases(bench, q):
