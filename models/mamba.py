@@ -275,28 +275,12 @@ def make_mixer(
             "d_state, expand, d_conv: expected positive integers, got "
             f"{d_state}, {expand}, {d_conv}"
         )
-    if variant == "mamba":
-        return MambaMixer(
-            d_model,
-            d_state=d_state,
-            expand=expand,
-            d_conv=d_conv,
-            remat=remat,
-            quant=quant,
-            implementation=implementation,
-            rngs=rngs,
-        )
-    return Mamba2Mixer(
-        d_model,
-        d_state=d_state,
-        expand=expand,
-        d_conv=d_conv,
-        head_dim=head_dim,
-        chunk_size=chunk_size,
-        remat=remat,
-        quant=quant,
-        rngs=rngs,
+    common = dict(
+        d_state=d_state, expand=expand, d_conv=d_conv, remat=remat, quant=quant, rngs=rngs
     )
+    if variant == "mamba":
+        return MambaMixer(d_model, implementation=implementation, **common)
+    return Mamba2Mixer(d_model, head_dim=head_dim, chunk_size=chunk_size, **common)
 
 
 class Mamba(StateLM):
