@@ -473,7 +473,7 @@ class CodesignResult:
                     s=6,
                     c=c,
                     alpha=0.35,
-                    label=f"{r.method} ({r.evals} evals)",
+                    label=f"{r.method} ({r.evals} evals, {int(m.sum())} scored)",
                 )
         xs = np.array([p.edp for p in self.points])
         ys = np.array([p.accuracy for p in self.points])
@@ -486,7 +486,7 @@ class CodesignResult:
                 f"λ={p.lam:g}",
                 (p.edp, p.accuracy),
                 fontsize=7,
-                xytext=(4, 4 + 9 * k),
+                xytext=(4, -12 + 9 * (k % 4)),
                 textcoords="offset points",
             )
         for r, mk in ((self.random, "s"), (self.grid, "^"), (self.exhaustive, "*")):
