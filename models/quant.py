@@ -294,8 +294,8 @@ class QDense(_QBase):
         w = self._q_weight(self.kernel[...], (0,))
         x = self._q_act(x)
         y = jnp.matmul(x.astype(self.dtype), w.astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+        if self.bias is not None:  # explicit broadcast: valid under rank_promotion="raise"
+            y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
         return y
 
     def export(self) -> dict[str, Any]:

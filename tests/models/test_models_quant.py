@@ -125,3 +125,14 @@ def test_block_format_needs_a_divisible_contraction():
         QDense(40, 8, quant=QuantConfig(weight_format="mxfp4"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="act_format: bitmod4 is a weight-only format"):
         QuantConfig(act_format="bitmod4")
+
+
+def test_bias_under_strict_rank_promotion():
+    """QDense(use_bias=True) on (batch, seq, in) inputs: the conftest sets rank promotion to
+    "raise", so an implicit (N,) + (..., N) broadcast would fail here."""
+    q = QDense(8, 5, use_bias=True, quant=QuantConfig(weight_format="int8"), rngs=nnx.Rngs(0))
+    q.bias[...] = jnp.arange(5, dtype=jnp.float32)
+    x3 = jnp.stack([X, 2 * X])
+    nobias = QDense(8, 5, quant=QuantConfig(weight_format="int8"), rngs=nnx.Rngs(0))
+    want = np.asarray(_call(nobias, x3)) + np.arange(5)
+    np.testing.assert_allclose(_call(q, x3), want, rtol=1e-6)
