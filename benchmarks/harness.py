@@ -79,6 +79,23 @@ def time_alternating(
     return [statistics.median(s) for s in samples]
 
 
+def time_blocks(fns: Sequence[Callable], args: Sequence[Any], *, reps: int = 5) -> list[float]:
+    """Median wall seconds of each fn(*args), each warmed then timed in its own block of reps.
+
+    For a peer whose own memory churn (e.g. eager op-by-op code allocating full-size
+    temporaries) would otherwise slow the calls interleaved with it."""
+    out = []
+    for f in fns:
+        block(f(*args))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            block(f(*args))
+            ts.append(time.perf_counter() - t0)
+        out.append(statistics.median(ts))
+    return out
+
+
 def machine() -> dict:
     """What the numbers came from."""
     dev = jax.devices()[0]
@@ -135,12 +152,19 @@ class Bench:
         items: float | None = None,
         memory: bool = True,
         reps: int | None = None,
+        timing: str = "alternating",
         **extra: Any,
     ) -> dict:
-        """Time ``ours`` and ``peer`` on ``args`` alternately; record ratio and memory."""
+        """Time ``ours`` and ``peer`` on ``args`` (alternately, or ``timing="blocks"``: each in
+        its own block of reps); record ratio and memory."""
         fns = [ours] + ([peer] if peer is not None else [])
-        times = time_alternating(fns, args, reps=reps or self.reps)
+        if timing not in ("alternating", "blocks"):
+            raise ValueError(f"timing: expected 'alternating' or 'blocks', got {timing!r}")
+        timer = time_alternating if timing == "alternating" else time_blocks
+        times = timer(fns, args, reps=reps or self.reps)
         rec: dict[str, Any] = {"case": case, "peer": peer_name, "ours_s": times[0]}
+        if timing != "alternating":
+            rec["timing"] = timing
         if peer is not None:
             rec["peer_s"] = times[1]
             rec["ratio"] = times[1] / times[0]
