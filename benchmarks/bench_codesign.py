@@ -37,15 +37,25 @@ SETTINGS = {
 
 def main() -> None:
     bench = Bench("codesign")
-    args = bench.parse(
-        lambda p: p.add_argument("--random-repeats", type=int, default=21, help="random seeds")
-    )
+
+    def extra(p):
+        p.add_argument("--random-repeats", type=int, default=21, help="random seeds")
+        p.add_argument("--seed", type=int, default=0, help="pipeline seed (model, data, search)")
+        p.add_argument("--refine", type=int, default=0, help="lambda bisection runs (codesign)")
+
+    args = bench.parse(extra)
     for name, kw in SETTINGS.items():
         if args.quick:
             kw = dict(kw, lambdas=(0.03, 0.3), steps=30, pretrain_steps=300)
         kw.setdefault("exhaustive", None)
         t0 = time.perf_counter()
-        r = codesign(**kw, random_repeats=args.random_repeats, log=None)
+        r = codesign(
+            **kw,
+            random_repeats=args.random_repeats,
+            seed=args.seed,
+            refine=args.refine,
+            log=None,
+        )
         rnd = [x.best.edp if x.best else None for x in r.random_runs]
         ok = [v for v in rnd if v is not None]
         ratios = r.ratios()
@@ -53,6 +63,8 @@ def main() -> None:
         bench.record(
             {
                 "case": name,
+                "seed": args.seed,
+                "refine": args.refine,
                 "peer": "random/grid/exhaustive search (same cost-eval budget)",
                 "design_space_size": r.space.size,
                 "cost_evals": r.evals,

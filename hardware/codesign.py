@@ -679,6 +679,7 @@ def codesign(
     hardware: str = "bitserial",
     *,
     lambdas: Sequence[float] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1),
+    refine: int = 0,
     steps: int = 200,
     pretrain_steps: int = 1500,
     batch_size: int = 32,
@@ -719,6 +720,10 @@ def codesign(
         2..8).
       lambdas: cost weights; one co-design run (``steps`` optax steps) per value, each starting
         from the model pretrained for ``pretrain_steps`` at the largest bit choice.
+      refine: extra co-design runs after the sweep, each at the geometric mean of the largest
+        ``lam`` whose design reaches the accuracy target and the next larger ``lam`` run (the
+        best design at the target sits between them; beyond the ends: x2 or /2). They count in
+        the cost-evaluation budget like every other run.
       metric: "edp" | "latency" | "energy" (the cost term is ``log(metric)``).
       area_budget_mm2, power_budget_w: constraints (quadratic penalties with weight ``penalty``
         in training; a discrete design violating them is infeasible). Defaults per hardware.
@@ -761,6 +766,8 @@ def codesign(
     lambdas = [float(v) for v in lambdas]
     if not lambdas or any(not (v >= 0 and math.isfinite(v)) for v in lambdas):
         raise ValueError(f"lambdas: expected one or more finite values >= 0, got {lambdas}")
+    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+        raise ValueError(f"refine: expected an int >= 0, got {refine!r}")
     for name, v in (
         ("steps", steps),
         ("batch_size", batch_size),
@@ -971,7 +978,9 @@ def codesign(
     points: list[DesignPoint] = []
     history: dict[float, list[dict[str, float]]] = {}
     evals = 0
-    for lam in lambdas:
+
+    def run_lambda(lam: float) -> None:
+        nonlocal evals
         groups, opt = pre, tx.init(pre)
         hist = []
         for i in range(steps):
@@ -1037,6 +1046,15 @@ def codesign(
             f"hw {p.hw} bits {bits_r.reshape(-1).astype(int).tolist()}"
         )
 
+    for lam in lambdas:
+        run_lambda(lam)
+    for _ in range(refine):
+        lam = _refine_lambda(points, target)
+        if lam is None:
+            break
+        say(f"refining λ between the sweep's designs around the accuracy target: λ={lam:.4g}")
+        run_lambda(lam)
+
     pts_acc = np.array([p.accuracy for p in points])
     pts_edp = np.array([p.edp if p.feasible else np.inf for p in points])
     pareto = [i for i in np.flatnonzero(pareto_mask(pts_acc, pts_edp)) if points[i].feasible]
@@ -1081,7 +1099,8 @@ def codesign(
         task=task,
         task_kwargs=tkw,
         hardware=hardware,
-        lambdas=lambdas,
+        lambdas=[p.lam for p in points],
+        refine=refine,
         steps=steps,
         pretrain_steps=pretrain_steps,
         batch_size=batch_size,
@@ -1116,6 +1135,31 @@ def codesign(
         time.perf_counter() - t0,
         random_runs,
     )
+
+
+def _refine_lambda(points: Sequence[DesignPoint], target: float) -> float | None:
+    """The next ``lam`` to try: the geometric mean of the largest ``lam`` whose design is
+    feasible and reaches ``target`` and the smallest larger ``lam`` already run (x2 past the
+    largest; /2 below the smallest positive one when no design reaches the target). None when
+    the bracket has collapsed (ratio < 1.05) or no positive ``lam`` was run."""
+    lams = sorted({float(p.lam) for p in points if p.lam is not None and p.lam > 0})
+    if not lams:
+        return None
+    good = [
+        float(p.lam)
+        for p in points
+        if p.lam is not None and p.lam > 0 and p.feasible and p.accuracy >= target
+    ]
+    if not good:
+        return lams[0] / 2
+    lo = max(good)
+    above = [v for v in lams if v > lo]
+    if not above:
+        return lo * 2
+    hi = above[0]
+    if hi / lo < 1.05:
+        return None
+    return math.sqrt(lo * hi)
 
 
 def _bitwidth_type():
@@ -1250,6 +1294,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--lambdas", default="0.005,0.01,0.02,0.03,0.05,0.1", help="comma-separated cost weights"
     )
+    s.add_argument(
+        "--refine", type=int, default=0, help="extra lambda runs bisecting around the target"
+    )
     s.add_argument("--steps", type=int, default=200, help="co-design steps per lambda")
     s.add_argument(
         "--pretrain-steps", type=int, default=1500, help="pretraining steps at the top bit-width"
@@ -1329,6 +1376,8 @@ def _cmd_codesign(args: argparse.Namespace) -> int:
     ):
         if v < 1:
             raise _usage_error(f"{flag}: expected a positive integer, got {v}")
+    if args.refine < 0:
+        raise _usage_error(f"--refine: expected an integer >= 0, got {args.refine}")
     tkw = dict(TASK_DEFAULTS.get(args.task, {"min_len": 2, "max_len": 8}))
     if args.min_len is not None:
         tkw["min_len"] = args.min_len
@@ -1370,6 +1419,7 @@ def _cmd_codesign(args: argparse.Namespace) -> int:
             args.task,
             args.hardware,
             lambdas=lambdas,
+            refine=args.refine,
             steps=args.steps,
             pretrain_steps=pre,
             batch_size=args.batch_size,

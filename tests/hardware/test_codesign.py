@@ -146,6 +146,7 @@ def tiny_result():
         "parity",
         "bitserial",
         lambdas=(0.1, 1.0),
+        refine=1,
         steps=12,
         pretrain_steps=40,
         batch_size=8,
@@ -169,8 +170,11 @@ def test_tiny_run_improves_objective_and_budgets(tiny_result):
         obj0 = first["task_loss"] + lam * first["log_edp"]
         obj1 = last["task_loss"] + lam * last["log_edp"]
         assert obj1 < obj0, (lam, first, last)
-    # gradient search: steps per lambda + 2**n_hw rounding neighbours per lambda
-    assert r.evals == 2 * (12 + 2 ** len(r.space.hw))
+    # gradient search: steps per lambda + 2**n_hw rounding neighbours per lambda, for the two
+    # swept values and the one refine run (a bisection around the accuracy target)
+    runs = len(r.history)
+    assert runs == 3 == len(r.points)
+    assert r.evals == runs * (12 + 2 ** len(r.space.hw))
     assert r.space.bits == (2.0, 4.0, 8.0)
     assert r.random.evals == r.evals
     assert len(r.random.edp) == r.evals
@@ -213,7 +217,7 @@ def test_report_written(tiny_result, tmp_path):
         assert (out / f).stat().st_size > 0
     data = json.loads((out / "result.json").read_text())
     assert data["cost_evaluations"] == tiny_result.evals
-    assert len(data["points"]) == 2
+    assert len(data["points"]) == len(tiny_result.points) == len(data["config"]["lambdas"])
 
 
 def test_codesign_bad_arguments():
@@ -293,6 +297,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         (["--hardware", "abacus"], "--hardware"),
         (["--lambdas", "a,b"], "--lambdas"),
         (["--lambdas", "-1"], "--lambdas"),
+        (["--refine", "-1"], "--refine"),
         (["--steps", "0"], "--steps"),
         (["--metric", "speed"], "--metric"),
         (["--area-budget", "-2"], "--area-budget"),
@@ -336,3 +341,22 @@ def test_cli_via_main_if_wired(tmp_path, capsys):
     rc = cli.main(["codesign", "--hardware", "abacus", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--hardware" in err and len(err.splitlines()) == 1
+
+
+def _pt(lam, acc, feasible=True):
+    return cd.DesignPoint("gradient", acc, 1.0, 1.0, 1.0, 1.0, feasible, {}, {}, lam=lam)
+
+
+def test_refine_lambda_bisects_around_the_accuracy_target():
+    pts = [_pt(0.01, 0.95), _pt(0.04, 0.93), _pt(0.16, 0.80)]
+    assert cd._refine_lambda(pts, 0.9) == pytest.approx(0.08)  # between 0.04 (ok) and 0.16
+    pts.append(_pt(0.08, 0.85))
+    assert cd._refine_lambda(pts, 0.9) == pytest.approx(0.04 * 2**0.5)
+    assert cd._refine_lambda([_pt(0.01, 0.95), _pt(0.1, 0.92)], 0.9) == pytest.approx(0.2)
+    assert cd._refine_lambda([_pt(0.01, 0.5), _pt(0.1, 0.4)], 0.9) == pytest.approx(0.005)
+    # an infeasible design does not count as reaching the target
+    assert cd._refine_lambda([_pt(0.01, 0.95), _pt(0.1, 0.99, False)], 0.9) == pytest.approx(
+        0.1**0.5 * 0.01**0.5
+    )
+    assert cd._refine_lambda([_pt(0.0, 0.95)], 0.9) is None
+    assert cd._refine_lambda([_pt(0.1, 0.95), _pt(0.104, 0.5)], 0.9) is None
