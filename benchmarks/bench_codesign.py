@@ -42,6 +42,7 @@ def main() -> None:
         p.add_argument("--random-repeats", type=int, default=21, help="random seeds")
         p.add_argument("--seed", type=int, default=0, help="pipeline seed (model, data, search)")
         p.add_argument("--refine", type=int, default=0, help="lambda bisection runs (codesign)")
+        p.add_argument("--polish", type=int, default=5, help="local-search rounds (codesign)")
 
     args = bench.parse(extra)
     for name, kw in SETTINGS.items():
@@ -54,6 +55,7 @@ def main() -> None:
             random_repeats=args.random_repeats,
             seed=args.seed,
             refine=args.refine,
+            polish=args.polish,
             log=None,
         )
         rnd = [x.best.edp if x.best else None for x in r.random_runs]
@@ -65,6 +67,7 @@ def main() -> None:
                 "case": name,
                 "seed": args.seed,
                 "refine": args.refine,
+                "polish": args.polish,
                 "peer": "random/grid/exhaustive search (same cost-eval budget)",
                 "design_space_size": r.space.size,
                 "cost_evals": r.evals,

@@ -680,6 +680,7 @@ def codesign(
     *,
     lambdas: Sequence[float] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1),
     refine: int = 0,
+    polish: int = 5,
     steps: int = 200,
     pretrain_steps: int = 1500,
     batch_size: int = 32,
@@ -724,6 +725,11 @@ def codesign(
         ``lam`` whose design reaches the accuracy target and the next larger ``lam`` run (the
         best design at the target sits between them; beyond the ends: x2 or /2). They count in
         the cost-evaluation budget like every other run.
+      polish: rounds of discrete local search from the gradient search's best design at the
+        target (:func:`_polish`: every +-1 move of one dimension and every +1/-1 pair of two
+        bit-widths, the cheapest feasible move that keeps the accuracy target taken, until none
+        improves, at most ``polish`` rounds); its cost evaluations count in the budget. 0 turns
+        it off.
       metric: "edp" | "latency" | "energy" (the cost term is ``log(metric)``).
       area_budget_mm2, power_budget_w: constraints (quadratic penalties with weight ``penalty``
         in training; a discrete design violating them is infeasible). Defaults per hardware.
@@ -768,6 +774,8 @@ def codesign(
         raise ValueError(f"lambdas: expected one or more finite values >= 0, got {lambdas}")
     if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
         raise ValueError(f"refine: expected an int >= 0, got {refine!r}")
+    if not isinstance(polish, int) or isinstance(polish, bool) or polish < 0:
+        raise ValueError(f"polish: expected an int >= 0, got {polish!r}")
     for name, v in (
         ("steps", steps),
         ("batch_size", batch_size),
@@ -979,6 +987,8 @@ def codesign(
     history: dict[float, list[dict[str, float]]] = {}
     evals = 0
 
+    tuned: dict[float, Any] = {}  # fine-tuned weights of each lambda's run
+
     def run_lambda(lam: float) -> None:
         nonlocal evals
         groups, opt = pre, tx.init(pre)
@@ -996,6 +1006,7 @@ def codesign(
                     f"{rec['mean_bits']:.2f}"
                 )
         history[lam] = hist
+        tuned[lam] = groups["weights"]
         # discretise: bits to nearest choice, hw to the best feasible floor/ceil neighbour
         m = merged(groups["weights"], tie(groups["bits"]), rest)
         bits_c = np.asarray(_bits_array(m))
@@ -1054,6 +1065,42 @@ def codesign(
             break
         say(f"refining λ between the sweep's designs around the accuracy target: λ={lam:.4g}")
         run_lambda(lam)
+    start = [p for p in points if p.feasible and p.accuracy >= target]
+    if polish and start:
+        p0 = min(start, key=lambda p: p.edp)
+        w_ft = tuned[p0.lam]
+
+        def acc_fn(bits: np.ndarray) -> np.ndarray:  # as the gradient designs: the better of both
+            return np.maximum(acc_many(w_ft, rest, bits), acc_many(pre["weights"], rest, bits))
+
+        idx0 = _point_index(space, p0)
+        idx, n_eval = _polish(space, idx0, acc_fn, cost_many, feasible, target, polish)
+        evals += n_eval
+        if not np.array_equal(idx, idx0):
+            hw_v, bits_v = space.decode(idx[None])
+            c = cost_many(hw_v, bits_v)
+            acc_ft = float(acc_one(w_ft, rest, jnp.asarray(bits_v[0], jnp.float32)))
+            ptq = float(acc_one(pre["weights"], rest, jnp.asarray(bits_v[0], jnp.float32)))
+            q = _point(
+                "gradient",
+                max(acc_ft, ptq),
+                {k: v[0] for k, v in c.items()},
+                bool(feasible(c)[0]),
+                fields,
+                hw_v[0],
+                space.layers,
+                bits_v[0],
+                p0.lam,
+            )
+            q.ptq_accuracy = ptq
+            points.append(q)
+            say(
+                f"polish ({n_eval} evals) from λ={p0.lam:g}: EDP {p0.edp:.3e} -> {q.edp:.3e} "
+                f"J*s, acc {q.accuracy:.3f}, hw {q.hw} bits "
+                f"{bits_v[0].reshape(-1).astype(int).tolist()}"
+            )
+        else:
+            say(f"polish ({n_eval} evals): no cheaper neighbour keeps the accuracy target")
 
     pts_acc = np.array([p.accuracy for p in points])
     pts_edp = np.array([p.edp if p.feasible else np.inf for p in points])
@@ -1101,6 +1148,7 @@ def codesign(
         hardware=hardware,
         lambdas=[p.lam for p in points],
         refine=refine,
+        polish=polish,
         steps=steps,
         pretrain_steps=pretrain_steps,
         batch_size=batch_size,
@@ -1135,6 +1183,72 @@ def codesign(
         time.perf_counter() - t0,
         random_runs,
     )
+
+
+def _point_index(space: DesignSpace, p: DesignPoint) -> np.ndarray:
+    """The design-space index vector (hardware choices, then bit choices) of a design point."""
+    hw = [int(np.argmin(np.abs(np.asarray(ch) - p.hw[f]))) for f, ch in space.hw]
+    bch = np.asarray(space.bits)
+    bits = []
+    for layer in space.layers:
+        w, a = p.bits[layer]
+        bits.append(int(np.argmin(np.abs(bch - w))))
+        if not space.tied:
+            bits.append(int(np.argmin(np.abs(bch - a))))
+    return np.asarray(hw + bits, np.int64)
+
+
+def _neighbours(space: DesignSpace, idx: np.ndarray) -> np.ndarray:
+    """+-1 on each dimension, and +1 on one bit dimension with -1 on another (moving precision
+    between layers), within range; unique, without ``idx`` itself."""
+    dims = np.asarray(space.dims)
+    nh = len(space.hw)
+    moves = []
+    for d in range(len(dims)):
+        for s in (-1, 1):
+            m = np.zeros(len(dims), np.int64)
+            m[d] = s
+            moves.append(m)
+    for i in range(nh, len(dims)):
+        for j in range(nh, len(dims)):
+            if i != j:
+                m = np.zeros(len(dims), np.int64)
+                m[i], m[j] = 1, -1
+                moves.append(m)
+    cand = idx[None] + np.stack(moves)
+    ok = np.all((cand >= 0) & (cand < dims), axis=1)
+    return np.unique(cand[ok], axis=0)
+
+
+def _polish(space, idx, acc_fn, cost_many, feasible, target, rounds) -> tuple[np.ndarray, int]:
+    """Greedy local search in the discrete space from ``idx`` (a design at the target).
+
+    Each round costs every neighbour (:func:`_neighbours`) exactly, then, in increasing EDP
+    among the feasible ones cheaper than the current design, scores accuracy (``acc_fn``, a
+    batch at a time) and moves to the first that reaches ``target``; it stops when none does or
+    after ``rounds`` rounds. Returns (final index vector, cost evaluations used)."""
+    hw, bits = space.decode(idx[None])
+    c = cost_many(hw, bits)
+    cur_edp = float(c["latency_s"][0] * c["energy_j"][0])
+    evals = 1
+    for _ in range(rounds):
+        cand = _neighbours(space, idx)
+        hw, bits = space.decode(cand)
+        c = cost_many(hw, bits)
+        evals += len(cand)
+        edp = c["latency_s"] * c["energy_j"]
+        sel = np.flatnonzero(feasible(c) & (edp < cur_edp))
+        sel = sel[np.argsort(edp[sel], kind="stable")]
+        moved = False
+        for s0 in range(0, len(sel), 16):
+            batch = sel[s0 : s0 + 16]
+            hit = batch[acc_fn(bits[batch]) >= target]
+            if len(hit):
+                idx, cur_edp, moved = cand[hit[0]], float(edp[hit[0]]), True
+                break
+        if not moved:
+            break
+    return idx, evals
 
 
 def _refine_lambda(points: Sequence[DesignPoint], target: float) -> float | None:
@@ -1297,6 +1411,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--refine", type=int, default=0, help="extra lambda runs bisecting around the target"
     )
+    s.add_argument(
+        "--polish", type=int, default=5, help="rounds of local search from the best design"
+    )
     s.add_argument("--steps", type=int, default=200, help="co-design steps per lambda")
     s.add_argument(
         "--pretrain-steps", type=int, default=1500, help="pretraining steps at the top bit-width"
@@ -1378,6 +1495,8 @@ def _cmd_codesign(args: argparse.Namespace) -> int:
             raise _usage_error(f"{flag}: expected a positive integer, got {v}")
     if args.refine < 0:
         raise _usage_error(f"--refine: expected an integer >= 0, got {args.refine}")
+    if args.polish < 0:
+        raise _usage_error(f"--polish: expected an integer >= 0, got {args.polish}")
     tkw = dict(TASK_DEFAULTS.get(args.task, {"min_len": 2, "max_len": 8}))
     if args.min_len is not None:
         tkw["min_len"] = args.min_len
@@ -1420,6 +1539,7 @@ def _cmd_codesign(args: argparse.Namespace) -> int:
             args.hardware,
             lambdas=lambdas,
             refine=args.refine,
+            polish=args.polish,
             steps=args.steps,
             pretrain_steps=pre,
             batch_size=args.batch_size,
