@@ -567,20 +567,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import jaxcore.models as models
     from jaxcore.models import tasks
 
-    multi = (args.coordinator, args.num_processes, args.process_id, args.local_device_count)
-    if any(v is not None for v in multi) or os.environ.get("JAXCORE_COORDINATOR"):
-        from jaxcore import distributed
-
-        try:  # before anything touches a device
-            distributed.initialize(
-                args.coordinator,
-                args.num_processes,
-                args.process_id,
-                local_device_count=args.local_device_count,
-            )
-        except (ValueError, RuntimeError) as e:
-            raise _usage_error(str(e)) from None
-
     if args.model not in models.MODELS:
         raise _usage_error(f"--model: expected one of {tuple(models.MODELS)}, got {args.model!r}")
     if args.task not in tasks.TASKS:
@@ -596,11 +582,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        # one probe per process: the ranks of a multi-process run share --out
+        probe = out / f".write_test.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise _usage_error(f"--out: cannot write to {str(out)!r}: {e.strerror or e}") from None
+
+    # Join the multi-process group only after the checks that need no device, so a usage error
+    # exits at once instead of leaving the other ranks waiting at the first barrier.
+    multi = (args.coordinator, args.num_processes, args.process_id, args.local_device_count)
+    if any(v is not None for v in multi) or os.environ.get("JAXCORE_COORDINATOR"):
+        from jaxcore import distributed
+
+        try:  # before anything touches a device
+            distributed.initialize(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                local_device_count=args.local_device_count,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise _usage_error(str(e)) from None
+
     try:
         task = tasks.get_task(args.task, **task_kw)
         config = TrainConfig(
