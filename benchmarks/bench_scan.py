@@ -11,11 +11,9 @@ Plus the compile time of selective_scan forward+backward at L=1024 and L=65536.
     python benchmarks/bench_scan.py [--quick] [--reps N] [--json-out FILE]
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
-from harness import Bench, block, compile_seconds, temp_bytes
+from harness import Bench, compile_seconds, temp_bytes, time_blocks
 from jax import lax
 from jaxcore.kernels.scan import linear_scan, selective_scan, ssd
 
@@ -108,22 +106,6 @@ def compile_case(bench, dim, n, q):
                   "growth": cts[1] / cts[0], "D": dim, "N": n})  # fmt: skip
 
 
-def time_blocks(fns, args, reps):
-    """Min wall seconds of each fn(*args): all warmed first, then each timed in its own block of
-    ``reps`` consecutive calls (so one function's allocations do not land between another's)."""
-    for f in fns:
-        block(f(*args))
-    out = []
-    for f in fns:
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            block(f(*args))
-            ts.append(time.perf_counter() - t0)
-        out.append(min(ts))
-    return out
-
-
 def ssd_case(bench, q, heavy_reps):
     # ---- ssd (Mamba-2 shapes) -----------------------------------------------------------------
     bsz, length, heads, p, n = (2, 512, 4, 16, 16) if q else (2, 8192, 16, 64, 64)
@@ -150,7 +132,7 @@ def ssd_case(bench, q, heavy_reps):
         # all timed in the same process; each function in its own block of reps after all are
         # warm, so the reference's 8.7 GB of fwd+bwd temporaries are not allocated between ours
         fns = [make(i, c) for i, c in variants] + [make("reference")]
-        times = time_blocks(fns, args, heavy_reps)
+        times = time_blocks(fns, args, reps=heavy_reps, stat=min)
         peer_temp = temp_bytes(fns[-1], *args)
         name = f"ssd {mode} B{bsz} L{length} H{heads} P{p} N{n}"
         for (impl, c), f, t in zip(variants, fns, times):

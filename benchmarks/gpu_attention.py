@@ -15,25 +15,30 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from harness import Bench, block
+from harness import Bench, time_blocks
 from jaxcore.kernels.attention import dot_product_attention
 from jaxcore.kernels.attention._common import normalize
 from jaxcore.kernels.attention._pallas import attention_pallas
 
 
 def _time(fn, args, reps):
-    block(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        block(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    """Median seconds of fn(*args) over ``reps`` calls after a warm-up."""
+    return time_blocks([fn], args, reps=reps)[0]
+
+
+def _speed_record(case, peer, tf, tfb, fwd_flops, bwd_flops) -> dict:
+    """Our forward / forward+backward seconds and TFLOP/s (backward = the difference)."""
+    return {
+        "case": case,
+        "peer": "jax.nn cudnn" if peer else "none",
+        "fwd_s": tf,
+        "fwdbwd_s": tfb,
+        "fwd_tflops": fwd_flops / tf / 1e12,
+        "bwd_tflops": bwd_flops / max(tfb - tf, 1e-9) / 1e12,
+    }
 
 
 def check(bench: Bench, on_gpu: bool) -> bool:
@@ -191,14 +196,9 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         except Exception as e:  # a tiling that does not compile: report, try the next
             print(f"# pallas config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
-        rec = {
-            "case": f"pallas bf16 B={b} N={n} H={h} T={t} causal {cfg}",
-            "peer": "jax.nn cudnn" if peer else "none",
-            "fwd_s": tf,
-            "fwdbwd_s": tfb,
-            "fwd_tflops": fwd_flops / tf / 1e12,
-            "bwd_tflops": bwd_flops / max(tfb - tf, 1e-9) / 1e12,
-        }
+        rec = _speed_record(
+            f"pallas bf16 B={b} N={n} H={h} T={t} causal {cfg}", peer, tf, tfb, fwd_flops, bwd_flops
+        )
         if peer:
             rec.update(
                 peer_fwd_s=peer[0],
@@ -263,14 +263,8 @@ def bias_speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         tf, tfb = timed(ours[0]), timed(ours[idx])
         if tf is None or tfb is None:
             continue
-        rec = {
-            "case": f"pallas+bias bf16 B={b} N={n} H={h} T={t} causal bias(1,N,T,T) {label}",
-            "peer": "jax.nn cudnn" if peer else "none",
-            "fwd_s": tf,
-            "fwdbwd_s": tfb,
-            "fwd_tflops": fwd_flops / tf / 1e12,
-            "bwd_tflops": bwd_flops / max(tfb - tf, 1e-9) / 1e12,
-        }
+        case = f"pallas+bias bf16 B={b} N={n} H={h} T={t} causal bias(1,N,T,T) {label}"
+        rec = _speed_record(case, peer, tf, tfb, fwd_flops, bwd_flops)
         if peer is not None:
             pf, pfb = timed(peer[0]), timed(peer[idx])
             if pf is not None:

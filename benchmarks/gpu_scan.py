@@ -16,25 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
+from harness import time_blocks
 from jaxcore.kernels.scan import _common as _scan_common
 from jaxcore.kernels.scan import _pallas, linear_scan, selective_scan, ssd
 
 
 def timeit(f, *args, reps: int = 10) -> float:
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return time_blocks([f], args, reps=reps)[0]
 
 
 def nbytes(*xs) -> int:

@@ -79,20 +79,28 @@ def time_alternating(
     return [statistics.median(s) for s in samples]
 
 
-def time_blocks(fns: Sequence[Callable], args: Sequence[Any], *, reps: int = 5) -> list[float]:
-    """Median wall seconds of each fn(*args), each warmed then timed in its own block of reps.
+def time_blocks(
+    fns: Sequence[Callable],
+    args: Sequence[Any],
+    *,
+    reps: int = 5,
+    stat: Callable[[list[float]], float] = statistics.median,
+) -> list[float]:
+    """``stat`` (median, or e.g. ``min``) of the wall seconds of each fn(*args): all warmed
+    first, then each timed in its own block of ``reps`` consecutive calls.
 
-    For a peer whose own memory churn (e.g. eager op-by-op code allocating full-size
-    temporaries) would otherwise slow the calls interleaved with it."""
-    out = []
+    For functions whose memory churn (e.g. an eager peer allocating full-size temporaries, or a
+    multi-GB reference) would otherwise slow the calls interleaved with them."""
     for f in fns:
         block(f(*args))
+    out = []
+    for f in fns:
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             block(f(*args))
             ts.append(time.perf_counter() - t0)
-        out.append(statistics.median(ts))
+        out.append(float(stat(ts)))
     return out
 
 
