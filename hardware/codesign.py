@@ -1074,18 +1074,17 @@ def codesign(
             return np.maximum(acc_many(w_ft, rest, bits), acc_many(pre["weights"], rest, bits))
 
         idx0 = _point_index(space, p0)
-        idx, n_eval = _polish(space, idx0, acc_fn, cost_many, feasible, target, polish)
+        idx, n_eval, row = _polish(space, idx0, acc_fn, cost_many, feasible, target, polish)
         evals += n_eval
-        if not np.array_equal(idx, idx0):
+        if row is not None:
             hw_v, bits_v = space.decode(idx[None])
-            c = cost_many(hw_v, bits_v)
             acc_ft = float(acc_one(w_ft, rest, jnp.asarray(bits_v[0], jnp.float32)))
             ptq = float(acc_one(pre["weights"], rest, jnp.asarray(bits_v[0], jnp.float32)))
             q = _point(
                 "gradient",
                 max(acc_ft, ptq),
-                {k: v[0] for k, v in c.items()},
-                bool(feasible(c)[0]),
+                row,
+                True,  # polish moves only to feasible designs
                 fields,
                 hw_v[0],
                 space.layers,
@@ -1220,17 +1219,35 @@ def _neighbours(space: DesignSpace, idx: np.ndarray) -> np.ndarray:
     return np.unique(cand[ok], axis=0)
 
 
-def _polish(space, idx, acc_fn, cost_many, feasible, target, rounds) -> tuple[np.ndarray, int]:
+def _first_at_target(
+    order: np.ndarray, score: Callable[[np.ndarray], np.ndarray], target: float
+) -> int | None:
+    """The first of ``order`` (designs in increasing EDP) whose accuracy reaches ``target``.
+
+    ``score(indices)`` returns their accuracies; it is called a batch of ``_ACC_CHUNK`` at a
+    time and never for the designs after the answer (they cannot have a lower EDP), so the result
+    equals scoring all of them at a fraction of the accuracy evaluations."""
+    for s in range(0, len(order), _ACC_CHUNK):
+        sel = order[s : s + _ACC_CHUNK]
+        ok = sel[score(sel) >= target]
+        if len(ok):
+            return int(ok[0])
+    return None
+
+
+def _polish(
+    space, idx, acc_fn, cost_many, feasible, target, rounds
+) -> tuple[np.ndarray, int, dict[str, float] | None]:
     """Greedy local search in the discrete space from ``idx`` (a design at the target).
 
-    Each round costs every neighbour (:func:`_neighbours`) exactly, then, in increasing EDP
-    among the feasible ones cheaper than the current design, scores accuracy (``acc_fn``, a
-    batch at a time) and moves to the first that reaches ``target``; it stops when none does or
-    after ``rounds`` rounds. Returns (final index vector, cost evaluations used)."""
+    Each round costs every neighbour (:func:`_neighbours`) exactly, then moves to the cheapest
+    feasible one below the current EDP that reaches ``target`` (:func:`_first_at_target` with
+    ``acc_fn``); it stops when none does or after ``rounds`` rounds. Returns (final index
+    vector, cost evaluations used, the final design's cost or None when it did not move)."""
     hw, bits = space.decode(idx[None])
     c = cost_many(hw, bits)
     cur_edp = float(c["latency_s"][0] * c["energy_j"][0])
-    evals = 1
+    evals, row = 1, None
     for _ in range(rounds):
         cand = _neighbours(space, idx)
         hw, bits = space.decode(cand)
@@ -1239,16 +1256,11 @@ def _polish(space, idx, acc_fn, cost_many, feasible, target, rounds) -> tuple[np
         edp = c["latency_s"] * c["energy_j"]
         sel = np.flatnonzero(feasible(c) & (edp < cur_edp))
         sel = sel[np.argsort(edp[sel], kind="stable")]
-        moved = False
-        for s0 in range(0, len(sel), 16):
-            batch = sel[s0 : s0 + 16]
-            hit = batch[acc_fn(bits[batch]) >= target]
-            if len(hit):
-                idx, cur_edp, moved = cand[hit[0]], float(edp[hit[0]]), True
-                break
-        if not moved:
+        j = _first_at_target(sel, lambda b, bits=bits: acc_fn(bits[b]), target)
+        if j is None:
             break
-    return idx, evals
+        idx, cur_edp, row = cand[j], float(edp[j]), {k: v[j] for k, v in c.items()}
+    return idx, evals, row
 
 
 def _refine_lambda(points: Sequence[DesignPoint], target: float) -> float | None:
@@ -1318,24 +1330,24 @@ def _search(method, space, idx, pre, rest, cost_many, acc_many, feasible, target
     edp = c["latency_s"] * c["energy_j"]
     acc = np.full(len(idx), np.nan)
     order = np.flatnonzero(feas)[np.argsort(edp[feas], kind="stable")]
-    best = None
-    for s in range(0, len(order), _ACC_CHUNK):
-        sel = order[s : s + _ACC_CHUNK]
+
+    def score(sel: np.ndarray) -> np.ndarray:
         acc[sel] = acc_many(pre["weights"], rest, bits[sel])
-        ok = sel[acc[sel] >= target]
-        if len(ok):
-            j = int(ok[0])  # sel is in increasing EDP order
-            best = _point(
-                method,
-                acc[j],
-                {k: v[j] for k, v in c.items()},
-                True,
-                space.hw_fields,
-                hw[j],
-                space.layers,
-                bits[j],
-            )
-            break
+        return acc[sel]
+
+    j = _first_at_target(order, score, target)
+    best = None
+    if j is not None:
+        best = _point(
+            method,
+            acc[j],
+            {k: v[j] for k, v in c.items()},
+            True,
+            space.hw_fields,
+            hw[j],
+            space.layers,
+            bits[j],
+        )
     return SearchResult(method, len(idx), acc, edp, feas, best)
 
 

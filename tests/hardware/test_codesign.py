@@ -384,7 +384,7 @@ def test_polish_walks_to_the_cheapest_design_at_the_target():
 
     start = np.array([2, 0, 3, 3, 3])  # pes=4, a=(2,5), b=(5,5): at the target, expensive
     assert acc_fn(space.decode(start[None])[1])[0] == 1.0
-    idx, evals = cd._polish(space, start, acc_fn, cost_many, feasible, 0.5, rounds=20)
+    idx, evals, _ = cd._polish(space, start, acc_fn, cost_many, feasible, 0.5, rounds=20)
     # cheapest at the target: pes=1, activations at 2 bits, weights (a, b) = (4, 3): b's weight
     # bits cost twice a's, so precision moves from b to a (pair moves: no single move is both
     # cheaper and at the target from the start)
