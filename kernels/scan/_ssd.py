@@ -39,9 +39,10 @@ FAMILY = "ssd"
 
 backend.register_family(
     FAMILY,
-    ("reference", "sequential", "chunked", "matmul"),
+    ("reference", "sequential", "chunked", "matmul", "pallas", "pallas_interpret"),
     {"cpu": "chunked", "*": "matmul"},
-    doc="Mamba-2 SSD (scalar A per head): chunked matmul form and a sequential reference.",
+    doc="Mamba-2 SSD (scalar A per head): chunked matmul form, Pallas kernels (forward) and a "
+    "sequential reference.",
 )
 
 
@@ -413,7 +414,10 @@ def ssd(
       initial_state: (batch, H, P, N); return_final_state: also return the state after step L-1.
       segment_ids: (batch, length) ints; the state resets where the id changes.
       implementation: None (the platform default: "chunked" on CPU, "matmul" elsewhere),
-        "chunked", "matmul", "reference" or "sequential".
+        "chunked", "matmul", "reference", "sequential", "pallas" (GPU only: the Triton
+        kernels of ``_ssd_pallas``, chunk_size a power of two >= 16 or None for 256; no
+        segment_ids; gradients from the platform's XLA implementation) or
+        "pallas_interpret" (the same kernels run by the Pallas interpreter, any backend).
 
     Returns:
       y (batch, length, H, P) in x's dtype (accumulated in float32 or wider), and with
@@ -442,6 +446,7 @@ def ssd(
         D = jnp.asarray(D)
         if D.shape not in ((heads,), (heads, p)):
             raise ValueError(f"D: expected shape ({heads},) or ({heads}, {p}), got {D.shape}")
+    pallas_chunk = chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size()
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
@@ -458,6 +463,9 @@ def ssd(
         initial_state = jnp.asarray(initial_state)
         checks.check_shape(initial_state, (bsz, heads, p, n), "initial_state")
         h0 = initial_state.astype(acc)
+    if impl in ("pallas", "pallas_interpret"):
+        y, h_t = _run_pallas(x, dt, A, B, C, D, h0, pallas_chunk, segment_ids, impl)
+        return (y, h_t) if return_final_state else y
     if segment_ids is None:
         resets = jnp.zeros((bsz, length), bool)
     else:
@@ -476,6 +484,26 @@ def ssd(
         y = y + xf * d
     y = y.astype(x.dtype)
     return (y, h_t) if return_final_state else y
+
+
+def _run_pallas(x, dt, A, B, C, D, h0, chunk_size, segment_ids, impl):
+    """The Pallas forward kernels (``_ssd_pallas``) on the inputs as given (bf16 stays bf16)."""
+    if impl == "pallas" and backend.platform() != "gpu":
+        raise ValueError(
+            f"implementation='pallas': the ssd kernels lower through Triton (GPU only), the "
+            f"default backend is {backend.platform()!r}; use 'matmul' or 'pallas_interpret'"
+        )
+    if segment_ids is not None:
+        raise ValueError(
+            f"segment_ids: not supported by implementation={impl!r}; use 'chunked' or 'matmul'"
+        )
+    from ._ssd_pallas import ssd_pallas  # lazy: imports jax.experimental.pallas
+
+    xla_impl = backend.resolve_implementation(FAMILY, None)
+    if xla_impl not in ("chunked", "matmul"):  # the backward never recurses into Pallas
+        xla_impl = "matmul"
+    return ssd_pallas(x, dt, A, B, C, D, h0, chunk_size=chunk_size,
+                      interpret=impl == "pallas_interpret", xla_impl=xla_impl)  # fmt: skip
 
 
 def ssd_reference(x, dt, A, B, C, **kwargs):  # fmt: skip

@@ -1,0 +1,334 @@
+"""Pallas forward kernels for Mamba-2 SSD (Triton lowering on GPU; ``interpret=True`` on CPU).
+
+Mamba-2's chunked algorithm as three kernels that are parallel over chunks (chunk length Q):
+
+1. chunk states, grid (H, chunks, B): S_c = sum_s exp(cum_last - cum_s) dt_s x_s B_s^T, the
+   state chunk c leaves when it starts from zero, (P, N) in the state dtype (f32);
+2. state passing, grid (state blocks, H, B): a short sequential pass over the chunks per
+   (batch, head, block of the flattened P*N state), S_in[c+1] = exp(cum_last[c]) S_in[c] + S_c
+   from the initial state; writes each chunk's start state in the dot dtype (bf16 for bf16
+   inputs: phase 3 feeds it to a bf16 matmul anyway) and the final state (f32);
+3. outputs, grid (row blocks, H, chunks, B): for a block of bm rows of the chunk,
+   y = exp(cum) * (C S_in^T) + sum over column blocks k <= m of ((C B_k^T) * decay * dt_k) x_k
+   (decay_ij = exp(cum_i - cum_j), masked to j <= i), + D * x, written in x's dtype.
+
+The cumulative in-chunk log decay ``cum`` (and dt as (B, H, L) f32) is computed by XLA before the
+kernels (2 small arrays of B*H*L floats). x, B and C are read as they come (bf16 or f32): dots
+take bf16 operands with f32 accumulation for bf16 inputs (as Mamba-2's Triton kernels), and
+f32 operands at ``Precision.HIGHEST`` (IEEE, not TF32) for f32 inputs. The first grid axis is the
+fastest-varying one in launch order, so programs sharing a chunk of B/C (heads of a group) or of
+x (row blocks) run close together and hit L2.
+
+Ragged shapes: L is padded up to a multiple of Q (dt = 0: the state is unchanged; only when
+L % Q != 0), P and N up to powers of two >= 16 (zeros; only when they are not), so every load,
+store and dot has power-of-two shapes >= 16 as Triton needs.
+
+Gradients: a ``custom_vjp`` whose backward is ``jax.vjp`` of the XLA ``ssd`` (the platform's
+default XLA implementation: "chunked" on CPU, "matmul" elsewhere), which recomputes its forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ._common import pad_time
+
+Array = Any
+
+# (chunk length Q used when chunk_size=None, rows/columns per block inside a chunk, warps,
+# software-pipeline stages) of phases 1 and 3. Read at trace time; benchmarks/gpu_scan.py sweeps
+# it. Not yet measured on a GPU: Q=256 with 64-row blocks is Mamba-2's own tiling.
+SSD_CONFIG: tuple[int, int, int, int] = (256, 64, 4, 2)
+
+# Phase 2: (elements of the flattened (P*N) state per program, warps, steps loaded ahead).
+SSD_PASS_CONFIG: tuple[int, int, int] = (512, 4, 2)
+
+
+class _Cfg(NamedTuple):
+    q: int  # chunk length
+    bm: int  # rows (and columns) per block inside a chunk
+    warps: int
+    stages: int
+    pass_block: int
+    pass_warps: int
+    prefetch: int
+    interpret: bool
+    xla_impl: str  # XLA implementation differentiated in the backward
+
+
+def _pow2_at_least(n: int, lo: int = 1) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _params(interpret: bool, warps: int, stages: int):
+    if interpret:
+        return None
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _dot(a: Array, b: Array, acc, trans_a: bool = False, trans_b: bool = False) -> Array:
+    """2-D matmul accumulated in ``acc``; the transposes stay in the dot; IEEE for f32."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+
+
+def _i32(v: int) -> Array:
+    return np.int32(v)
+
+
+def _chunk_states(x, b, dt4, cum4, cfg: _Cfg, acc, mm):
+    """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt4/cum4 (B, H, nc, Q) -> (B, H, nc, Pp, Np)."""
+    bsz, lp, heads, pp = x.shape
+    g, npad = b.shape[2], b.shape[3]
+    r = heads // g
+    q, nc = cfg.q, lp // cfg.q
+    bk = min(cfg.bm, q)
+
+    def kernel(x_ref, b_ref, dt_ref, cum_ref, s_ref):
+        last = cum_ref[pl.ds(_i32(q - 1), 1)].astype(acc)  # (1,)
+
+        def body(k, s):
+            rows = pl.ds(k * bk, bk)
+            w = jnp.exp(last - cum_ref[rows].astype(acc)) * dt_ref[rows].astype(acc)  # (bk,)
+            xw = (x_ref[rows, :].astype(acc) * w[:, None]).astype(mm)  # (bk, Pp)
+            return s + _dot(xw, b_ref[rows, :].astype(mm), acc, trans_a=True)
+
+        s = lax.fori_loop(_i32(0), _i32(q // bk), body, jnp.zeros((pp, npad), acc))
+        s_ref[...] = s.astype(s_ref.dtype)
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((bsz, heads, nc, pp, npad), acc),
+        grid=(heads, nc, bsz),
+        in_specs=[
+            pl.BlockSpec((None, q, None, pp), lambda h, c, i: (i, c, h, 0)),
+            pl.BlockSpec((None, q, None, npad), lambda h, c, i: (i, c, h // r, 0)),
+            pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
+            pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, pp, npad), lambda h, c, i: (i, h, c, 0, 0)),
+        interpret=cfg.interpret,
+        compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
+        name="jaxcore_ssd_chunk_states",
+    )(x, b, dt4, cum4)
+
+
+def _pass_states(states, decay, h0, cfg: _Cfg, acc, mm):
+    """Phase 2: states (B, H, nc, F), decay (B, H, nc), h0 (B, H, F) -> the state entering each
+    chunk (B, H, nc, F) in ``mm`` and the final state (B, H, F) in ``acc``."""
+    bsz, heads, nc, f = states.shape
+    bf = min(cfg.pass_block, f)
+    depth = max(1, cfg.prefetch)
+
+    def kernel(s_ref, d_ref, h0_ref, st_ref, ht_ref):
+        def fetch(c):
+            cc = jnp.minimum(c, nc - 1)  # loads past the last chunk: prefetch only, unused
+            return s_ref[cc, :].astype(acc), d_ref[pl.ds(cc, 1)].astype(acc)
+
+        def body(c, carry):
+            h, queue = carry
+            st_ref[c, :] = h.astype(st_ref.dtype)
+            s, d = queue[0]
+            return d * h + s, queue[1:] + (fetch(c + depth),)
+
+        queue = tuple(fetch(_i32(k)) for k in range(depth))
+        h, _ = lax.fori_loop(_i32(0), _i32(nc), body, (h0_ref[...].astype(acc), queue))
+        ht_ref[...] = h.astype(ht_ref.dtype)
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((bsz, heads, nc, f), mm),
+            jax.ShapeDtypeStruct((bsz, heads, f), acc),
+        ),
+        grid=(f // bf, heads, bsz),
+        in_specs=[
+            pl.BlockSpec((None, None, nc, bf), lambda j, h, i: (i, h, 0, j)),
+            pl.BlockSpec((None, None, nc), lambda j, h, i: (i, h, 0)),
+            pl.BlockSpec((None, None, bf), lambda j, h, i: (i, h, j)),
+        ],
+        out_specs=(
+            pl.BlockSpec((None, None, nc, bf), lambda j, h, i: (i, h, 0, j)),
+            pl.BlockSpec((None, None, bf), lambda j, h, i: (i, h, j)),
+        ),
+        interpret=cfg.interpret,
+        compiler_params=_params(cfg.interpret, cfg.pass_warps, 1),
+        name="jaxcore_ssd_state_passing",
+    )(states, decay, h0)
+
+
+def _outputs(x, b, c, dt4, cum4, starts, d, cfg: _Cfg, acc, mm):
+    """Phase 3: y (B, Lp, H, Pp) in x's dtype from the inputs and the chunk start states
+    ``starts`` (B, H, nc, Pp, Np); d: (H, Pp) or None."""
+    bsz, lp, heads, pp = x.shape
+    g, npad = b.shape[2], b.shape[3]
+    r = heads // g
+    q, nc = cfg.q, lp // cfg.q
+    bm = min(cfg.bm, q)
+    nm = q // bm
+    has_d = d is not None
+
+    def kernel(x_ref, b_ref, c_ref, dt_ref, cum_ref, s_ref, *rest):
+        d_ref, y_ref = rest if has_d else (None, *rest)
+        m = pl.program_id(0)
+        rows = pl.ds(m * bm, bm)
+        cm = c_ref[rows, :].astype(mm)  # (bm, Np)
+        cum_m = cum_ref[rows].astype(acc)  # (bm,)
+        # the carried state read out: exp(cum_i) C_i S_in^T
+        y = jnp.exp(cum_m)[:, None] * _dot(cm, s_ref[...].astype(mm), acc, trans_b=True)
+        ii = m * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
+        jj0 = lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+
+        def body(k, y):  # column block k <= m of the intra-chunk (attention-like) part
+            cols = pl.ds(k * bm, bm)
+            cb = _dot(cm, b_ref[cols, :].astype(mm), acc, trans_b=True)  # (bm, bm)
+            diff = cum_m[:, None] - cum_ref[cols].astype(acc)[None, :]
+            decay = jnp.exp(jnp.where(ii >= k * bm + jj0, diff, -jnp.inf))
+            w = cb * decay * dt_ref[cols].astype(acc)[None, :]
+            return y + _dot(w.astype(mm), x_ref[cols, :].astype(mm), acc)
+
+        y = lax.fori_loop(_i32(0), m + 1, body, y)
+        if has_d:
+            y = y + d_ref[...].astype(acc)[None, :] * x_ref[rows, :].astype(acc)
+        y_ref[...] = y.astype(y_ref.dtype)
+
+    chunk = lambda w, grp=1: pl.BlockSpec(  # noqa: E731
+        (None, q, None, w), lambda m, h, c, i: (i, c, h // grp, 0)
+    )
+    vec = pl.BlockSpec((None, None, None, q), lambda m, h, c, i: (i, h, c, 0))
+    in_specs = [
+        chunk(pp),
+        chunk(npad, r),
+        chunk(npad, r),
+        vec,
+        vec,
+        pl.BlockSpec((None, None, None, pp, npad), lambda m, h, c, i: (i, h, c, 0, 0)),
+    ]
+    args = [x, b, c, dt4, cum4, starts]
+    if has_d:
+        in_specs.append(pl.BlockSpec((None, pp), lambda m, h, c, i: (h, 0)))
+        args.append(d)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((bsz, lp, heads, pp), x.dtype),
+        grid=(nm, heads, nc, bsz),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bm, None, pp), lambda m, h, c, i: (i, c * nm + m, h, 0)),
+        interpret=cfg.interpret,
+        compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
+        name="jaxcore_ssd_outputs",
+    )(*args)
+
+
+def _forward(x, dt, A, Bg, Cg, D, h0, cfg: _Cfg):
+    """The three phases on unpadded inputs; returns (y (B, L, H, P) in x's dtype, final state
+    (B, H, P, N) in h0's dtype)."""
+    bsz, length, heads, p = x.shape
+    n = Bg.shape[-1]
+    acc = h0.dtype
+    mm = x.dtype if jnp.dtype(x.dtype).itemsize < 4 else acc
+    q = cfg.q
+    lp = -(-length // q) * q
+    nc = lp // q
+    pp, npad = _pow2_at_least(p, 16), _pow2_at_least(n, 16)
+    x, dt, Bg, Cg = (pad_time(v, lp) for v in (x, dt, Bg, Cg))
+    if pp != p:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pp - p)))
+        h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, pp - p), (0, 0)))
+    if npad != n:
+        padn = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])  # noqa: E731
+        Bg, Cg, h0 = padn(Bg), padn(Cg), padn(h0)
+    dtf = dt.astype(acc)
+    dt4 = dtf.reshape(bsz, nc, q, heads).transpose(0, 3, 1, 2)  # (B, H, nc, Q)
+    cum4 = jnp.cumsum(dt4 * A.astype(acc)[None, :, None, None], axis=-1)
+    decay = jnp.exp(cum4[..., -1])  # (B, H, nc): each chunk's total decay
+    dv = None
+    if D is not None:
+        dv = D.astype(acc)
+        dv = jnp.broadcast_to(dv[:, None] if dv.ndim == 1 else dv, (heads, p))
+        if pp != p:
+            dv = jnp.pad(dv, ((0, 0), (0, pp - p)))
+
+    states = _chunk_states(x, Bg, dt4, cum4, cfg, acc, mm)
+    f = pp * npad
+    starts, h_t = _pass_states(
+        states.reshape(bsz, heads, nc, f), decay, h0.reshape(bsz, heads, f), cfg, acc, mm
+    )
+    y = _outputs(x, Bg, Cg, dt4, cum4, starts.reshape(bsz, heads, nc, pp, npad), dv, cfg, acc,
+                 mm)  # fmt: skip
+    if lp != length or pp != p:
+        y = y[:, :length, :, :p]
+    return y, h_t.reshape(bsz, heads, pp, npad)[:, :, :p, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssd_pallas(x, dt, A, B, C, D, h0, cfg):
+    Bg = B[:, :, None] if B.ndim == 3 else B
+    Cg = C[:, :, None] if C.ndim == 3 else C
+    return _forward(x, dt, A, Bg, Cg, D, h0, cfg)
+
+
+def _ssd_pallas_fwd(x, dt, A, B, C, D, h0, cfg):
+    return _ssd_pallas(x, dt, A, B, C, D, h0, cfg), (x, dt, A, B, C, D, h0)
+
+
+def _ssd_pallas_bwd(cfg, res, cts):
+    """jax.vjp of the XLA ``ssd`` (recomputes its forward)."""
+    from ._ssd import ssd
+
+    def f(x, dt, A, B, C, D, h0):
+        return ssd(x, dt, A, B, C, D=D, initial_state=h0, return_final_state=True,
+                   implementation=cfg.xla_impl)  # fmt: skip
+
+    _, vjp = jax.vjp(f, *res)
+    return vjp(cts)
+
+
+_ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
+
+
+def check_chunk(chunk_size: int | None, length: int) -> int:
+    """The Pallas chunk length: ``chunk_size`` (None: SSD_CONFIG[0]) must be a power of two
+    >= 16; it shrinks to the smallest power of two >= max(L, 16) when L is shorter."""
+    q = SSD_CONFIG[0] if chunk_size is None else chunk_size
+    if not _is_pow2(q) or q < 16:
+        raise ValueError(
+            f"chunk_size: implementation='pallas' needs a power of two >= 16 or None, got {q!r}"
+        )
+    return min(q, _pow2_at_least(length, 16))
+
+
+def ssd_pallas(x, dt, A, B, C, D, h0, *, chunk_size: int | None, interpret: bool,
+               xla_impl: str) -> tuple[Array, Array]:  # fmt: skip
+    """Mamba-2 SSD forward in Pallas (gradients: the XLA ``xla_impl``), arguments checked.
+
+    x: (B, L, H, P); dt: (B, L, H) (positive); A: (H,); B, C: (B, L, G, N) or (B, L, N);
+    D: (H,), (H, P) or None; h0: (B, H, P, N) in the state dtype (f32, or f64 for f64 inputs).
+    Returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in h0's dtype).
+    """
+    q = check_chunk(chunk_size, x.shape[1])
+    bm, warps, stages = SSD_CONFIG[1:]
+    if not _is_pow2(bm) or bm < 16:
+        raise ValueError(f"SSD_CONFIG: expected a power-of-two block >= 16, got {bm!r}")
+    pblock, pwarps, prefetch = SSD_PASS_CONFIG
+    f = _pow2_at_least(x.shape[3], 16) * _pow2_at_least(B.shape[-1], 16)
+    if not _is_pow2(pblock):
+        raise ValueError(f"SSD_PASS_CONFIG: expected a power-of-two block, got {pblock!r}")
+    cfg = _Cfg(q, min(bm, q), warps, stages, min(pblock, f), pwarps, prefetch, bool(interpret),
+               xla_impl)  # fmt: skip
+    return _ssd_pallas(x, dt, A, B, C, D, h0, cfg)

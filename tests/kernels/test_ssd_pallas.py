@@ -1,0 +1,162 @@
+"""ssd implementation="pallas_interpret" (the Pallas kernels of _ssd_pallas) vs the sequential
+reference, and the Triton lowering of implementation="pallas" for CUDA, checked on CPU.
+
+SSD_CONFIG's block is lowered to 16 so that chunks of 32 steps run two row blocks (the loop over
+column blocks k <= m) and SSD_PASS_CONFIG's state block to 64 so that phase 2 has several blocks.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxcore.kernels.scan import _ssd_pallas, ssd, ssd_reference
+
+from jaxcore import backend
+from jaxcore.testing import assert_close
+
+PI = "pallas_interpret"
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(_ssd_pallas, "SSD_CONFIG", (32, 16, 4, 2))
+    monkeypatch.setattr(_ssd_pallas, "SSD_PASS_CONFIG", (64, 4, 2))
+
+
+def make(dtype, bsz=2, length=37, heads=4, p=3, n=5, groups=2, seed=0):
+    k = jax.random.split(jax.random.key(seed), 8)
+    r = lambda i, s: jax.random.normal(k[i], s, jnp.float32)  # noqa: E731
+    bc = (bsz, length, n) if groups is None else (bsz, length, groups, n)
+    state = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    return dict(
+        x=r(0, (bsz, length, heads, p)).astype(dtype),
+        dt=jax.nn.softplus(r(1, (bsz, length, heads)) - 1.0).astype(dtype),
+        A=(-jnp.exp(r(2, (heads,)))).astype(state),
+        B=r(3, bc).astype(dtype),
+        C=r(4, bc).astype(dtype),
+        initial_state=r(5, (bsz, heads, p, n)).astype(state),
+        D=r(6, (heads, p)).astype(state),
+    )
+
+
+def run(d, impl, chunk_size=None, **kw):
+    """jit of ssd with the final state; a fresh trace per call (the knobs are read at trace)."""
+    d = dict(d)
+    args = [d.pop(k) for k in ("x", "dt", "A", "B", "C")]
+    f = functools.partial(ssd, chunk_size=chunk_size, implementation=impl,
+                          return_final_state=True, **kw)  # fmt: skip
+    return jax.jit(f)(*args, **d)
+
+
+@pytest.mark.parametrize(
+    "length, groups, chunk, with_state, d_shape",
+    [
+        (64, 2, 16, True, "hp"),  # L a multiple of the chunk, 4 chunks
+        (37, None, 32, True, "h"),  # ragged L, B/C shared by all heads, two row blocks
+        (37, 1, None, False, None),  # default chunk (SSD_CONFIG: 32 here), no D, no initial state
+        (1, 4, 16, True, "hp"),  # L = 1, one group per head
+    ],
+)
+def test_matches_reference_f64(x64, length, groups, chunk, with_state, d_shape):
+    d = make(jnp.float64, length=length, groups=groups)
+    if not with_state:
+        del d["initial_state"]
+    if d_shape is None:
+        del d["D"]
+    elif d_shape == "h":
+        d["D"] = d["D"][:, 0]
+    y, h = run(d, PI, chunk)
+    y_ref, h_ref = run(d, "reference")
+    assert y.dtype == jnp.float64 and h.dtype == jnp.float64
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matches_reference_low_precision(dtype):
+    """bf16/f32 inputs, f32 state; the reference runs on the same inputs upcast to f32."""
+    d = make(dtype, length=45, p=16, n=16)
+    y, h = run(d, PI, 16)
+    d32 = {k: v.astype(jnp.float32) for k, v in d.items()}
+    y_ref, h_ref = run(d32, "reference")
+    assert y.dtype == dtype and h.dtype == jnp.float32
+    # bf16: the dot operands (decay-weighted C B^T, the chunk start states) are rounded to bf16
+    assert_close(y, y_ref, dtype=dtype, scale=4)
+    assert_close(h, h_ref, dtype=dtype, scale=4 if dtype == jnp.bfloat16 else 20)
+
+
+def test_gradients_match_reference(x64):
+    d = make(jnp.float64, length=21, groups=2)
+    names = ("x", "dt", "A", "B", "C", "initial_state", "D")
+
+    def grads(impl):
+        def loss(*vals):
+            y, h = run(dict(zip(names, vals)), impl, 16)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(h**2)
+
+        return jax.jit(jax.grad(loss, tuple(range(len(names)))))(*(d[k] for k in names))
+
+    for name, g, g_ref in zip(names, grads(PI), grads("reference")):
+        assert_close(g, g_ref, scale=100, err_msg=name)
+
+
+def test_jit_vmap_and_nan_stays_in_later_chunks():
+    d = make(jnp.float32, bsz=3, length=40)
+    one = lambda x, dt, B, C: ssd(  # noqa: E731
+        x[None], dt[None], d["A"], B[None], C[None], D=d["D"], chunk_size=16, implementation=PI
+    )[0]
+    got = jax.jit(jax.vmap(one))(d["x"], d["dt"], d["B"], d["C"])
+    want = ssd_reference(d["x"], d["dt"], d["A"], d["B"], d["C"], D=d["D"])
+    assert_close(got, want, scale=20)
+    # a NaN in x (batch 0, step 20 in chunk 1 = steps 16..31, head 1, column 0) reaches that
+    # column from its step on (and may reach its chunk's earlier steps: 0 * NaN in the
+    # intra-chunk matmul), never chunk 0 nor any other batch, head or column
+    x = d["x"].at[0, 20, 1, 0].set(jnp.nan)
+    y = np.asarray(ssd(x, d["dt"], d["A"], d["B"], d["C"], chunk_size=16, implementation=PI))
+    assert np.isnan(y[0, 20:, 1, 0]).all()
+    nan = np.isnan(y)
+    nan[0, 16:, 1, 0] = False
+    assert not nan.any()
+
+
+def test_bad_arguments():
+    d = make(jnp.float32, length=8)
+    args = [d[k] for k in ("x", "dt", "A", "B", "C")]
+    for bad in (24, 8, 0):
+        with pytest.raises(ValueError, match="chunk_size"):
+            ssd(*args, chunk_size=bad, implementation=PI)
+    with pytest.raises(ValueError, match="segment_ids: not supported"):
+        ssd(*args, segment_ids=jnp.zeros((2, 8), jnp.int32), implementation=PI)
+    with pytest.raises(ValueError, match="pallas"):
+        ssd(*args, implementation="pallas")  # CPU backend
+    with pytest.raises(ValueError, match="x: expected"):
+        ssd(args[0][..., 0], *args[1:], implementation=PI)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU lowering, checked without a GPU: export for CUDA runs the Pallas -> Triton IR lowering
+# (power-of-two shapes, supported primitives, loops), not Triton's compiler
+
+
+def test_lowers_to_triton_ir(monkeypatch):
+    pytest.importorskip("jax._src.lib.triton")
+    from jax import export
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")  # allow implementation="pallas"
+    monkeypatch.setattr(_ssd_pallas, "SSD_CONFIG", (128, 64, 4, 2))
+    monkeypatch.setattr(_ssd_pallas, "SSD_PASS_CONFIG", (512, 4, 2))
+    # the benchmark's shape family (bf16 inputs, f32 state, P = N = 64, one group), L shortened
+    d = make(jnp.bfloat16, length=300, heads=4, p=64, n=64, groups=1)
+    names = ("x", "dt", "A", "B", "C", "D", "initial_state")
+
+    def loss(*vals):
+        y, h = run(dict(zip(names, vals)), "pallas")
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for fn in (loss, jax.value_and_grad(loss, (0, 1, 3))):
+        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
+        text = exp(*(d[k] for k in names)).mlir_module()
+        assert text.count("xla.gpu.triton") == 3  # the three phases, once (bwd is XLA)
