@@ -4,12 +4,16 @@ Throughput = (bytes of inputs read + outputs written) / forward time, as a fract
 (``x + 1`` on a large bf16 array: bytes read + written / time) measured in the same run. Times the
 old "sequential" Pallas kernel, the chunked three-phase one (a few tilings and grid sizes) and the
 XLA "chunked" path in the same run, checks each against XLA on the device (max_abs_diff_vs_xla),
-and times forward+backward for the defaults; also linear_scan (bf16 a, b, h).
+and times forward+backward for the defaults; also linear_scan (bf16 a, b, h). ssd: the Pallas
+kernels (``implementation="pallas"``, a few tilings, each checked against the sequential f32
+reference first; the default's three phases also timed apart) and the XLA default at three
+chunk sizes.
 One JSON object per line. ``--quick`` runs tiny shapes (on CPU: the Pallas kernel in interpret
 mode) so the script itself can be checked anywhere.
 
     python benchmarks/gpu_scan.py            # on a GPU (run from benchmarks/gpu_check.sh)
     python benchmarks/gpu_scan.py --quick    # smoke run, any backend
+    python benchmarks/gpu_scan.py --cases ssd_pallas,ssd   # a subset
 """
 
 from __future__ import annotations
@@ -17,17 +21,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 from harness import time_blocks
 from jaxcore.kernels.scan import _common as _scan_common
-from jaxcore.kernels.scan import _pallas, linear_scan, selective_scan, ssd
+from jaxcore.kernels.scan import (
+    _pallas,
+    _ssd_pallas,
+    linear_scan,
+    selective_scan,
+    ssd,
+    ssd_reference,
+)
+
+from jaxcore import backend
 
 
 def timeit(f, *args, reps: int = 10) -> float:
     return time_blocks([f], args, reps=reps)[0]
+
+
+def timeit_queued(f, *args, calls: int = 20, trials: int = 3) -> float:
+    """Seconds per call of ``calls`` calls dispatched back to back (one block at the end), the
+    best of ``trials``: for ~100 us kernels, where a host sync per call would be timed too."""
+    jax.block_until_ready(f(*args))
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        out = [f(*args) for _ in range(calls)]
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
 
 
 def nbytes(*xs) -> int:
@@ -183,7 +210,7 @@ def bench_linear(bw: float, quick: bool, pallas: str) -> None:
     _set(**base)
 
 
-def bench_ssd(bw: float, quick: bool) -> None:
+def _ssd_inputs(quick: bool):
     bsz, length, heads, p, n = (2, 256, 4, 16, 16) if quick else (2, 8192, 16, 64, 64)
     k = jax.random.split(jax.random.key(1), 5)
     bf = jnp.bfloat16
@@ -192,8 +219,96 @@ def bench_ssd(bw: float, quick: bool) -> None:
     A = -jnp.exp(jax.random.normal(k[2], (heads,), jnp.float32))
     B = jax.random.normal(k[3], (bsz, length, 1, n), bf)
     C = jax.random.normal(k[4], (bsz, length, 1, n), bf)
-    io = nbytes(x, dt, A, B, C) + nbytes(x)
     shape = {"B": bsz, "L": length, "H": heads, "P": p, "N": n}
+    return (x, dt, A, B, C), shape
+
+
+# Pallas ssd tilings timed: (SSD_CONFIG = (chunk, block, warps, stages), SSD_PASS_CONFIG =
+# (state elements per program, warps, steps loaded ahead)); the first is the module default.
+_SSD_SWEEP = [
+    ((256, 64, 4, 2), (512, 4, 4)),
+    ((128, 64, 4, 2), (512, 4, 4)),
+    ((512, 64, 4, 2), (512, 4, 4)),
+    ((256, 64, 8, 3), (512, 4, 4)),
+    ((256, 32, 4, 2), (256, 2, 8)),
+]
+
+
+def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
+    """ssd implementation="pallas": a few tilings, each checked against the sequential f32
+    reference on the device before timing, then the three phases of the default timed apart."""
+    args, shape = _ssd_inputs(quick)
+    x = args[0]
+    io = nbytes(*args) + nbytes(x)  # inputs read + y written
+    ref = None
+    try:  # the oracle, once: lax.scan over steps in f32 on the same bf16 inputs
+        ref = jax.jit(lambda *a: ssd_reference(*a, return_final_state=True))(*args)
+        ref = (ref[0].astype(jnp.float32), ref[1])
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        emit({"case": "ssd bf16 reference", **shape, "error": f"{type(e).__name__}: {e!s:.300}"})
+    base = (_ssd_pallas.SSD_CONFIG, _ssd_pallas.SSD_PASS_CONFIG)
+    sweep = _SSD_SWEEP[:2] if quick else _SSD_SWEEP
+    for si, (cfg, pcfg) in enumerate(sweep):
+        _ssd_pallas.SSD_CONFIG, _ssd_pallas.SSD_PASS_CONFIG = cfg, pcfg
+        rec = {"case": "ssd bf16", "impl": pallas, "SSD_CONFIG": cfg, "SSD_PASS_CONFIG": pcfg,
+               **shape}  # fmt: skip
+        try:
+            f = jax.jit(lambda *a: ssd(*a, return_final_state=True, implementation=pallas))
+            y, h = f(*args)
+            if ref is not None:  # bf16 y: about 2^-8 of |y| from rounding alone
+                err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref[0])))
+                scale = float(jnp.max(jnp.abs(ref[0])))
+                rec.update(max_abs_diff_vs_reference=err, max_abs_reference=scale,
+                           state_max_abs_diff=float(jnp.max(jnp.abs(h - ref[1]))),
+                           ok=bool(err <= 0.02 * scale))  # fmt: skip
+            t = timeit_queued(f, *args)  # (io counts y only, as the XLA case; h is 0.5 MiB)
+            rec.update(fwd_s=t, GBps=io / t / 1e9, fraction_of_copy=io / t / bw,
+                       timing="queued calls")  # fmt: skip
+            if si == 0:
+                loss = lambda *a: jnp.sum(ssd(*a, implementation=pallas).astype(jnp.float32))
+                # value_and_grad: with grad alone the Pallas forward is dead code (the custom
+                # backward recomputes the XLA forward), a training step needs both
+                g = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3, 4)))
+                rec["fwdbwd_s"] = timeit(g, *args, reps=3)
+                rec["phases_s"] = _ssd_phase_times(args, pallas)
+            emit(rec)
+        except Exception as e:  # report and go on: one failing kernel must not hide the rest
+            traceback.print_exc(file=sys.stderr)
+            emit({**rec, "error": f"{type(e).__name__}: {e!s:.300}"})
+    _ssd_pallas.SSD_CONFIG, _ssd_pallas.SSD_PASS_CONFIG = base
+
+
+def _ssd_phase_times(args, pallas: str) -> dict:
+    """Seconds of the XLA prologue and each Pallas phase of the current config, jitted apart."""
+    x, dt, A, B, C = args
+    bsz, length, heads, p = x.shape
+    n = B.shape[-1]
+    m = _ssd_pallas
+    cfg = m.make_config(None, length, p, n, pallas == "pallas_interpret", "matmul")
+    h0 = jnp.zeros((bsz, heads, p, n), jnp.float32)
+    acc, mm = m._dtypes(x, h0)
+    prep = jax.jit(lambda *a: m._prepare(*a, None, h0, cfg.q))
+    xp, bp, cp, dt4, cum4, decay, _, h0f = prep(x, dt, A, B, C)
+    nc = dt4.shape[2]
+    p1 = jax.jit(lambda *a: m._chunk_states(*a, cfg, acc, mm))
+    states = p1(xp, bp, dt4, cum4).reshape(bsz, heads, nc, -1)
+    p2 = jax.jit(lambda *a: m._pass_states(*a, cfg, acc, mm))
+    starts = p2(states, decay, h0f)[0].reshape(bsz, heads, nc, *xp.shape[3:], bp.shape[3])
+    p3 = jax.jit(lambda *a: m._outputs(*a, None, cfg, acc, mm))
+    return {
+        "prologue": timeit_queued(prep, x, dt, A, B, C),
+        "chunk_states": timeit_queued(p1, xp, bp, dt4, cum4),
+        "state_passing": timeit_queued(p2, states, decay, h0f),
+        "outputs": timeit_queued(p3, xp, bp, cp, dt4, cum4, starts),
+    }
+
+
+def bench_ssd(bw: float, quick: bool) -> None:
+    args, shape = _ssd_inputs(quick)
+    x = args[0]
+    io = nbytes(*args) + nbytes(x)
+    impl = backend.resolve_implementation("ssd", None)  # the platform default ("matmul" on GPU)
     for chunk in (64, 128, 256):
         try:
             f = jax.jit(lambda *a, c=chunk: ssd(*a, chunk_size=c))
@@ -203,9 +318,9 @@ def bench_ssd(bw: float, quick: bool) -> None:
                     (0, 1, 2, 3, 4),
                 )
             )
-            t = timeit(f, x, dt, A, B, C)
-            tb = timeit(g, x, dt, A, B, C, reps=5)
-            emit({"case": "ssd bf16", "impl": "chunked", "chunk": chunk, **shape,
+            t = timeit(f, *args)
+            tb = timeit(g, *args, reps=5)
+            emit({"case": "ssd bf16", "impl": impl, "chunk": chunk, **shape,
                   "fwd_s": t, "fwdbwd_s": tb, "GBps": io / t / 1e9,
                   "fraction_of_copy": io / t / bw})  # fmt: skip
         except Exception as e:
@@ -214,10 +329,19 @@ def bench_ssd(bw: float, quick: bool) -> None:
                   "error": f"{type(e).__name__}: {str(e)[:300]}"})  # fmt: skip
 
 
+CASES = ("ssd_pallas", "selective", "linear", "ssd")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke run, any backend)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {CASES} (in this order)")  # fmt: skip
     args = p.parse_args()
+    cases = args.cases.split(",")
+    bad = sorted(set(cases) - set(CASES))
+    if bad:
+        p.error(f"--cases: unknown {bad}; expected a subset of {CASES}")
     dev = jax.devices()[0]
     emit({"benchmark": "gpu_scan", "jax": jax.__version__, "backend": jax.default_backend(),
           "device": getattr(dev, "device_kind", str(dev))})  # fmt: skip
@@ -225,9 +349,14 @@ def main() -> None:
     if args.quick:  # several chunks at L=256 too
         _pallas.CHUNKED_CONFIG = (_pallas.CHUNKED_CONFIG[0], 16)
     bw = copy_bandwidth(args.quick)
-    bench_selective(bw, args.quick, pallas)
-    bench_linear(bw, args.quick, pallas)
-    bench_ssd(bw, args.quick)
+    if "ssd_pallas" in cases:  # first: the newest kernels, some 30 s on a GPU
+        bench_ssd_pallas(bw, args.quick, pallas)
+    if "selective" in cases:
+        bench_selective(bw, args.quick, pallas)
+    if "linear" in cases:
+        bench_linear(bw, args.quick, pallas)
+    if "ssd" in cases:
+        bench_ssd(bw, args.quick)
 
 
 if __name__ == "__main__":

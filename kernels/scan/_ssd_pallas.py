@@ -49,7 +49,7 @@ Array = Any
 SSD_CONFIG: tuple[int, int, int, int] = (256, 64, 4, 2)
 
 # Phase 2: (elements of the flattened (P*N) state per program, warps, steps loaded ahead).
-SSD_PASS_CONFIG: tuple[int, int, int] = (512, 4, 2)
+SSD_PASS_CONFIG: tuple[int, int, int] = (512, 4, 4)
 
 
 class _Cfg(NamedTuple):
@@ -235,14 +235,19 @@ def _outputs(x, b, c, dt4, cum4, starts, d, cfg: _Cfg, acc, mm):
     )(*args)
 
 
-def _forward(x, dt, A, Bg, Cg, D, h0, cfg: _Cfg):
-    """The three phases on unpadded inputs; returns (y (B, L, H, P) in x's dtype, final state
-    (B, H, P, N) in h0's dtype)."""
+def _dtypes(x, h0) -> tuple[Any, Any]:
+    """(state/accumulation dtype, dot operand dtype): bf16/f16 inputs feed the dots as they are."""
+    acc = h0.dtype
+    return acc, (x.dtype if jnp.dtype(x.dtype).itemsize < 4 else acc)
+
+
+def _prepare(x, dt, A, Bg, Cg, D, h0, q: int):
+    """XLA prologue: pad L to a multiple of ``q`` and P, N to powers of two >= 16 (only where
+    needed), dt and the in-chunk cumulative log decay as (B, H, nc, Q), each chunk's total decay
+    (B, H, nc), D as (H, Pp) and h0 flattened to (B, H, Pp * Np)."""
     bsz, length, heads, p = x.shape
     n = Bg.shape[-1]
     acc = h0.dtype
-    mm = x.dtype if jnp.dtype(x.dtype).itemsize < 4 else acc
-    q = cfg.q
     lp = -(-length // q) * q
     nc = lp // q
     pp, npad = _pow2_at_least(p, 16), _pow2_at_least(n, 16)
@@ -253,8 +258,7 @@ def _forward(x, dt, A, Bg, Cg, D, h0, cfg: _Cfg):
     if npad != n:
         padn = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])  # noqa: E731
         Bg, Cg, h0 = padn(Bg), padn(Cg), padn(h0)
-    dtf = dt.astype(acc)
-    dt4 = dtf.reshape(bsz, nc, q, heads).transpose(0, 3, 1, 2)  # (B, H, nc, Q)
+    dt4 = dt.astype(acc).reshape(bsz, nc, q, heads).transpose(0, 3, 1, 2)  # (B, H, nc, Q)
     cum4 = jnp.cumsum(dt4 * A.astype(acc)[None, :, None, None], axis=-1)
     decay = jnp.exp(cum4[..., -1])  # (B, H, nc): each chunk's total decay
     dv = None
@@ -263,15 +267,22 @@ def _forward(x, dt, A, Bg, Cg, D, h0, cfg: _Cfg):
         dv = jnp.broadcast_to(dv[:, None] if dv.ndim == 1 else dv, (heads, p))
         if pp != p:
             dv = jnp.pad(dv, ((0, 0), (0, pp - p)))
+    return x, Bg, Cg, dt4, cum4, decay, dv, h0.reshape(bsz, heads, pp * npad)
 
-    states = _chunk_states(x, Bg, dt4, cum4, cfg, acc, mm)
-    f = pp * npad
-    starts, h_t = _pass_states(
-        states.reshape(bsz, heads, nc, f), decay, h0.reshape(bsz, heads, f), cfg, acc, mm
-    )
-    y = _outputs(x, Bg, Cg, dt4, cum4, starts.reshape(bsz, heads, nc, pp, npad), dv, cfg, acc,
-                 mm)  # fmt: skip
-    if lp != length or pp != p:
+
+def _forward(x, dt, A, Bg, Cg, D, h0, cfg: _Cfg):
+    """The three phases on unpadded inputs; returns (y (B, L, H, P) in x's dtype, final state
+    (B, H, P, N) in h0's dtype)."""
+    bsz, length, heads, p = x.shape
+    n = Bg.shape[-1]
+    acc, mm = _dtypes(x, h0)
+    xp, Bp, Cp, dt4, cum4, decay, dv, h0f = _prepare(x, dt, A, Bg, Cg, D, h0, cfg.q)
+    nc, pp, npad = dt4.shape[2], xp.shape[3], Bp.shape[3]
+    states = _chunk_states(xp, Bp, dt4, cum4, cfg, acc, mm)
+    starts, h_t = _pass_states(states.reshape(bsz, heads, nc, -1), decay, h0f, cfg, acc, mm)
+    starts = starts.reshape(bsz, heads, nc, pp, npad)
+    y = _outputs(xp, Bp, Cp, dt4, cum4, starts, dv, cfg, acc, mm)
+    if y.shape[1] != length or pp != p:
         y = y[:, :length, :, :p]
     return y, h_t.reshape(bsz, heads, pp, npad)[:, :, :p, :n]
 
@@ -321,14 +332,20 @@ def ssd_pallas(x, dt, A, B, C, D, h0, *, chunk_size: int | None, interpret: bool
     D: (H,), (H, P) or None; h0: (B, H, P, N) in the state dtype (f32, or f64 for f64 inputs).
     Returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in h0's dtype).
     """
-    q = check_chunk(chunk_size, x.shape[1])
+    cfg = make_config(chunk_size, x.shape[1], x.shape[3], B.shape[-1], interpret, xla_impl)
+    return _ssd_pallas(x, dt, A, B, C, D, h0, cfg)
+
+
+def make_config(chunk_size: int | None, length: int, p: int, n: int, interpret: bool,
+                xla_impl: str) -> _Cfg:  # fmt: skip
+    """The static configuration of one call, from SSD_CONFIG / SSD_PASS_CONFIG (checked)."""
+    q = check_chunk(chunk_size, length)
     bm, warps, stages = SSD_CONFIG[1:]
     if not _is_pow2(bm) or bm < 16:
         raise ValueError(f"SSD_CONFIG: expected a power-of-two block >= 16, got {bm!r}")
     pblock, pwarps, prefetch = SSD_PASS_CONFIG
-    f = _pow2_at_least(x.shape[3], 16) * _pow2_at_least(B.shape[-1], 16)
+    f = _pow2_at_least(p, 16) * _pow2_at_least(n, 16)
     if not _is_pow2(pblock):
         raise ValueError(f"SSD_PASS_CONFIG: expected a power-of-two block, got {pblock!r}")
-    cfg = _Cfg(q, min(bm, q), warps, stages, min(pblock, f), pwarps, prefetch, bool(interpret),
-               xla_impl)  # fmt: skip
-    return _ssd_pallas(x, dt, A, B, C, D, h0, cfg)
+    return _Cfg(q, min(bm, q), warps, stages, min(pblock, f), pwarps, prefetch, bool(interpret),
+                xla_impl)  # fmt: skip
