@@ -288,14 +288,14 @@ def _ssd_phase_times(args, pallas: str) -> dict:
     cfg = m.make_config(None, length, p, n, pallas == "pallas_interpret", "matmul")
     h0 = jnp.zeros((bsz, heads, p, n), jnp.float32)
     acc, mm = m._dtypes(x, h0)
-    prep = jax.jit(lambda *a: m._prepare(*a, None, h0, cfg.q))
-    xp, bp, cp, dt4, cum4, decay, _, h0f = prep(x, dt, A, B, C)
+    prep = jax.jit(lambda *a: m._prepare(*a, None, h0, None, cfg.q))
+    xp, bp, cp, dt4, cum4, decay, _, h0f, _ = prep(x, dt, A, B, C)
     nc = dt4.shape[2]
-    p1 = jax.jit(lambda *a: m._chunk_states(*a, cfg, acc, mm))
+    p1 = jax.jit(lambda *a: m._chunk_states(*a, None, cfg, acc, mm))
     states = p1(xp, bp, dt4, cum4).reshape(bsz, heads, nc, -1)
     p2 = jax.jit(lambda *a: m._pass_states(*a, cfg, acc, mm))
     starts = p2(states, decay, h0f)[0].reshape(bsz, heads, nc, *xp.shape[3:], bp.shape[3])
-    p3 = jax.jit(lambda *a: m._outputs(*a, None, cfg, acc, mm))
+    p3 = jax.jit(lambda *a: m._outputs(*a, None, None, cfg, acc, mm))
     return {
         "prologue": timeit_queued(prep, x, dt, A, B, C),
         "chunk_states": timeit_queued(p1, xp, bp, dt4, cum4),

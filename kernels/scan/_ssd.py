@@ -415,8 +415,8 @@ def ssd(
       segment_ids: (batch, length) ints; the state resets where the id changes.
       implementation: None (the platform default: "chunked" on CPU, "matmul" elsewhere),
         "chunked", "matmul", "reference", "sequential", "pallas" (GPU only: the Triton
-        kernels of ``_ssd_pallas``, chunk_size a power of two >= 16 or None for 256; no
-        segment_ids; gradients from the platform's XLA implementation) or
+        kernels of ``_ssd_pallas``, chunk_size a power of two >= 16 or None for 256;
+        gradients from the platform's XLA implementation) or
         "pallas_interpret" (the same kernels run by the Pallas interpreter, any backend).
 
     Returns:
@@ -493,16 +493,12 @@ def _run_pallas(x, dt, A, B, C, D, h0, chunk_size, segment_ids, impl):
             f"implementation='pallas': the ssd kernels lower through Triton (GPU only), the "
             f"default backend is {backend.platform()!r}; use 'matmul' or 'pallas_interpret'"
         )
-    if segment_ids is not None:
-        raise ValueError(
-            f"segment_ids: not supported by implementation={impl!r}; use 'chunked' or 'matmul'"
-        )
     from ._ssd_pallas import ssd_pallas  # lazy: imports jax.experimental.pallas
 
     xla_impl = backend.resolve_implementation(FAMILY, None)
     if xla_impl not in ("chunked", "matmul"):  # the backward never recurses into Pallas
         xla_impl = "matmul"
-    return ssd_pallas(x, dt, A, B, C, D, h0, chunk_size=chunk_size,
+    return ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, chunk_size=chunk_size,
                       interpret=impl == "pallas_interpret", xla_impl=xla_impl)  # fmt: skip
 
 

@@ -19,6 +19,11 @@ f32 operands at ``Precision.HIGHEST`` (IEEE, not TF32) for f32 inputs. The first
 fastest-varying one in launch order, so programs sharing a chunk of B/C (heads of a group) or of
 x (row blocks) run close together and hit L2.
 
+Resets (``segment_ids``): each step's segment relative to the one carried into its chunk
+(B, nc, Q) int32 comes from the prologue; phase 1 keeps only the chunk's last segment, phase 2
+drops the carried state across a chunk with a reset (decay 0), phase 3 masks the intra-chunk
+matrix to equal segments and reads the carried state out only in the carried segment (0).
+
 Ragged shapes: L is padded up to a multiple of Q (dt = 0: the state is unchanged; only when
 L % Q != 0), P and N up to powers of two >= 16 (zeros; only when they are not), so every load,
 store and dot has power-of-two shapes >= 16 as Triton needs.
@@ -39,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import pad_time
+from ._common import pad_time, reset_mask
 
 Array = Any
 
@@ -91,41 +96,53 @@ def _i32(v: int) -> Array:
     return np.int32(v)
 
 
-def _chunk_states(x, b, dt4, cum4, cfg: _Cfg, acc, mm):
-    """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt4/cum4 (B, H, nc, Q) -> (B, H, nc, Pp, Np)."""
+def _chunk_states(x, b, dt4, cum4, seg, cfg: _Cfg, acc, mm):
+    """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt4/cum4 (B, H, nc, Q), seg (B, nc, Q) or
+    None -> (B, H, nc, Pp, Np)."""
     bsz, lp, heads, pp = x.shape
     g, npad = b.shape[2], b.shape[3]
     r = heads // g
     q, nc = cfg.q, lp // cfg.q
     bk = min(cfg.bm, q)
+    has_seg = seg is not None
 
-    def kernel(x_ref, b_ref, dt_ref, cum_ref, s_ref):
+    def kernel(x_ref, b_ref, dt_ref, cum_ref, *rest):
+        seg_ref, s_ref = rest if has_seg else (None, *rest)
         last = cum_ref[pl.ds(_i32(q - 1), 1)].astype(acc)  # (1,)
+        if has_seg:
+            last_seg = seg_ref[pl.ds(_i32(q - 1), 1)]  # (1,)
 
         def body(k, s):
             rows = pl.ds(k * bk, bk)
             w = jnp.exp(last - cum_ref[rows].astype(acc)) * dt_ref[rows].astype(acc)  # (bk,)
+            if has_seg:  # only the chunk's last segment reaches the state it leaves
+                w = jnp.where(seg_ref[rows] == last_seg, w, 0.0)
             xw = (x_ref[rows, :].astype(acc) * w[:, None]).astype(mm)  # (bk, Pp)
             return s + _dot(xw, b_ref[rows, :].astype(mm), acc, trans_a=True)
 
         s = lax.fori_loop(_i32(0), _i32(q // bk), body, jnp.zeros((pp, npad), acc))
         s_ref[...] = s.astype(s_ref.dtype)
 
+    in_specs = [
+        pl.BlockSpec((None, q, None, pp), lambda h, c, i: (i, c, h, 0)),
+        pl.BlockSpec((None, q, None, npad), lambda h, c, i: (i, c, h // r, 0)),
+        pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
+        pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
+    ]
+    args = [x, b, dt4, cum4]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, None, q), lambda h, c, i: (i, c, 0)))
+        args.append(seg)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, heads, nc, pp, npad), acc),
         grid=(heads, nc, bsz),
-        in_specs=[
-            pl.BlockSpec((None, q, None, pp), lambda h, c, i: (i, c, h, 0)),
-            pl.BlockSpec((None, q, None, npad), lambda h, c, i: (i, c, h // r, 0)),
-            pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
-            pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, None, pp, npad), lambda h, c, i: (i, h, c, 0, 0)),
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
         name="jaxcore_ssd_chunk_states",
-    )(x, b, dt4, cum4)
+    )(*args)
 
 
 def _pass_states(states, decay, h0, cfg: _Cfg, acc, mm):
@@ -172,25 +189,32 @@ def _pass_states(states, decay, h0, cfg: _Cfg, acc, mm):
     )(states, decay, h0)
 
 
-def _outputs(x, b, c, dt4, cum4, starts, d, cfg: _Cfg, acc, mm):
+def _outputs(x, b, c, dt4, cum4, starts, d, seg, cfg: _Cfg, acc, mm):
     """Phase 3: y (B, Lp, H, Pp) in x's dtype from the inputs and the chunk start states
-    ``starts`` (B, H, nc, Pp, Np); d: (H, Pp) or None."""
+    ``starts`` (B, H, nc, Pp, Np); d: (H, Pp) or None; seg: (B, nc, Q) or None."""
     bsz, lp, heads, pp = x.shape
     g, npad = b.shape[2], b.shape[3]
     r = heads // g
     q, nc = cfg.q, lp // cfg.q
     bm = min(cfg.bm, q)
     nm = q // bm
-    has_d = d is not None
+    has_d, has_seg = d is not None, seg is not None
 
     def kernel(x_ref, b_ref, c_ref, dt_ref, cum_ref, s_ref, *rest):
-        d_ref, y_ref = rest if has_d else (None, *rest)
+        rest = list(rest)
+        d_ref = rest.pop(0) if has_d else None
+        seg_ref = rest.pop(0) if has_seg else None
+        (y_ref,) = rest
         m = pl.program_id(0)
         rows = pl.ds(m * bm, bm)
         cm = c_ref[rows, :].astype(mm)  # (bm, Np)
         cum_m = cum_ref[rows].astype(acc)  # (bm,)
-        # the carried state read out: exp(cum_i) C_i S_in^T
-        y = jnp.exp(cum_m)[:, None] * _dot(cm, s_ref[...].astype(mm), acc, trans_b=True)
+        # the carried state read out: exp(cum_i) C_i S_in^T (rows in the carried segment: 0)
+        od = jnp.exp(cum_m)
+        if has_seg:
+            seg_m = seg_ref[rows]
+            od = jnp.where(seg_m == 0, od, 0.0)
+        y = od[:, None] * _dot(cm, s_ref[...].astype(mm), acc, trans_b=True)
         ii = m * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
         jj0 = lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
 
@@ -198,7 +222,10 @@ def _outputs(x, b, c, dt4, cum4, starts, d, cfg: _Cfg, acc, mm):
             cols = pl.ds(k * bm, bm)
             cb = _dot(cm, b_ref[cols, :].astype(mm), acc, trans_b=True)  # (bm, bm)
             diff = cum_m[:, None] - cum_ref[cols].astype(acc)[None, :]
-            decay = jnp.exp(jnp.where(ii >= k * bm + jj0, diff, -jnp.inf))
+            vis = ii >= k * bm + jj0
+            if has_seg:
+                vis = vis & (seg_m[:, None] == seg_ref[cols][None, :])
+            decay = jnp.exp(jnp.where(vis, diff, -jnp.inf))
             w = cb * decay * dt_ref[cols].astype(acc)[None, :]
             return y + _dot(w.astype(mm), x_ref[cols, :].astype(mm), acc)
 
@@ -223,6 +250,9 @@ def _outputs(x, b, c, dt4, cum4, starts, d, cfg: _Cfg, acc, mm):
     if has_d:
         in_specs.append(pl.BlockSpec((None, pp), lambda m, h, c, i: (h, 0)))
         args.append(d)
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, None, q), lambda m, h, c, i: (i, c, 0)))
+        args.append(seg)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, lp, heads, pp), x.dtype),
@@ -241,10 +271,13 @@ def _dtypes(x, h0) -> tuple[Any, Any]:
     return acc, (x.dtype if jnp.dtype(x.dtype).itemsize < 4 else acc)
 
 
-def _prepare(x, dt, A, Bg, Cg, D, h0, q: int):
+def _prepare(x, dt, A, Bg, Cg, D, h0, sidx, q: int):
     """XLA prologue: pad L to a multiple of ``q`` and P, N to powers of two >= 16 (only where
     needed), dt and the in-chunk cumulative log decay as (B, H, nc, Q), each chunk's total decay
-    (B, H, nc), D as (H, Pp) and h0 flattened to (B, H, Pp * Np)."""
+    (B, H, nc) (0 where a reset inside the chunk drops the carried state), D as (H, Pp), h0
+    flattened to (B, H, Pp * Np), and from the segment index ``sidx`` (B, L) (or None) each
+    step's segment relative to the one carried into its chunk, (B, nc, Q) int32 (0: the carried
+    segment; the padded steps join the last one)."""
     bsz, length, heads, p = x.shape
     n = Bg.shape[-1]
     acc = h0.dtype
@@ -261,53 +294,68 @@ def _prepare(x, dt, A, Bg, Cg, D, h0, q: int):
     dt4 = dt.astype(acc).reshape(bsz, nc, q, heads).transpose(0, 3, 1, 2)  # (B, H, nc, Q)
     cum4 = jnp.cumsum(dt4 * A.astype(acc)[None, :, None, None], axis=-1)
     decay = jnp.exp(cum4[..., -1])  # (B, H, nc): each chunk's total decay
+    seg = None
+    if sidx is not None:
+        sidx = jnp.concatenate(
+            [sidx, jnp.broadcast_to(sidx[:, -1:], (bsz, lp - length))], axis=1
+        ).reshape(bsz, nc, q)
+        end = sidx[:, :, -1]  # (B, nc): the segment each chunk ends in
+        prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
+        seg = (sidx - prev_end[:, :, None]).astype(jnp.int32)
+        decay = jnp.where((end == prev_end)[:, None, :], decay, 0.0)
     dv = None
     if D is not None:
         dv = D.astype(acc)
         dv = jnp.broadcast_to(dv[:, None] if dv.ndim == 1 else dv, (heads, p))
         if pp != p:
             dv = jnp.pad(dv, ((0, 0), (0, pp - p)))
-    return x, Bg, Cg, dt4, cum4, decay, dv, h0.reshape(bsz, heads, pp * npad)
+    return x, Bg, Cg, dt4, cum4, decay, dv, h0.reshape(bsz, heads, pp * npad), seg
 
 
-def _forward(x, dt, A, Bg, Cg, D, h0, cfg: _Cfg):
-    """The three phases on unpadded inputs; returns (y (B, L, H, P) in x's dtype, final state
-    (B, H, P, N) in h0's dtype)."""
+def _forward(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
+    """The three phases on unpadded inputs (``sidx``: (B, L) segment index or None); returns
+    (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in h0's dtype)."""
     bsz, length, heads, p = x.shape
     n = Bg.shape[-1]
     acc, mm = _dtypes(x, h0)
-    xp, Bp, Cp, dt4, cum4, decay, dv, h0f = _prepare(x, dt, A, Bg, Cg, D, h0, cfg.q)
+    xp, Bp, Cp, dt4, cum4, decay, dv, h0f, seg = _prepare(x, dt, A, Bg, Cg, D, h0, sidx, cfg.q)
     nc, pp, npad = dt4.shape[2], xp.shape[3], Bp.shape[3]
-    states = _chunk_states(xp, Bp, dt4, cum4, cfg, acc, mm)
+    states = _chunk_states(xp, Bp, dt4, cum4, seg, cfg, acc, mm)
     starts, h_t = _pass_states(states.reshape(bsz, heads, nc, -1), decay, h0f, cfg, acc, mm)
     starts = starts.reshape(bsz, heads, nc, pp, npad)
-    y = _outputs(xp, Bp, Cp, dt4, cum4, starts, dv, cfg, acc, mm)
+    y = _outputs(xp, Bp, Cp, dt4, cum4, starts, dv, seg, cfg, acc, mm)
     if y.shape[1] != length or pp != p:
         y = y[:, :length, :, :p]
     return y, h_t.reshape(bsz, heads, pp, npad)[:, :, :p, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ssd_pallas(x, dt, A, B, C, D, h0, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, cfg):
     Bg = B[:, :, None] if B.ndim == 3 else B
     Cg = C[:, :, None] if C.ndim == 3 else C
-    return _forward(x, dt, A, Bg, Cg, D, h0, cfg)
+    sidx = None
+    if segment_ids is not None:  # segment index: +1 at every reset (step 0 never resets)
+        sidx = jnp.cumsum(reset_mask(segment_ids).astype(jnp.int32), axis=1)
+    return _forward(x, dt, A, Bg, Cg, D, h0, sidx, cfg)
 
 
-def _ssd_pallas_fwd(x, dt, A, B, C, D, h0, cfg):
-    return _ssd_pallas(x, dt, A, B, C, D, h0, cfg), (x, dt, A, B, C, D, h0)
+def _ssd_pallas_fwd(x, dt, A, B, C, D, h0, segment_ids, cfg):
+    out = _ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, cfg)
+    return out, (x, dt, A, B, C, D, h0, segment_ids)
 
 
 def _ssd_pallas_bwd(cfg, res, cts):
-    """jax.vjp of the XLA ``ssd`` (recomputes its forward)."""
+    """jax.vjp of the XLA ``ssd`` (recomputes its forward); no cotangent for segment_ids."""
     from ._ssd import ssd
+
+    *res, segment_ids = res
 
     def f(x, dt, A, B, C, D, h0):
         return ssd(x, dt, A, B, C, D=D, initial_state=h0, return_final_state=True,
-                   implementation=cfg.xla_impl)  # fmt: skip
+                   segment_ids=segment_ids, implementation=cfg.xla_impl)  # fmt: skip
 
     _, vjp = jax.vjp(f, *res)
-    return vjp(cts)
+    return (*vjp(cts), None)
 
 
 _ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
@@ -324,16 +372,17 @@ def check_chunk(chunk_size: int | None, length: int) -> int:
     return min(q, _pow2_at_least(length, 16))
 
 
-def ssd_pallas(x, dt, A, B, C, D, h0, *, chunk_size: int | None, interpret: bool,
-               xla_impl: str) -> tuple[Array, Array]:  # fmt: skip
+def ssd_pallas(x, dt, A, B, C, D, h0, segment_ids=None, *, chunk_size: int | None,
+               interpret: bool, xla_impl: str) -> tuple[Array, Array]:  # fmt: skip
     """Mamba-2 SSD forward in Pallas (gradients: the XLA ``xla_impl``), arguments checked.
 
     x: (B, L, H, P); dt: (B, L, H) (positive); A: (H,); B, C: (B, L, G, N) or (B, L, N);
-    D: (H,), (H, P) or None; h0: (B, H, P, N) in the state dtype (f32, or f64 for f64 inputs).
+    D: (H,), (H, P) or None; h0: (B, H, P, N) in the state dtype (f32, or f64 for f64 inputs);
+    segment_ids: (B, L) ints (the state resets where the id changes) or None.
     Returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in h0's dtype).
     """
     cfg = make_config(chunk_size, x.shape[1], x.shape[3], B.shape[-1], interpret, xla_impl)
-    return _ssd_pallas(x, dt, A, B, C, D, h0, cfg)
+    return _ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, cfg)
 
 
 def make_config(chunk_size: int | None, length: int, p: int, n: int, interpret: bool,

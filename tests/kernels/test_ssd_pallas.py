@@ -87,13 +87,29 @@ def test_matches_reference_low_precision(dtype):
     assert_close(h, h_ref, dtype=dtype, scale=4 if dtype == jnp.bfloat16 else 20)
 
 
+# resets: inside a chunk, at a chunk's first step, a chunk entirely inside one segment, several
+# resets in one chunk, and (batch 1) a segment running through the padded tail
+SEG = np.array([[0] * 5 + [1] * 11 + [2] * 16 + [3] * 3 + [4] * 2 + [5] * 8,
+                [7] * 20 + [2] * 25])  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_segment_ids_match_reference(x64, chunk):
+    d = make(jnp.float64, length=45, groups=2)
+    y, h = run(d, PI, chunk, segment_ids=SEG)
+    y_ref, h_ref = run(d, "reference", segment_ids=SEG)
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
+
+
 def test_gradients_match_reference(x64):
     d = make(jnp.float64, length=21, groups=2)
     names = ("x", "dt", "A", "B", "C", "initial_state", "D")
+    seg = np.array([[0] * 7 + [1] * 14, [3] * 21])
 
     def grads(impl):
         def loss(*vals):
-            y, h = run(dict(zip(names, vals)), impl, 16)
+            y, h = run(dict(zip(names, vals)), impl, 16, segment_ids=seg)
             return jnp.sum(jnp.sin(y)) + jnp.sum(h**2)
 
         return jax.jit(jax.grad(loss, tuple(range(len(names)))))(*(d[k] for k in names))
@@ -127,8 +143,8 @@ def test_bad_arguments():
     for bad in (24, 8, 0):
         with pytest.raises(ValueError, match="chunk_size"):
             ssd(*args, chunk_size=bad, implementation=PI)
-    with pytest.raises(ValueError, match="segment_ids: not supported"):
-        ssd(*args, segment_ids=jnp.zeros((2, 8), jnp.int32), implementation=PI)
+    with pytest.raises(ValueError, match="segment_ids"):
+        ssd(*args, segment_ids=jnp.zeros((2, 9), jnp.int32), implementation=PI)
     with pytest.raises(ValueError, match="pallas"):
         ssd(*args, implementation="pallas")  # CPU backend
     with pytest.raises(ValueError, match="x: expected"):
@@ -151,12 +167,15 @@ def test_lowers_to_triton_ir(monkeypatch):
     d = make(jnp.bfloat16, length=300, heads=4, p=64, n=64, groups=1)
     names = ("x", "dt", "A", "B", "C", "D", "initial_state")
 
-    def loss(*vals):
-        y, h = run(dict(zip(names, vals)), "pallas")
+    seg = np.repeat(np.array([[0, 1, 1], [2, 2, 2]]), 100, axis=1)
+
+    def loss(*vals, seg=None):
+        y, h = run(dict(zip(names, vals)), "pallas", segment_ids=seg)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    for fn in (loss, jax.value_and_grad(loss, (0, 1, 3))):
+    with_seg = functools.partial(loss, seg=seg)
+    for fn in (loss, jax.value_and_grad(with_seg, (0, 1, 3))):
         exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
         text = exp(*(d[k] for k in names)).mlir_module()
         assert text.count("xla.gpu.triton") == 3  # the three phases, once (bwd is XLA)
