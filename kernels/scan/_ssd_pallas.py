@@ -12,12 +12,12 @@ Mamba-2's chunked algorithm as three kernels that are parallel over chunks (chun
    y = exp(cum) * (C S_in^T) + sum over column blocks k <= m of ((C B_k^T) * decay * dt_k) x_k
    (decay_ij = exp(cum_i - cum_j), masked to j <= i), + D * x, written in x's dtype.
 
-The cumulative in-chunk log decay ``cum`` (and dt as (B, H, L) f32) is computed by XLA before the
-kernels (2 small arrays of B*H*L floats). x, B and C are read as they come (bf16 or f32): dots
-take bf16 operands with f32 accumulation for bf16 inputs (as Mamba-2's Triton kernels), and
-f32 operands at ``Precision.HIGHEST`` (IEEE, not TF32) for f32 inputs. The first grid axis is the
-fastest-varying one in launch order, so programs sharing a chunk of B/C (heads of a group) or of
-x (row blocks) run close together and hit L2.
+The cumulative in-chunk log decay ``cum`` and dt, both (B, H, chunks, Q) f32, and each chunk's
+total decay are computed by XLA before the kernels (small: 2 B*H*L floats). x, B and C are read
+as they come (bf16 or f32): dots take bf16 operands with f32 accumulation for bf16 inputs (as
+Mamba-2's Triton kernels), and f32 operands at ``Precision.HIGHEST`` (IEEE, not TF32) for f32
+inputs. The first grid axis is the fastest-varying one in launch order, so programs sharing a
+chunk of B/C (heads of a group) or of x (row blocks) run close together and hit L2.
 
 Resets (``segment_ids``): each step's segment relative to the one carried into its chunk
 (B, nc, Q) int32 comes from the prologue; phase 1 keeps only the chunk's last segment, phase 2
