@@ -179,3 +179,25 @@ def test_lowers_to_triton_ir(monkeypatch):
         exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
         text = exp(*(d[k] for k in names)).mlir_module()
         assert text.count("xla.gpu.triton") == 3  # the three phases, once (bwd is XLA)
+
+
+def test_shard_map_over_batch_with_gradients():
+    """Under shard_map with check_vma=False (pallas_call's outputs carry no varying-axes type,
+    as for the other Pallas kernels in the tree)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P_
+
+    d = make(jnp.float32, bsz=2, length=20)
+    names = ("x", "dt", "A", "B", "C")
+    args = [d[k] for k in names]
+    mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2])
+    specs = (P_("batch"), P_("batch"), P_(), P_("batch"), P_("batch"))
+    f = lambda impl: lambda *a: ssd(*a, chunk_size=16, implementation=impl)  # noqa: E731
+    sm = jax.shard_map(f(PI), mesh=mesh, in_specs=specs, out_specs=P_("batch"), check_vma=False)
+    sharded = [jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(args, specs)]
+    assert_close(jax.jit(sm)(*sharded), f("reference")(*args), scale=20)
+    loss = lambda g: lambda *a: jnp.sum(g(*a) ** 2)  # noqa: E731
+    got = jax.jit(jax.grad(loss(sm), tuple(range(5))))(*sharded)  # dA: summed over shards
+    want = jax.grad(loss(f("reference")), tuple(range(5)))(*args)
+    for a, b, name in zip(got, want, names):
+        assert_close(a, b, scale=100, err_msg=name)
