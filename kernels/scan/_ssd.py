@@ -464,6 +464,7 @@ def ssd(
         checks.check_shape(initial_state, (bsz, heads, p, n), "initial_state")
         h0 = initial_state.astype(acc)
     if impl in ("pallas", "pallas_interpret"):
+        h0 = None if initial_state is None else h0  # zeros inside the kernel
         y, h_t = _run_pallas(x, dt, A, B, C, D, h0, pallas_chunk, segment_ids, impl)
         return (y, h_t) if return_final_state else y
     if segment_ids is None:

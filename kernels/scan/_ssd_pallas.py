@@ -3,21 +3,24 @@
 Mamba-2's chunked algorithm as three kernels that are parallel over chunks (chunk length Q):
 
 1. chunk states, grid (H, chunks, B): S_c = sum_s exp(cum_last - cum_s) dt_s x_s B_s^T, the
-   state chunk c leaves when it starts from zero, (P, N) in the state dtype (f32);
+   state chunk c leaves when it starts from zero, (P, N) in the state dtype (f32), and the
+   chunk's total log decay cum_last;
 2. state passing, grid (state blocks, H, B): a short sequential pass over the chunks per
    (batch, head, block of the flattened P*N state), S_in[c+1] = exp(cum_last[c]) S_in[c] + S_c
-   from the initial state; writes each chunk's start state in the dot dtype (bf16 for bf16
-   inputs: phase 3 feeds it to a bf16 matmul anyway) and the final state (f32);
+   from the initial state (zeros when None, not read); writes each chunk's start state in the
+   dot dtype (bf16 for bf16 inputs: phase 3 feeds it to a bf16 matmul anyway) and the final
+   state (f32);
 3. outputs, grid (row blocks, H, chunks, B): for a block of bm rows of the chunk,
    y = exp(cum) * (C S_in^T) + sum over column blocks k <= m of ((C B_k^T) * decay * dt_k) x_k
    (decay_ij = exp(cum_i - cum_j), masked to j <= i), + D * x, written in x's dtype.
 
-The cumulative in-chunk log decay ``cum`` and dt, both (B, H, chunks, Q) f32, and each chunk's
-total decay are computed by XLA before the kernels (small: 2 B*H*L floats). x, B and C are read
-as they come (bf16 or f32): dots take bf16 operands with f32 accumulation for bf16 inputs (as
-Mamba-2's Triton kernels), and f32 operands at ``Precision.HIGHEST`` (IEEE, not TF32) for f32
-inputs. The first grid axis is the fastest-varying one in launch order, so programs sharing a
-chunk of B/C (heads of a group) or of x (row blocks) run close together and hit L2.
+The cumulative in-chunk log decay cum_s = sum_{t<=s in the chunk} dt_t A is computed in the
+kernels (per block of rows: an offset plus a cumsum), so x, dt, A, B, C and D are read as they
+come (bf16 or f32), with no XLA prologue unless padding or segment_ids need one. Dots take bf16
+operands with f32 accumulation for bf16 inputs (as Mamba-2's Triton kernels), and f32 operands
+at ``Precision.HIGHEST`` (IEEE, not TF32) for f32 inputs. The first grid axis is the
+fastest-varying one in launch order, so programs sharing a chunk of B/C (heads of a group) or
+of x (row blocks) run close together and hit L2.
 
 Resets (``segment_ids``): each step's segment relative to the one carried into its chunk
 (B, nc, Q) int32 comes from the prologue; phase 1 keeps only the chunk's last segment, phase 2
@@ -96,9 +99,19 @@ def _i32(v: int) -> Array:
     return np.int32(v)
 
 
-def _chunk_states(x, b, dt4, cum4, seg, cfg: _Cfg, acc, mm):
-    """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt4/cum4 (B, H, nc, Q), seg (B, nc, Q) or
-    None -> (B, H, nc, Pp, Np)."""
+def _log_decays(dt_ref, a, rows, off):
+    """dt (in a's dtype), the cumulative log decay off + cumsum(dt * a) of the chunk's steps
+    ``rows``, and its total off + sum(dt * a) (the next block's ``off``); off, a: (1,).
+    (Triton has no slices of loaded values: the total is a sum, not the cumsum's last entry.)"""
+    dt = dt_ref[rows].astype(a.dtype)
+    da = dt * a
+    return dt, off + jnp.cumsum(da), off + jnp.sum(da)
+
+
+def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm):
+    """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt (B, Lp, H), a (H,), seg (B, nc, Q) or
+    None -> (chunk states (B, H, nc, Pp, Np), chunk log decays (B, H, nc), -inf where a reset
+    inside the chunk drops the carried state)."""
     bsz, lp, heads, pp = x.shape
     g, npad = b.shape[2], b.shape[3]
     r = heads // g
@@ -106,56 +119,74 @@ def _chunk_states(x, b, dt4, cum4, seg, cfg: _Cfg, acc, mm):
     bk = min(cfg.bm, q)
     has_seg = seg is not None
 
-    def kernel(x_ref, b_ref, dt_ref, cum_ref, *rest):
-        seg_ref, s_ref = rest if has_seg else (None, *rest)
-        last = cum_ref[pl.ds(_i32(q - 1), 1)].astype(acc)  # (1,)
+    def kernel(x_ref, b_ref, dt_ref, a_ref, *rest):
+        seg_ref, s_ref, ld_ref = rest if has_seg else (None, *rest)
+        av = a_ref[...].astype(acc)  # (1,)
+        last = jnp.sum(dt_ref[...].astype(acc) * av)  # the chunk's total log decay
         if has_seg:
             last_seg = seg_ref[pl.ds(_i32(q - 1), 1)]  # (1,)
 
-        def body(k, s):
+        def body(k, carry):
+            s, off = carry
             rows = pl.ds(k * bk, bk)
-            w = jnp.exp(last - cum_ref[rows].astype(acc)) * dt_ref[rows].astype(acc)  # (bk,)
+            dtk, cum, off = _log_decays(dt_ref, av, rows, off)
+            w = jnp.exp(last - cum) * dtk  # (bk,)
             if has_seg:  # only the chunk's last segment reaches the state it leaves
                 w = jnp.where(seg_ref[rows] == last_seg, w, 0.0)
             xw = (x_ref[rows, :].astype(acc) * w[:, None]).astype(mm)  # (bk, Pp)
-            return s + _dot(xw, b_ref[rows, :].astype(mm), acc, trans_a=True)
+            return s + _dot(xw, b_ref[rows, :].astype(mm), acc, trans_a=True), off
 
-        s = lax.fori_loop(_i32(0), _i32(q // bk), body, jnp.zeros((pp, npad), acc))
+        init = (jnp.zeros((pp, npad), acc), jnp.zeros((1,), acc))
+        s, _ = lax.fori_loop(_i32(0), _i32(q // bk), body, init)
         s_ref[...] = s.astype(s_ref.dtype)
+        ld = jnp.broadcast_to(last, (1,))
+        if has_seg:  # a reset inside the chunk (its last segment is not the carried one: 0)
+            ld = jnp.where(last_seg == 0, ld, -jnp.inf)
+        ld_ref[...] = ld.astype(ld_ref.dtype)
 
     in_specs = [
         pl.BlockSpec((None, q, None, pp), lambda h, c, i: (i, c, h, 0)),
         pl.BlockSpec((None, q, None, npad), lambda h, c, i: (i, c, h // r, 0)),
-        pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
-        pl.BlockSpec((None, None, None, q), lambda h, c, i: (i, h, c, 0)),
+        pl.BlockSpec((None, q, None), lambda h, c, i: (i, c, h)),
+        pl.BlockSpec((1,), lambda h, c, i: (h,)),
     ]
-    args = [x, b, dt4, cum4]
+    args = [x, b, dt, a]
     if has_seg:
         in_specs.append(pl.BlockSpec((None, None, q), lambda h, c, i: (i, c, 0)))
         args.append(seg)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((bsz, heads, nc, pp, npad), acc),
+        out_shape=(
+            jax.ShapeDtypeStruct((bsz, heads, nc, pp, npad), acc),
+            jax.ShapeDtypeStruct((bsz, heads, nc), acc),
+        ),
         grid=(heads, nc, bsz),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, None, pp, npad), lambda h, c, i: (i, h, c, 0, 0)),
+        out_specs=(
+            pl.BlockSpec((None, None, None, pp, npad), lambda h, c, i: (i, h, c, 0, 0)),
+            pl.BlockSpec((None, None, 1), lambda h, c, i: (i, h, c)),
+        ),
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
         name="jaxcore_ssd_chunk_states",
     )(*args)
 
 
-def _pass_states(states, decay, h0, cfg: _Cfg, acc, mm):
-    """Phase 2: states (B, H, nc, F), decay (B, H, nc), h0 (B, H, F) -> the state entering each
-    chunk (B, H, nc, F) in ``mm`` and the final state (B, H, F) in ``acc``."""
+def _pass_states(states, log_decay, h0, cfg: _Cfg, acc, mm):
+    """Phase 2: states (B, H, nc, F), log_decay (B, H, nc), h0 (B, H, F) or None (zeros) ->
+    the state entering each chunk (B, H, nc, F) in ``mm`` and the final state (B, H, F) in
+    ``acc``."""
     bsz, heads, nc, f = states.shape
     bf = min(cfg.pass_block, f)
     depth = max(1, cfg.prefetch)
+    has_h0 = h0 is not None
 
-    def kernel(s_ref, d_ref, h0_ref, st_ref, ht_ref):
+    def kernel(s_ref, d_ref, *rest):
+        h0_ref, st_ref, ht_ref = rest if has_h0 else (None, *rest)
+
         def fetch(c):
             cc = jnp.minimum(c, nc - 1)  # loads past the last chunk: prefetch only, unused
-            return s_ref[cc, :].astype(acc), d_ref[pl.ds(cc, 1)].astype(acc)
+            return s_ref[cc, :].astype(acc), jnp.exp(d_ref[pl.ds(cc, 1)].astype(acc))
 
         def body(c, carry):
             h, queue = carry
@@ -164,9 +195,11 @@ def _pass_states(states, decay, h0, cfg: _Cfg, acc, mm):
             return d * h + s, queue[1:] + (fetch(c + depth),)
 
         queue = tuple(fetch(_i32(k)) for k in range(depth))
-        h, _ = lax.fori_loop(_i32(0), _i32(nc), body, (h0_ref[...].astype(acc), queue))
+        h = h0_ref[...].astype(acc) if has_h0 else jnp.zeros((bf,), acc)
+        h, _ = lax.fori_loop(_i32(0), _i32(nc), body, (h, queue))
         ht_ref[...] = h.astype(ht_ref.dtype)
 
+    vec = pl.BlockSpec((None, None, bf), lambda j, h, i: (i, h, j))
     return pl.pallas_call(
         kernel,
         out_shape=(
@@ -177,21 +210,18 @@ def _pass_states(states, decay, h0, cfg: _Cfg, acc, mm):
         in_specs=[
             pl.BlockSpec((None, None, nc, bf), lambda j, h, i: (i, h, 0, j)),
             pl.BlockSpec((None, None, nc), lambda j, h, i: (i, h, 0)),
-            pl.BlockSpec((None, None, bf), lambda j, h, i: (i, h, j)),
+            *([vec] if has_h0 else []),
         ],
-        out_specs=(
-            pl.BlockSpec((None, None, nc, bf), lambda j, h, i: (i, h, 0, j)),
-            pl.BlockSpec((None, None, bf), lambda j, h, i: (i, h, j)),
-        ),
+        out_specs=(pl.BlockSpec((None, None, nc, bf), lambda j, h, i: (i, h, 0, j)), vec),
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.pass_warps, 1),
         name="jaxcore_ssd_state_passing",
-    )(states, decay, h0)
+    )(states, log_decay, *([h0] if has_h0 else []))
 
 
-def _outputs(x, b, c, dt4, cum4, starts, d, seg, cfg: _Cfg, acc, mm):
+def _outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg, acc, mm):
     """Phase 3: y (B, Lp, H, Pp) in x's dtype from the inputs and the chunk start states
-    ``starts`` (B, H, nc, Pp, Np); d: (H, Pp) or None; seg: (B, nc, Q) or None."""
+    ``starts`` (B, H, nc, Pp, Np); d: (H,), (H, Pp) or None; seg: (B, nc, Q) or None."""
     bsz, lp, heads, pp = x.shape
     g, npad = b.shape[2], b.shape[3]
     r = heads // g
@@ -200,15 +230,19 @@ def _outputs(x, b, c, dt4, cum4, starts, d, seg, cfg: _Cfg, acc, mm):
     nm = q // bm
     has_d, has_seg = d is not None, seg is not None
 
-    def kernel(x_ref, b_ref, c_ref, dt_ref, cum_ref, s_ref, *rest):
+    def kernel(x_ref, b_ref, c_ref, dt_ref, a_ref, s_ref, *rest):
         rest = list(rest)
         d_ref = rest.pop(0) if has_d else None
         seg_ref = rest.pop(0) if has_seg else None
         (y_ref,) = rest
         m = pl.program_id(0)
         rows = pl.ds(m * bm, bm)
+        av = a_ref[...].astype(acc)  # (1,)
+        # log decay of the steps before row block m (a masked sum over the whole chunk)
+        before = lax.broadcasted_iota(jnp.int32, (q,), 0) < m * bm
+        off = jnp.sum(jnp.where(before, dt_ref[...].astype(acc) * av, 0.0))
+        _, cum_m, _ = _log_decays(dt_ref, av, rows, jnp.broadcast_to(off, (1,)))  # (bm,)
         cm = c_ref[rows, :].astype(mm)  # (bm, Np)
-        cum_m = cum_ref[rows].astype(acc)  # (bm,)
         # the carried state read out: exp(cum_i) C_i S_in^T (rows in the carried segment: 0)
         od = jnp.exp(cum_m)
         if has_seg:
@@ -218,37 +252,41 @@ def _outputs(x, b, c, dt4, cum4, starts, d, seg, cfg: _Cfg, acc, mm):
         ii = m * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
         jj0 = lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
 
-        def body(k, y):  # column block k <= m of the intra-chunk (attention-like) part
+        def body(k, carry):  # column block k <= m of the intra-chunk (attention-like) part
+            y, off_k = carry
             cols = pl.ds(k * bm, bm)
+            dtk, cum_k, off_k = _log_decays(dt_ref, av, cols, off_k)
             cb = _dot(cm, b_ref[cols, :].astype(mm), acc, trans_b=True)  # (bm, bm)
-            diff = cum_m[:, None] - cum_ref[cols].astype(acc)[None, :]
             vis = ii >= k * bm + jj0
             if has_seg:
                 vis = vis & (seg_m[:, None] == seg_ref[cols][None, :])
-            decay = jnp.exp(jnp.where(vis, diff, -jnp.inf))
-            w = cb * decay * dt_ref[cols].astype(acc)[None, :]
-            return y + _dot(w.astype(mm), x_ref[cols, :].astype(mm), acc)
+            decay = jnp.exp(jnp.where(vis, cum_m[:, None] - cum_k[None, :], -jnp.inf))
+            w = cb * decay * dtk[None, :]
+            return y + _dot(w.astype(mm), x_ref[cols, :].astype(mm), acc), off_k
 
-        y = lax.fori_loop(_i32(0), m + 1, body, y)
+        y, _ = lax.fori_loop(_i32(0), m + 1, body, (y, jnp.zeros((1,), acc)))
         if has_d:
-            y = y + d_ref[...].astype(acc)[None, :] * x_ref[rows, :].astype(acc)
+            dv = d_ref[...].astype(acc)  # (1,) per head or (Pp,)
+            y = y + dv[None, :] * x_ref[rows, :].astype(acc)
         y_ref[...] = y.astype(y_ref.dtype)
 
     chunk = lambda w, grp=1: pl.BlockSpec(  # noqa: E731
         (None, q, None, w), lambda m, h, c, i: (i, c, h // grp, 0)
     )
-    vec = pl.BlockSpec((None, None, None, q), lambda m, h, c, i: (i, h, c, 0))
     in_specs = [
         chunk(pp),
         chunk(npad, r),
         chunk(npad, r),
-        vec,
-        vec,
+        pl.BlockSpec((None, q, None), lambda m, h, c, i: (i, c, h)),
+        pl.BlockSpec((1,), lambda m, h, c, i: (h,)),
         pl.BlockSpec((None, None, None, pp, npad), lambda m, h, c, i: (i, h, c, 0, 0)),
     ]
-    args = [x, b, c, dt4, cum4, starts]
+    args = [x, b, c, dt, a, starts]
     if has_d:
-        in_specs.append(pl.BlockSpec((None, pp), lambda m, h, c, i: (h, 0)))
+        if d.ndim == 1:
+            in_specs.append(pl.BlockSpec((1,), lambda m, h, c, i: (h,)))
+        else:
+            in_specs.append(pl.BlockSpec((None, pp), lambda m, h, c, i: (h, 0)))
         args.append(d)
     if has_seg:
         in_specs.append(pl.BlockSpec((None, None, q), lambda m, h, c, i: (i, c, 0)))
@@ -265,35 +303,35 @@ def _outputs(x, b, c, dt4, cum4, starts, d, seg, cfg: _Cfg, acc, mm):
     )(*args)
 
 
-def _dtypes(x, h0) -> tuple[Any, Any]:
+def _dtypes(x) -> tuple[Any, Any]:
     """(state/accumulation dtype, dot operand dtype): bf16/f16 inputs feed the dots as they are."""
-    acc = h0.dtype
+    acc = jnp.promote_types(x.dtype, jnp.float32)
     return acc, (x.dtype if jnp.dtype(x.dtype).itemsize < 4 else acc)
 
 
-def _prepare(x, dt, A, Bg, Cg, D, h0, sidx, q: int):
-    """XLA prologue: pad L to a multiple of ``q`` and P, N to powers of two >= 16 (only where
-    needed), dt and the in-chunk cumulative log decay as (B, H, nc, Q), each chunk's total decay
-    (B, H, nc) (0 where a reset inside the chunk drops the carried state), D as (H, Pp), h0
-    flattened to (B, H, Pp * Np), and from the segment index ``sidx`` (B, L) (or None) each
-    step's segment relative to the one carried into its chunk, (B, nc, Q) int32 (0: the carried
-    segment; the padded steps join the last one)."""
+def _prepare(x, dt, Bg, Cg, D, h0, sidx, q: int):
+    """XLA prologue, only where needed: pad L to a multiple of ``q`` (dt = 0: the state is
+    unchanged) and P, N to powers of two >= 16 (zeros); h0 (or None) flattened to
+    (B, H, Pp * Np); from the segment index ``sidx`` (B, L) (or None) each step's segment
+    relative to the one carried into its chunk, (B, nc, Q) int32 (0: the carried segment; the
+    padded steps join the last one). Without padding x, dt, B, C and D pass through as they are.
+    """
     bsz, length, heads, p = x.shape
     n = Bg.shape[-1]
-    acc = h0.dtype
     lp = -(-length // q) * q
     nc = lp // q
     pp, npad = _pow2_at_least(p, 16), _pow2_at_least(n, 16)
     x, dt, Bg, Cg = (pad_time(v, lp) for v in (x, dt, Bg, Cg))
     if pp != p:
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pp - p)))
-        h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, pp - p), (0, 0)))
+        if h0 is not None:
+            h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, pp - p), (0, 0)))
+        if D is not None and D.ndim == 2:
+            D = jnp.pad(D, ((0, 0), (0, pp - p)))
     if npad != n:
         padn = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])  # noqa: E731
-        Bg, Cg, h0 = padn(Bg), padn(Cg), padn(h0)
-    dt4 = dt.astype(acc).reshape(bsz, nc, q, heads).transpose(0, 3, 1, 2)  # (B, H, nc, Q)
-    cum4 = jnp.cumsum(dt4 * A.astype(acc)[None, :, None, None], axis=-1)
-    decay = jnp.exp(cum4[..., -1])  # (B, H, nc): each chunk's total decay
+        Bg, Cg = padn(Bg), padn(Cg)
+        h0 = None if h0 is None else padn(h0)
     seg = None
     if sidx is not None:
         sidx = jnp.concatenate(
@@ -302,28 +340,22 @@ def _prepare(x, dt, A, Bg, Cg, D, h0, sidx, q: int):
         end = sidx[:, :, -1]  # (B, nc): the segment each chunk ends in
         prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
         seg = (sidx - prev_end[:, :, None]).astype(jnp.int32)
-        decay = jnp.where((end == prev_end)[:, None, :], decay, 0.0)
-    dv = None
-    if D is not None:
-        dv = D.astype(acc)
-        dv = jnp.broadcast_to(dv[:, None] if dv.ndim == 1 else dv, (heads, p))
-        if pp != p:
-            dv = jnp.pad(dv, ((0, 0), (0, pp - p)))
-    return x, Bg, Cg, dt4, cum4, decay, dv, h0.reshape(bsz, heads, pp * npad), seg
+    h0f = None if h0 is None else h0.reshape(bsz, heads, pp * npad)
+    return x, dt, Bg, Cg, D, h0f, seg
 
 
 def _forward(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
-    """The three phases on unpadded inputs (``sidx``: (B, L) segment index or None); returns
-    (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in h0's dtype)."""
+    """The three phases on unpadded inputs (h0: (B, H, P, N) or None for zeros; ``sidx``: (B, L)
+    segment index or None); returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N))."""
     bsz, length, heads, p = x.shape
     n = Bg.shape[-1]
-    acc, mm = _dtypes(x, h0)
-    xp, Bp, Cp, dt4, cum4, decay, dv, h0f, seg = _prepare(x, dt, A, Bg, Cg, D, h0, sidx, cfg.q)
-    nc, pp, npad = dt4.shape[2], xp.shape[3], Bp.shape[3]
-    states = _chunk_states(xp, Bp, dt4, cum4, seg, cfg, acc, mm)
-    starts, h_t = _pass_states(states.reshape(bsz, heads, nc, -1), decay, h0f, cfg, acc, mm)
+    acc, mm = _dtypes(x)
+    xp, dtp, Bp, Cp, dv, h0f, seg = _prepare(x, dt, Bg, Cg, D, h0, sidx, cfg.q)
+    nc, pp, npad = xp.shape[1] // cfg.q, xp.shape[3], Bp.shape[3]
+    states, log_decay = _chunk_states(xp, Bp, dtp, A, seg, cfg, acc, mm)
+    starts, h_t = _pass_states(states.reshape(bsz, heads, nc, -1), log_decay, h0f, cfg, acc, mm)
     starts = starts.reshape(bsz, heads, nc, pp, npad)
-    y = _outputs(xp, Bp, Cp, dt4, cum4, starts, dv, seg, cfg, acc, mm)
+    y = _outputs(xp, Bp, Cp, dtp, A, starts, dv, seg, cfg, acc, mm)
     if y.shape[1] != length or pp != p:
         y = y[:, :length, :, :p]
     return y, h_t.reshape(bsz, heads, pp, npad)[:, :, :p, :n]
@@ -377,9 +409,10 @@ def ssd_pallas(x, dt, A, B, C, D, h0, segment_ids=None, *, chunk_size: int | Non
     """Mamba-2 SSD forward in Pallas (gradients: the XLA ``xla_impl``), arguments checked.
 
     x: (B, L, H, P); dt: (B, L, H) (positive); A: (H,); B, C: (B, L, G, N) or (B, L, N);
-    D: (H,), (H, P) or None; h0: (B, H, P, N) in the state dtype (f32, or f64 for f64 inputs);
+    D: (H,), (H, P) or None; h0: (B, H, P, N) in the state dtype (f32, or f64 for f64 inputs)
+    or None (zeros);
     segment_ids: (B, L) ints (the state resets where the id changes) or None.
-    Returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in h0's dtype).
+    Returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in the state dtype).
     """
     cfg = make_config(chunk_size, x.shape[1], x.shape[3], B.shape[-1], interpret, xla_impl)
     return _ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, cfg)

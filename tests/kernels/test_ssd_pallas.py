@@ -164,9 +164,9 @@ def test_lowers_to_triton_ir(monkeypatch):
     monkeypatch.setattr(_ssd_pallas, "SSD_CONFIG", (128, 64, 4, 2))
     monkeypatch.setattr(_ssd_pallas, "SSD_PASS_CONFIG", (512, 4, 2))
     # the benchmark's shape family (bf16 inputs, f32 state, P = N = 64, one group), L shortened
+    # (with D (H, P) and an initial state, then D (H,), segment_ids and no initial state)
     d = make(jnp.bfloat16, length=300, heads=4, p=64, n=64, groups=1)
     names = ("x", "dt", "A", "B", "C", "D", "initial_state")
-
     seg = np.repeat(np.array([[0, 1, 1], [2, 2, 2]]), 100, axis=1)
 
     def loss(*vals, seg=None):
@@ -174,10 +174,12 @@ def test_lowers_to_triton_ir(monkeypatch):
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with_seg = functools.partial(loss, seg=seg)
-    for fn in (loss, jax.value_and_grad(with_seg, (0, 1, 3))):
+    vals = [d[k] for k in names]
+    with_seg = lambda *v: loss(*v, None, seg=seg)  # noqa: E731
+    cases = [(loss, vals), (jax.value_and_grad(with_seg, (0, 1, 3)), [*vals[:5], vals[5][:, 0]])]
+    for fn, args in cases:
         exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
-        text = exp(*(d[k] for k in names)).mlir_module()
+        text = exp(*args).mlir_module()
         assert text.count("xla.gpu.triton") == 3  # the three phases, once (bwd is XLA)
 
 
