@@ -223,15 +223,18 @@ def _ssd_inputs(quick: bool):
     return (x, dt, A, B, C), shape
 
 
-# Pallas ssd tilings timed: (SSD_CONFIG = (chunk, block, warps, stages), SSD_PASS_CONFIG =
-# (state elements per program, warps, steps loaded ahead)); the first is the module default.
-_SSD_SWEEP = [
-    ((256, 64, 4, 2), (512, 4, 4)),
-    ((128, 64, 4, 2), (512, 4, 4)),
-    ((512, 64, 4, 2), (512, 4, 4)),
-    ((256, 64, 8, 3), (512, 4, 4)),
-    ((256, 32, 4, 2), (256, 2, 8)),
+# Pallas ssd knobs timed (module-level settings of _ssd_pallas, read at trace time): SSD_CONFIG
+# = (chunk, block, warps, stages), SSD_PASS_CONFIG = (state elements per program, warps, steps
+# loaded ahead), SSD_HEADS_PER_PROGRAM (phase 3). {} is the module default.
+_SSD_SWEEP: list[dict] = [
+    {},
+    {"SSD_CONFIG": (128, 64, 4, 2)},
+    {"SSD_CONFIG": (512, 64, 4, 2)},
+    {"SSD_HEADS_PER_PROGRAM": 2},
+    {"SSD_HEADS_PER_PROGRAM": 4, "SSD_CONFIG": (256, 64, 8, 2)},
+    {"SSD_CONFIG": (256, 32, 4, 2), "SSD_PASS_CONFIG": (256, 2, 8)},
 ]
+_SSD_KNOBS = ("SSD_CONFIG", "SSD_PASS_CONFIG", "SSD_HEADS_PER_PROGRAM")
 
 
 def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
@@ -247,12 +250,12 @@ def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         emit({"case": "ssd bf16 reference", **shape, "error": f"{type(e).__name__}: {e!s:.300}"})
-    base = (_ssd_pallas.SSD_CONFIG, _ssd_pallas.SSD_PASS_CONFIG)
-    sweep = _SSD_SWEEP[:2] if quick else _SSD_SWEEP
-    for si, (cfg, pcfg) in enumerate(sweep):
-        _ssd_pallas.SSD_CONFIG, _ssd_pallas.SSD_PASS_CONFIG = cfg, pcfg
-        rec = {"case": "ssd bf16", "impl": pallas, "SSD_CONFIG": cfg, "SSD_PASS_CONFIG": pcfg,
-               **shape}  # fmt: skip
+    base = {k: getattr(_ssd_pallas, k) for k in _SSD_KNOBS}
+    sweep = [_SSD_SWEEP[i] for i in (0, 1, 3)] if quick else _SSD_SWEEP
+    for si, knobs in enumerate(sweep):
+        for k, v in {**base, **knobs}.items():
+            setattr(_ssd_pallas, k, v)
+        rec = {"case": "ssd bf16", "impl": pallas, "knobs": {**base, **knobs}, **shape}
         try:
             f = jax.jit(lambda *a: ssd(*a, return_final_state=True, implementation=pallas))
             y, h = f(*args)
@@ -276,7 +279,8 @@ def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
         except Exception as e:  # report and go on: one failing kernel must not hide the rest
             traceback.print_exc(file=sys.stderr)
             emit({**rec, "error": f"{type(e).__name__}: {e!s:.300}"})
-    _ssd_pallas.SSD_CONFIG, _ssd_pallas.SSD_PASS_CONFIG = base
+    for k, v in base.items():
+        setattr(_ssd_pallas, k, v)
 
 
 def _ssd_phase_times(args, pallas: str) -> dict:
@@ -286,7 +290,8 @@ def _ssd_phase_times(args, pallas: str) -> dict:
     bsz, length, heads, p = x.shape
     n = B.shape[-1]
     m = _ssd_pallas
-    cfg = m.make_config(None, length, p, n, pallas == "pallas_interpret", "matmul")
+    cfg = m.make_config(None, length, p, n, heads, B.shape[2], pallas == "pallas_interpret",
+                        "matmul")  # fmt: skip
     acc, mm = m._dtypes(x)
     nc = length // cfg.q
     p1 = jax.jit(lambda *a: m._chunk_states(*a, None, cfg, acc, mm))

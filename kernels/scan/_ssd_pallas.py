@@ -59,6 +59,11 @@ SSD_CONFIG: tuple[int, int, int, int] = (256, 64, 4, 2)
 # Phase 2: (elements of the flattened (P*N) state per program, warps, steps loaded ahead).
 SSD_PASS_CONFIG: tuple[int, int, int] = (512, 4, 4)
 
+# Phase 3: heads per program (at most; the largest divisor of the heads per B/C group). The
+# heads of one program share each C B^T block, half of the intra-chunk matmul work, at the cost
+# of one (rows x P) f32 accumulator per head in registers. Not yet measured on a GPU.
+SSD_HEADS_PER_PROGRAM: int = 1
+
 
 class _Cfg(NamedTuple):
     q: int  # chunk length
@@ -70,6 +75,7 @@ class _Cfg(NamedTuple):
     prefetch: int
     interpret: bool
     xla_impl: str  # XLA implementation differentiated in the backward
+    hb: int = 1  # phase 3: heads per program (dividing the heads per group)
 
 
 def _pow2_at_least(n: int, lo: int = 1) -> int:
@@ -99,11 +105,12 @@ def _i32(v: int) -> Array:
     return np.int32(v)
 
 
-def _log_decays(dt_ref, a, rows, off):
+def _log_decays(dt_ref, head, a, rows, off):
     """dt (in a's dtype), the cumulative log decay off + cumsum(dt * a) of the chunk's steps
     ``rows``, and its total off + sum(dt * a) (the next block's ``off``); off, a: (1,).
+    ``head``: None for a (Q,) dt ref, else the column of a (Q, heads) one.
     (Triton has no slices of loaded values: the total is a sum, not the cumsum's last entry.)"""
-    dt = dt_ref[rows].astype(a.dtype)
+    dt = (dt_ref[rows] if head is None else dt_ref[rows, head]).astype(a.dtype)
     da = dt * a
     return dt, off + jnp.cumsum(da), off + jnp.sum(da)
 
@@ -129,7 +136,7 @@ def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm):
         def body(k, carry):
             s, off = carry
             rows = pl.ds(k * bk, bk)
-            dtk, cum, off = _log_decays(dt_ref, av, rows, off)
+            dtk, cum, off = _log_decays(dt_ref, None, av, rows, off)
             w = jnp.exp(last - cum) * dtk  # (bk,)
             if has_seg:  # only the chunk's last segment reaches the state it leaves
                 w = jnp.where(seg_ref[rows] == last_seg, w, 0.0)
@@ -221,13 +228,17 @@ def _pass_states(states, log_decay, h0, cfg: _Cfg, acc, mm):
 
 def _outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg, acc, mm):
     """Phase 3: y (B, Lp, H, Pp) in x's dtype from the inputs and the chunk start states
-    ``starts`` (B, H, nc, Pp, Np); d: (H,), (H, Pp) or None; seg: (B, nc, Q) or None."""
+    ``starts`` (B, H, nc, Pp, Np); d: (H,), (H, Pp) or None; seg: (B, nc, Q) or None.
+
+    Each program computes a block of ``bm`` rows of one chunk for ``cfg.hb`` heads of one
+    group: each C B^T block once, then per head its decay, dt and x (heads unrolled)."""
     bsz, lp, heads, pp = x.shape
     g, npad = b.shape[2], b.shape[3]
     r = heads // g
     q, nc = cfg.q, lp // cfg.q
     bm = min(cfg.bm, q)
     nm = q // bm
+    hb = cfg.hb
     has_d, has_seg = d is not None, seg is not None
 
     def kernel(x_ref, b_ref, c_ref, dt_ref, a_ref, s_ref, *rest):
@@ -237,56 +248,66 @@ def _outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg, acc, mm):
         (y_ref,) = rest
         m = pl.program_id(0)
         rows = pl.ds(m * bm, bm)
-        av = a_ref[...].astype(acc)  # (1,)
-        # log decay of the steps before row block m (a masked sum over the whole chunk)
+        cm = c_ref[rows, :].astype(mm)  # (bm, Np), shared by the hb heads
+        seg_m = seg_ref[rows] if has_seg else None
         before = lax.broadcasted_iota(jnp.int32, (q,), 0) < m * bm
-        off = jnp.sum(jnp.where(before, dt_ref[...].astype(acc) * av, 0.0))
-        _, cum_m, _ = _log_decays(dt_ref, av, rows, jnp.broadcast_to(off, (1,)))  # (bm,)
-        cm = c_ref[rows, :].astype(mm)  # (bm, Np)
-        # the carried state read out: exp(cum_i) C_i S_in^T (rows in the carried segment: 0)
-        od = jnp.exp(cum_m)
-        if has_seg:
-            seg_m = seg_ref[rows]
-            od = jnp.where(seg_m == 0, od, 0.0)
-        y = od[:, None] * _dot(cm, s_ref[...].astype(mm), acc, trans_b=True)
+        avs, cums, ys = [], [], []
+        for j in range(hb):  # per head: the carried state read out, exp(cum_i) C_i S_in^T
+            av = a_ref[pl.ds(j, 1)].astype(acc)  # (1,)
+            # log decay of the steps before row block m (a masked sum over the whole chunk)
+            off = jnp.sum(jnp.where(before, dt_ref[:, j].astype(acc) * av, 0.0))
+            _, cum_m, _ = _log_decays(dt_ref, j, av, rows, jnp.broadcast_to(off, (1,)))
+            od = jnp.exp(cum_m)
+            if has_seg:  # only rows in the carried segment (0) see the carried state
+                od = jnp.where(seg_m == 0, od, 0.0)
+            s_j = s_ref[j, :, :].astype(mm)  # (Pp, Np)
+            ys.append(od[:, None] * _dot(cm, s_j, acc, trans_b=True))
+            avs.append(av)
+            cums.append(cum_m)
         ii = m * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
         jj0 = lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
 
         def body(k, carry):  # column block k <= m of the intra-chunk (attention-like) part
-            y, off_k = carry
+            ys, offs = carry
             cols = pl.ds(k * bm, bm)
-            dtk, cum_k, off_k = _log_decays(dt_ref, av, cols, off_k)
             cb = _dot(cm, b_ref[cols, :].astype(mm), acc, trans_b=True)  # (bm, bm)
             vis = ii >= k * bm + jj0
             if has_seg:
                 vis = vis & (seg_m[:, None] == seg_ref[cols][None, :])
-            decay = jnp.exp(jnp.where(vis, cum_m[:, None] - cum_k[None, :], -jnp.inf))
-            w = cb * decay * dtk[None, :]
-            return y + _dot(w.astype(mm), x_ref[cols, :].astype(mm), acc), off_k
+            new_ys, new_offs = [], []
+            for j in range(hb):
+                dtk, cum_k, off = _log_decays(dt_ref, j, avs[j], cols, offs[j])
+                decay = jnp.exp(jnp.where(vis, cums[j][:, None] - cum_k[None, :], -jnp.inf))
+                w = (cb * decay * dtk[None, :]).astype(mm)
+                new_ys.append(ys[j] + _dot(w, x_ref[cols, j, :].astype(mm), acc))
+                new_offs.append(off)
+            return tuple(new_ys), tuple(new_offs)
 
-        y, _ = lax.fori_loop(_i32(0), m + 1, body, (y, jnp.zeros((1,), acc)))
-        if has_d:
-            dv = d_ref[...].astype(acc)  # (1,) per head or (Pp,)
-            y = y + dv[None, :] * x_ref[rows, :].astype(acc)
-        y_ref[...] = y.astype(y_ref.dtype)
+        init = (tuple(ys), tuple(jnp.zeros((1,), acc) for _ in range(hb)))
+        ys, _ = lax.fori_loop(_i32(0), m + 1, body, init)
+        for j in range(hb):
+            y = ys[j]
+            if has_d:
+                dv = d_ref[pl.ds(j, 1)] if d.ndim == 1 else d_ref[j, :]  # (1,) or (Pp,)
+                dv = dv.astype(acc)
+                y = y + dv[None, :] * x_ref[rows, j, :].astype(acc)
+            y_ref[:, j, :] = y.astype(y_ref.dtype)
 
-    chunk = lambda w, grp=1: pl.BlockSpec(  # noqa: E731
-        (None, q, None, w), lambda m, h, c, i: (i, c, h // grp, 0)
-    )
+    rg = r // hb  # head blocks per group
     in_specs = [
-        chunk(pp),
-        chunk(npad, r),
-        chunk(npad, r),
-        pl.BlockSpec((None, q, None), lambda m, h, c, i: (i, c, h)),
-        pl.BlockSpec((1,), lambda m, h, c, i: (h,)),
-        pl.BlockSpec((None, None, None, pp, npad), lambda m, h, c, i: (i, h, c, 0, 0)),
+        pl.BlockSpec((None, q, hb, pp), lambda m, h, c, i: (i, c, h, 0)),
+        pl.BlockSpec((None, q, None, npad), lambda m, h, c, i: (i, c, h // rg, 0)),
+        pl.BlockSpec((None, q, None, npad), lambda m, h, c, i: (i, c, h // rg, 0)),
+        pl.BlockSpec((None, q, hb), lambda m, h, c, i: (i, c, h)),
+        pl.BlockSpec((hb,), lambda m, h, c, i: (h,)),
+        pl.BlockSpec((None, hb, None, pp, npad), lambda m, h, c, i: (i, h, c, 0, 0)),
     ]
     args = [x, b, c, dt, a, starts]
     if has_d:
         if d.ndim == 1:
-            in_specs.append(pl.BlockSpec((1,), lambda m, h, c, i: (h,)))
+            in_specs.append(pl.BlockSpec((hb,), lambda m, h, c, i: (h,)))
         else:
-            in_specs.append(pl.BlockSpec((None, pp), lambda m, h, c, i: (h, 0)))
+            in_specs.append(pl.BlockSpec((hb, pp), lambda m, h, c, i: (h, 0)))
         args.append(d)
     if has_seg:
         in_specs.append(pl.BlockSpec((None, None, q), lambda m, h, c, i: (i, c, 0)))
@@ -294,9 +315,9 @@ def _outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg, acc, mm):
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, lp, heads, pp), x.dtype),
-        grid=(nm, heads, nc, bsz),
+        grid=(nm, heads // hb, nc, bsz),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, bm, None, pp), lambda m, h, c, i: (i, c * nm + m, h, 0)),
+        out_specs=pl.BlockSpec((None, bm, hb, pp), lambda m, h, c, i: (i, c * nm + m, h, 0)),
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
         name="jaxcore_ssd_outputs",
@@ -414,15 +435,22 @@ def ssd_pallas(x, dt, A, B, C, D, h0, segment_ids=None, *, chunk_size: int | Non
     segment_ids: (B, L) ints (the state resets where the id changes) or None.
     Returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N) in the state dtype).
     """
-    cfg = make_config(chunk_size, x.shape[1], x.shape[3], B.shape[-1], interpret, xla_impl)
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    cfg = make_config(chunk_size, x.shape[1], x.shape[3], B.shape[-1], x.shape[2], groups,
+                      interpret, xla_impl)  # fmt: skip
     return _ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, cfg)
 
 
-def make_config(chunk_size: int | None, length: int, p: int, n: int, interpret: bool,
-                xla_impl: str) -> _Cfg:  # fmt: skip
+def make_config(chunk_size: int | None, length: int, p: int, n: int, heads: int, groups: int,
+                interpret: bool, xla_impl: str) -> _Cfg:  # fmt: skip
     """The static configuration of one call, from SSD_CONFIG / SSD_PASS_CONFIG (checked)."""
     q = check_chunk(chunk_size, length)
     bm, warps, stages = SSD_CONFIG[1:]
+    hb = SSD_HEADS_PER_PROGRAM
+    if not isinstance(hb, int) or hb < 1:
+        raise ValueError(f"SSD_HEADS_PER_PROGRAM: expected a positive int, got {hb!r}")
+    per_group = heads // groups
+    hb = max(h for h in range(1, min(hb, per_group) + 1) if per_group % h == 0)
     if not _is_pow2(bm) or bm < 16:
         raise ValueError(f"SSD_CONFIG: expected a power-of-two block >= 16, got {bm!r}")
     pblock, pwarps, prefetch = SSD_PASS_CONFIG
@@ -430,4 +458,4 @@ def make_config(chunk_size: int | None, length: int, p: int, n: int, interpret: 
     if not _is_pow2(pblock):
         raise ValueError(f"SSD_PASS_CONFIG: expected a power-of-two block, got {pblock!r}")
     return _Cfg(q, min(bm, q), warps, stages, min(pblock, f), pwarps, prefetch, bool(interpret),
-                xla_impl)  # fmt: skip
+                xla_impl, hb)  # fmt: skip

@@ -102,6 +102,22 @@ def test_segment_ids_match_reference(x64, chunk):
     assert_close(h, h_ref, scale=100)
 
 
+@pytest.mark.parametrize("knob, groups, want_hb", [(2, 2, 2), (4, None, 4), (3, None, 2)])
+def test_heads_per_program(x64, monkeypatch, knob, groups, want_hb):
+    """Phase 3 with several heads of a group per program (each C B^T block shared by them)."""
+    monkeypatch.setattr(_ssd_pallas, "SSD_HEADS_PER_PROGRAM", knob)
+    cfg = _ssd_pallas.make_config(None, 45, 3, 5, 4, groups or 1, True, "chunked")
+    assert cfg.hb == want_hb  # the largest divisor of the heads per group <= the knob
+    d = make(jnp.float64, length=45, groups=groups)
+    if groups is None:
+        d["D"] = d["D"][:, 0]  # D per head, (H,)
+    seg = None if knob == 3 else SEG
+    y, h = run(d, PI, 16, segment_ids=seg)
+    y_ref, h_ref = run(d, "reference", segment_ids=seg)
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
+
+
 def test_gradients_match_reference(x64):
     d = make(jnp.float64, length=21, groups=2)
     names = ("x", "dt", "A", "B", "C", "initial_state", "D")
@@ -137,7 +153,7 @@ def test_jit_vmap_and_nan_stays_in_later_chunks():
     assert not nan.any()
 
 
-def test_bad_arguments():
+def test_bad_arguments(monkeypatch):
     d = make(jnp.float32, length=8)
     args = [d[k] for k in ("x", "dt", "A", "B", "C")]
     for bad in (24, 8, 0):
@@ -147,6 +163,9 @@ def test_bad_arguments():
         ssd(*args, segment_ids=jnp.zeros((2, 9), jnp.int32), implementation=PI)
     with pytest.raises(ValueError, match="pallas"):
         ssd(*args, implementation="pallas")  # CPU backend
+    monkeypatch.setattr(_ssd_pallas, "SSD_HEADS_PER_PROGRAM", 0)
+    with pytest.raises(ValueError, match="SSD_HEADS_PER_PROGRAM"):
+        ssd(*args, implementation=PI)
     with pytest.raises(ValueError, match="x: expected"):
         ssd(args[0][..., 0], *args[1:], implementation=PI)
 
@@ -177,7 +196,8 @@ def test_lowers_to_triton_ir(monkeypatch):
     vals = [d[k] for k in names]
     with_seg = lambda *v: loss(*v, None, seg=seg)  # noqa: E731
     cases = [(loss, vals), (jax.value_and_grad(with_seg, (0, 1, 3)), [*vals[:5], vals[5][:, 0]])]
-    for fn, args in cases:
+    for knob, (fn, args) in zip((1, 4), cases):  # 4 heads per phase-3 program the second time
+        monkeypatch.setattr(_ssd_pallas, "SSD_HEADS_PER_PROGRAM", knob)
         exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
         text = exp(*args).mlir_module()
         assert text.count("xla.gpu.triton") == 3  # the three phases, once (bwd is XLA)
