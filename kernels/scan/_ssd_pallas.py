@@ -10,9 +10,11 @@ Mamba-2's chunked algorithm as three kernels that are parallel over chunks (chun
    from the initial state (zeros when None, not read); writes each chunk's start state in the
    dot dtype (bf16 for bf16 inputs: phase 3 feeds it to a bf16 matmul anyway) and the final
    state (f32);
-3. outputs, grid (row blocks, H, chunks, B): for a block of bm rows of the chunk,
+3. outputs, grid (row blocks, head blocks, chunks, B): for a block of bm rows of the chunk,
    y = exp(cum) * (C S_in^T) + sum over column blocks k <= m of ((C B_k^T) * decay * dt_k) x_k
-   (decay_ij = exp(cum_i - cum_j), masked to j <= i), + D * x, written in x's dtype.
+   (decay_ij = exp(cum_i - cum_j), masked to j <= i), + D * x, written in x's dtype; with
+   SSD_HEADS_PER_PROGRAM > 1 a program serves several heads of one B/C group and computes each
+   C B^T block once for them.
 
 The cumulative in-chunk log decay cum_s = sum_{t<=s in the chunk} dt_t A is computed in the
 kernels (per block of rows: an offset plus a cumsum), so x, dt, A, B, C and D are read as they
