@@ -60,6 +60,18 @@ CHUNKED_CONFIG: tuple[int, int] = (2048, 64)
 # benchmarks/gpu_scan.py sweeps it.
 SELECTIVE_CHUNKED_CONFIG: tuple[int, int, int] = (16, 1, 1)
 
+# Backward of the chunked selective scan (read at trace time): "pallas" (the chunk-parallel
+# reverse kernels of _pallas_bwd.py), "xla" (the chunked XLA recompute: a lax.scan over chunks)
+# or "auto" (= "pallas" with implementation="pallas", "xla" in interpret mode, where the XLA
+# backward is the faster one on a CPU; tests select "pallas" explicitly).
+SELECTIVE_BACKWARD: str = "auto"
+BACKWARDS: tuple[str, ...] = ("auto", "pallas", "xla")
+
+# Pallas selective-scan backward tiling: (max channels per program, warps, max steps per
+# unrolled block S; S is the largest power of two <= this dividing the saved-state interval).
+# Not yet measured on a GPU: benchmarks/gpu_scan.py sweeps it.
+SELECTIVE_BWD_CONFIG: tuple[int, int, int] = (16, 4, 16)
+
 # Chunked linear-scan tiling (max channels per program, a power of two; warps). Not yet measured.
 LINEAR_CHUNKED_CONFIG: tuple[int, int] = (128, 4)
 
@@ -92,6 +104,12 @@ def _check_kernel(kernel: str, name: str) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"{name}: expected one of {KERNELS}, got {kernel!r}")
     return kernel
+
+
+def _check_backward(backward: str) -> str:
+    if backward not in BACKWARDS:
+        raise ValueError(f"SELECTIVE_BACKWARD: expected one of {BACKWARDS}, got {backward!r}")
+    return backward
 
 
 def _plan_chunks(programs: int, length: int, unit: int = 1) -> tuple[int, int]:
@@ -666,7 +684,8 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
 
 
 def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
-    softplus, lb, lc, chunk, tc, nc, interpret = cfg
+    """The forward on N padded to a power of two; the saved states stay padded."""
+    softplus, lb, lc, chunk, tc, nc, interpret, _ = cfg
     n = A.shape[1]
     npad = _pow2_at_least(n)
     g = lambda v: v[:, :, None] if v.ndim == 3 else v  # time-varying == one group
@@ -678,7 +697,7 @@ def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
         u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, softplus=softplus, tc=tc, nc=nc, sub=chunk,
         save=save, interpret=interpret,
     )  # fmt: skip
-    return y, h_t[..., :n], ypre, None if subs is None else subs[..., :n]
+    return y, h_t[..., :n], ypre, subs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
@@ -693,12 +712,61 @@ def _selective_fused_fwd(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
 
 
 def _selective_fused_bwd(cfg, res, cts):
+    if cfg[7] == "pallas":
+        return _selective_fused_bwd_pallas(cfg, res, cts)
+    return _selective_fused_bwd_xla(cfg, res, cts)
+
+
+def _selective_fused_bwd_pallas(cfg, res, cts):
+    """The Pallas backward kernels (_pallas_bwd.py), then XLA sums of their partials."""
+    from ._pallas_bwd import selective_bwd_call
+
+    softplus, lb, lc, chunk, tc, nc, interpret, _ = cfg
+    u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs = res
+    gy, gh = cts
+    acc = subs.dtype
+    n = A.shape[1]
+    npad = subs.shape[-1]
+    g = lambda v: v[:, :, None] if v.ndim == 3 else v  # time-varying == one group
+    Bg, Cg, Ap, ghp = g(Bm), g(Cm), A, gh.astype(acc)
+    if npad != n:
+        pad = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])
+        Ap, Bg, Cg, ghp = pad(Ap), pad(Bg), pad(Cg), pad(ghp)
+    gu, gdl, ga, gbp, gcp, gd, gz, gbias, gh0 = selective_bwd_call(
+        u, dl, Ap, Bg, Cg, Dv, z, bias, keep, ypre, subs, gy, ghp, softplus=softplus, tc=tc,
+        nc=nc, sub=chunk, interpret=interpret,
+    )  # fmt: skip
+
+    def fold(part, groups):  # (B, L, blocks, Np) -> (B, L, G, n): sum the blocks of each group
+        bsz, length, nblk, _ = part.shape
+        return part.reshape(bsz, length, groups, nblk // groups, npad).sum(axis=3)[..., :n]
+
+    gb = fold(gbp, Bg.shape[2])
+    gc = fold(gcp, Cg.shape[2])
+    gb = gb[:, :, 0] if Bm.ndim == 3 else gb
+    gc = gc[:, :, 0] if Cm.ndim == 3 else gc
+    return (
+        gu,
+        gdl,
+        ga[:, :n].astype(A.dtype),
+        gb.astype(Bm.dtype),
+        gc.astype(Cm.dtype),
+        None if Dv is None else gd.astype(Dv.dtype),
+        gz,
+        None if bias is None else gbias.astype(bias.dtype),
+        gh0[..., :n].astype(acc),
+        None if keep is None else jnp.zeros_like(keep),
+    )
+
+
+def _selective_fused_bwd_xla(cfg, res, cts):
     """The chunked XLA backward (recompute per chunk of ``chunk`` steps from the saved states),
     plus the fused prologue (delta_bias, softplus) and epilogue (D, silu(z))."""
     from ._selective import _chunked_backward, _from_chunks, _to_chunks
 
-    softplus, lb, lc, chunk, _, _, _ = cfg
+    softplus, lb, lc, chunk, _, _, _, _ = cfg
     u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs = res
+    subs = subs[..., : A.shape[1]]
     gy, gh = cts
     acc = subs.dtype
     length = u.shape[1]
@@ -770,5 +838,8 @@ def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, ke
     tc, nc = _plan_chunks(bsz * (dim // bd), length, unit=chunk)
     acc = h0.dtype
     cast = lambda v: None if v is None else jnp.asarray(v).astype(acc)
-    cfg = (bool(softplus), lb, lc, chunk, tc, nc, bool(interpret))
+    backward = _check_backward(SELECTIVE_BACKWARD)
+    if backward == "auto":
+        backward = "xla" if interpret else "pallas"
+    cfg = (bool(softplus), lb, lc, chunk, tc, nc, bool(interpret), backward)
     return _selective_fused(u, delta, A, Bm, Cm, cast(D), z, cast(delta_bias), h0, keep, cfg)
