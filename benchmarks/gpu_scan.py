@@ -4,7 +4,8 @@ Throughput = (bytes of inputs read + outputs written) / forward time, as a fract
 (``x + 1`` on a large bf16 array: bytes read + written / time) measured in the same run. Times the
 old "sequential" Pallas kernel, the chunked three-phase one (a few tilings and grid sizes) and the
 XLA "chunked" path in the same run, checks each against XLA on the device (max_abs_diff_vs_xla),
-and times forward+backward for the defaults; also linear_scan (bf16 a, b, h). ssd: the Pallas
+and times forward+backward with the Pallas backward kernels and with the XLA chunked backward
+(SELECTIVE_BACKWARD, the gradients compared on the device first, a few backward tilings); also linear_scan (bf16 a, b, h). ssd: the Pallas
 kernels (``implementation="pallas"``, a few tilings, each checked against the sequential f32
 reference first; the default's three phases also timed apart) and the XLA default at three
 chunk sizes.
@@ -90,7 +91,8 @@ def _selective_inputs(bsz, length, dim, n):
 
 
 _KNOBS = ("SELECTIVE_KERNEL", "LINEAR_KERNEL", "SELECTIVE_CONFIG", "SELECTIVE_CHUNKED_CONFIG",
-          "LINEAR_CHUNKED_CONFIG", "CHUNKED_CONFIG", "PREFETCH")  # fmt: skip
+          "LINEAR_CHUNKED_CONFIG", "CHUNKED_CONFIG", "PREFETCH", "SELECTIVE_BACKWARD",
+          "SELECTIVE_BWD_CONFIG")  # fmt: skip
 
 
 def _set(**overrides) -> dict:
@@ -101,23 +103,38 @@ def _set(**overrides) -> dict:
     return old
 
 
+def _grad_diff(g, ref) -> dict:
+    """Per input: [max |g - ref|, max |ref|] (f32)."""
+    f32 = lambda v: v.astype(jnp.float32)
+    return {
+        k: [float(jnp.max(jnp.abs(f32(a) - f32(b)))), float(jnp.max(jnp.abs(f32(b))))]
+        for k, a, b in zip("u dl A B C".split(), g, ref)
+    }
+
+
 def bench_selective(bw: float, quick: bool, pallas: str) -> None:
-    """Old (sequential) and new (chunked, fused) Pallas kernels and XLA "chunked", same run."""
+    """Old (sequential) and new (chunked, fused) Pallas forward kernels and XLA "chunked", same
+    run; forward+backward with the Pallas backward kernels (SELECTIVE_BACKWARD="pallas", the
+    default on GPU) and the XLA chunked backward ("xla"), the Pallas one checked against the XLA
+    one on the device first (grad_max_abs_diff_vs_xla_bwd: per input [max |diff|, max |ref|])."""
     shapes = [(2, 256, 64, 16)] if quick else [(2, 8192, 1024, 16), (8, 8192, 2048, 16)]
     base = _set()
     target, min_steps = base["CHUNKED_CONFIG"]
     chunked = {"SELECTIVE_KERNEL": "chunked"}
+    xla_bwd = {**chunked, "SELECTIVE_BACKWARD": "xla"}
+    pallas_bwd = {**chunked, "SELECTIVE_BACKWARD": "pallas"}
     for si, (bsz, length, dim, n) in enumerate(shapes):
         d = _selective_inputs(bsz, length, dim, n)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
         ref = None
-        # (impl, knob overrides, with D and z, time forward+backward too)
-        runs = [
-            ("chunked", {}, False, True),
-            (pallas, {"SELECTIVE_KERNEL": "sequential"}, False, True),
-        ]
-        runs += [(pallas, chunked, False, True)]  # the default chunked kernel
+        ref_grad = {}  # with D, z or not -> the XLA backward's gradient
+        # (impl, knob overrides, with D and z, time forward+backward too); XLA "chunked"
+        # forward+backward and the old sequential kernel's only on the first shape
+        runs = [("chunked", {}, False, si == 0)]
+        runs += [(pallas, {"SELECTIVE_KERNEL": "sequential"}, False, False)]
+        runs += [(pallas, xla_bwd, False, True), (pallas, pallas_bwd, False, True)]
         sweep = [{"PREFETCH": 1}]
+        bwd_sweep = []
         if not quick and si == 0:
             sweep += [
                 {"SELECTIVE_CHUNKED_CONFIG": c}
@@ -125,8 +142,13 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
             ]
             sweep += [{"CHUNKED_CONFIG": (t, min_steps)} for t in (1024, 4096)]
             sweep += [{"PREFETCH": 4}, {"PREFETCH": 8}]
+            bwd_sweep = [{"SELECTIVE_BWD_CONFIG": c} for c in ((16, 4, 8), (32, 4, 16), (16, 2, 8))]
+        elif quick:
+            bwd_sweep = [{"SELECTIVE_BWD_CONFIG": (16, 4, 4)}]
         runs += [(pallas, {**chunked, **o}, False, False) for o in sweep]
-        runs += [(pallas, chunked, True, False), ("chunked", {}, True, False)]
+        runs += [(pallas, {**pallas_bwd, **o}, False, True) for o in bwd_sweep]
+        runs += [(pallas, xla_bwd, True, True), (pallas, pallas_bwd, True, True)]
+        runs += [("chunked", {}, True, False)]
         for impl, knobs, dz, with_bwd in runs:
             _set(**{**base, **knobs})
             rec = {"case": "selective_scan bf16" + (" +D,z" if dz else ""), "impl": impl,
@@ -162,7 +184,12 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                 if with_bwd:
                     loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
                     g = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4)))
-                    rec["fwdbwd_s"] = timeit(g, *args, reps=3)
+                    grad = g(*args, *extra)
+                    if knobs.get("SELECTIVE_BACKWARD") == "xla":
+                        ref_grad[dz] = grad
+                    elif impl != "chunked" and dz in ref_grad:
+                        rec["grad_max_abs_diff_vs_xla_bwd"] = _grad_diff(grad, ref_grad[dz])
+                    rec["fwdbwd_s"] = timeit(g, *args, *extra, reps=3)
                 emit(rec)
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
