@@ -478,13 +478,13 @@ def _softplus_mamba(x: Array) -> Array:
 
 
 def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus, tc, nc, sub,
-                            save, interpret):  # fmt: skip
+                            save, interpret, save_ypre=True):  # fmt: skip
     """The three phases on padded-N operands.
 
     u, dl, z: (B, L, D) any real float dtype; A: (D, Np); Bg, Cg: (B, L, G, Np); Dv, bias: (D,)
     or None; h0: (B, D, Np) in the state dtype; keep: (B, L) or None (no resets). ``tc`` steps
     per chunk, ``nc`` chunks; with ``save`` the states entering every ``sub`` steps (sub divides
-    tc) and, with z, y before the gate are written too (for the backward).
+    tc) and, with z and ``save_ypre``, y before the gate are written too (for the backward).
 
     Returns (y (B, L, D) in u's dtype, final state (B, D, Np), y before the gate (B, L, D) state
     dtype or None, sub-chunk start states (B, nc * tc / sub, D, Np) or None).
@@ -498,6 +498,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     depth = max(1, PREFETCH)
     ragged = nc * tc != length  # the last chunk runs past L (identity steps, stores masked)
     has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
+    keep_ypre = save and has_z and save_ypre
 
     seq = pl.BlockSpec((None, length, bd), lambda i, j, c: (i, 0, j))
     b_spec = pl.BlockSpec((None, length, None, npad), lambda i, j, c: (i, 0, (j * bd) // pg_b, 0))
@@ -616,7 +617,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         h_ref, *outs = outs
         ep = (outs.pop(0), outs.pop(0)) if nc > 1 else ()
         y_ref, hT_ref, *rest = outs
-        yp_ref = rest.pop(0) if save and has_z else None
+        yp_ref = rest.pop(0) if keep_ypre else None
         st_ref = rest.pop(0) if save else None
         a = a_ref[...].astype(acc) * _LOG2E
         dv = d_ref[...].astype(acc) if has_d else None
@@ -661,7 +662,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         jax.ShapeDtypeStruct((bsz, dim, npad), acc),
     ]
     out_specs = [seq, state]
-    if save and has_z:
+    if keep_ypre:
         out_shape.append(jax.ShapeDtypeStruct((bsz, length, dim), acc))
         out_specs.append(seq)
     if save:
@@ -678,7 +679,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         name="jaxcore_selective_scan_chunked",
     )(*in_args, h0, *((ends, decays) if nc > 1 else ()))
     y, h_t, *rest = outs
-    ypre = rest.pop(0) if save and has_z else None
+    ypre = rest.pop(0) if keep_ypre else None
     subs = rest.pop(0) if save else None
     return y, h_t, ypre, subs
 
@@ -695,7 +696,7 @@ def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
         A, Bg, Cg, h0 = pad(A), pad(Bg), pad(Cg), pad(h0)
     y, h_t, ypre, subs = _selective_chunked_call(
         u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, softplus=softplus, tc=tc, nc=nc, sub=chunk,
-        save=save, interpret=interpret,
+        save=save, interpret=interpret, save_ypre=cfg[7] == "xla",  # the Pallas bwd recomputes it
     )  # fmt: skip
     return y, h_t[..., :n], ypre, subs
 
@@ -733,7 +734,7 @@ def _selective_fused_bwd_pallas(cfg, res, cts):
         pad = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])
         Ap, Bg, Cg, ghp = pad(Ap), pad(Bg), pad(Cg), pad(ghp)
     gu, gdl, ga, gbp, gcp, gd, gz, gbias, gh0 = selective_bwd_call(
-        u, dl, Ap, Bg, Cg, Dv, z, bias, keep, ypre, subs, gy, ghp, softplus=softplus, tc=tc,
+        u, dl, Ap, Bg, Cg, Dv, z, bias, keep, subs, gy, ghp, softplus=softplus, tc=tc,
         nc=nc, sub=chunk, interpret=interpret,
     )  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 The forward (``_pallas._selective_chunked_call``) runs x_t = a_t x_{t-1} + dt_t u_t B_t with
 a_t = keep_t exp(dt_t A) per (batch, channel d, state n), y'_t = <x_t, C_t> + D u_t,
-y_t = y'_t silu(z_t), and saves the states entering every ``sub`` steps (and y' when z is given).
+y_t = y'_t silu(z_t), and saves the states entering every ``sub`` steps.
 Its adjoint is the reverse linear recurrence
 
     lam_t = gy'_t C_t + mu_{t+1},   mu_t = a_t lam_t,   mu_L = d final state,  d h0 = mu_0
@@ -21,7 +21,8 @@ Its adjoint is the reverse linear recurrence
    the sub-chunk's saved state (a forward walk of the blocks before it: quadratic in sub / S,
    none when S = sub), the block's S states and inputs kept in registers (static unrolled
    steps), then the S reverse steps give du, d delta (through softplus and delta_bias), dz
-   (silu gate), per-step partial sums over the program's channels of dB_t = sum_d lam dt u and
+   (silu gate; y before the gate recomputed from the states, not saved by the forward),
+   per-step partial sums over the program's channels of dB_t = sum_d lam dt u and
    dC_t = sum_d gy' x_t, and per-program sums of dA, dD, d delta_bias; chunk 0 writes d h0.
 
 XLA then sums the partials (over channel blocks for dB/dC, over batch and chunks for dA, dD,
@@ -55,14 +56,14 @@ def _block_steps(sub: int, cap: int) -> int:
     return s
 
 
-def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, ypre, subs, gy, gh, *, softplus, tc,
-                       nc, sub, interpret):  # fmt: skip
+def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, softplus, tc, nc,
+                       sub, interpret):  # fmt: skip
     """Gradients of the chunked selective scan on padded-N operands.
 
     u, dl, z: (B, L, D) as given to the forward; A: (D, Np) state dtype; Bg, Cg: (B, L, G, Np);
-    Dv, bias: (D,) state dtype or None; keep: (B, L) or None; ypre: (B, L, D) state dtype (y
-    before the gate; only with z); subs: (B, nc * tc / sub, D, Np) states entering every ``sub``
-    steps; gy: (B, L, D) cotangent of y; gh: (B, D, Np) cotangent of the final state.
+    Dv, bias: (D,) state dtype or None; keep: (B, L) or None; subs: (B, nc * tc / sub, D, Np)
+    states entering every ``sub`` steps; gy: (B, L, D) cotangent of y; gh: (B, D, Np)
+    cotangent of the final state.
 
     Returns (du, d dl, dA (D, Np), dB partials (B, L, D/bd, Np), dC partials (same), dD (D,) or
     None, dz or None, d bias (D,) or None, d h0 (B, D, Np)); dB/dC partials are per channel
@@ -93,16 +94,15 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, ypre, subs, gy, gh, 
     all_chunks = pl.BlockSpec((None, max(nc - 1, 1), bd, npad), lambda i, j, c: (i, 0, j, 0))
     partial = pl.BlockSpec((None, length, None, npad), lambda i, j, c: (i, 0, j, 0))
 
-    # inputs: u, dl, A, B, C, gy, [D], [z], [bias], [keep], [ypre]
-    opt = [(Dv, vec), (z, seq), (bias, vec), (keep, k_spec), (ypre if has_z else None, seq)]
+    # inputs: u, dl, A, B, C, gy, [D], [z], [bias], [keep]
+    opt = [(Dv, vec), (z, seq), (bias, vec), (keep, k_spec)]
     in_args = [u, dl, A, Bg, Cg, gy] + [v for v, _ in opt if v is not None]
     in_specs = [seq, seq, a_spec, b_spec, c_spec, seq] + [s for v, s in opt if v is not None]
 
     def split_refs(refs):
         it = iter(refs)
         r = dict(zip(("u", "dl", "a", "b", "c", "gy"), (next(it) for _ in range(6))))
-        for name, flag in (("d", has_d), ("z", has_z), ("bias", has_bias), ("k", has_keep),
-                           ("ypre", has_z)):  # fmt: skip
+        for name, flag in (("d", has_d), ("z", has_z), ("bias", has_bias), ("k", has_keep)):
             r[name] = next(it) if flag else None
         return r, list(it)
 
@@ -136,7 +136,7 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, ypre, subs, gy, gh, 
                 zz = r["z"][tt, :].astype(acc)
                 sig = 1.0 / (1.0 + jnp.exp(-zz))
                 out["gyp"] = gy_t * (zz * sig)
-                out["gz"] = gy_t * r["ypre"][tt, :].astype(acc) * (sig * (1.0 + zz * (1.0 - sig)))
+                out["gsilu"] = gy_t * (sig * (1.0 + zz * (1.0 - sig)))  # gy silu'(z)
             else:
                 out["gyp"] = gy_t
             if softplus:
@@ -240,8 +240,12 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, ypre, subs, gy, gh, 
             cols = pl.ds(P._i32(0), npad)
             plgpu.store(gu_ref.at[tt, rows], gu.astype(gu_ref.dtype), mask=row_ok(cur))
             plgpu.store(gdl_ref.at[tt, rows], gdl.astype(gdl_ref.dtype), mask=row_ok(cur))
-            if has_z:
-                plgpu.store(gz_ref.at[tt, rows], cur["gz"].astype(gz_ref.dtype), mask=row_ok(cur))
+            if has_z:  # dz = gy silu'(z) y', y' = <x_t, C_t> + D u_t recomputed
+                yp = jnp.sum(xt * cur["c"][None, :], axis=1)
+                if has_d:
+                    yp = yp + dv * u
+                gz = cur["gsilu"] * yp
+                plgpu.store(gz_ref.at[tt, rows], gz.astype(gz_ref.dtype), mask=row_ok(cur))
             gb_t = jnp.sum(lam * dtu[:, None], axis=0)  # (Np,)
             gc_t = jnp.sum(gyp[:, None] * xt, axis=0)
             plgpu.store(gb_ref.at[tt, cols], gb_t.astype(gb_ref.dtype), mask=vec_ok(cur))
