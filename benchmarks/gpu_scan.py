@@ -5,10 +5,10 @@ Throughput = (bytes of inputs read + outputs written) / forward time, as a fract
 old "sequential" Pallas kernel, the chunked three-phase one (a few tilings and grid sizes) and the
 XLA "chunked" path in the same run, checks each against XLA on the device (max_abs_diff_vs_xla),
 and times forward+backward with the Pallas backward kernels and with the XLA chunked backward
-(SELECTIVE_BACKWARD, the gradients compared on the device first, a few backward tilings); also linear_scan (bf16 a, b, h). ssd: the Pallas
-kernels (``implementation="pallas"``, a few tilings, each checked against the sequential f32
-reference first; the default's three phases also timed apart) and the XLA default at three
-chunk sizes.
+(SELECTIVE_BACKWARD, the gradients compared on the device first, a few backward tilings);
+also linear_scan (bf16 a, b, h). ssd: the Pallas kernels (``implementation="pallas"``, a few
+tilings, each checked against the sequential f32 reference first; the default's three phases
+also timed apart) and the XLA default at three chunk sizes.
 One JSON object per line. ``--quick`` runs tiny shapes (on CPU: the Pallas kernel in interpret
 mode) so the script itself can be checked anywhere.
 
@@ -103,6 +103,14 @@ def _set(**overrides) -> dict:
     return old
 
 
+def _temp_mib(compiled) -> float | None:
+    """Temporary memory of a compiled function in MiB (None where the backend does not say)."""
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # memory_analysis is optional per backend: report None, not a guess
+        return None
+
+
 def _grad_diff(g, ref) -> dict:
     """Per input: [max |g - ref|, max |ref|] (f32)."""
     f32 = lambda v: v.astype(jnp.float32)
@@ -142,24 +150,28 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
             ]
             sweep += [{"CHUNKED_CONFIG": (t, min_steps)} for t in (1024, 4096)]
             sweep += [{"PREFETCH": 4}, {"PREFETCH": 8}]
-            bwd_sweep = [{"SELECTIVE_BWD_CONFIG": c} for c in ((16, 4, 8), (32, 4, 16), (16, 2, 8))]
+            # (channels, warps, steps per unrolled block); chunk_size=16: states saved every 16
+            # steps by the forward, so no recompute in the backward (4x the saved states)
+            bwd_sweep = [{"SELECTIVE_BWD_CONFIG": c} for c in ((16, 1, 8), (16, 2, 8), (32, 4, 16))]
+            bwd_sweep += [{"chunk_size": 16}]
         elif quick:
-            bwd_sweep = [{"SELECTIVE_BWD_CONFIG": (16, 4, 4)}]
+            bwd_sweep = [{"SELECTIVE_BWD_CONFIG": (16, 4, 4)}, {"chunk_size": 8}]
         runs += [(pallas, {**chunked, **o}, False, False) for o in sweep]
         runs += [(pallas, {**pallas_bwd, **o}, False, True) for o in bwd_sweep]
         runs += [(pallas, xla_bwd, True, True), (pallas, pallas_bwd, True, True)]
         runs += [("chunked", {}, True, False)]
         for impl, knobs, dz, with_bwd in runs:
-            _set(**{**base, **knobs})
+            chunk = knobs.get("chunk_size")  # selective_scan's argument, not a module knob
+            _set(**{**base, **{k: v for k, v in knobs.items() if k != "chunk_size"}})
             rec = {"case": "selective_scan bf16" + (" +D,z" if dz else ""), "impl": impl,
                    "knobs": knobs, **shape}  # fmt: skip
             try:
                 args = [d[k] for k in ("u", "dl", "A", "B", "C")]
                 extra = (d["D"], d["z"]) if dz else ()
 
-                def fwd(u, dl, A, B, C, *e, impl=impl):
+                def fwd(u, dl, A, B, C, *e, impl=impl, chunk=chunk):
                     return selective_scan(u, dl, A, B, C, *e, delta_softplus=True,
-                                          implementation=impl)  # fmt: skip
+                                          chunk_size=chunk, implementation=impl)  # fmt: skip
 
                 f = jax.jit(fwd)
                 y = f(*args, *extra)
@@ -177,19 +189,20 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                 if impl != "chunked" and _pallas.SELECTIVE_KERNEL != "sequential":
                     bd = _pallas._channel_block(dim, _pallas.SELECTIVE_CHUNKED_CONFIG[0])
                     rec["chunk_steps,chunks"] = _pallas._plan_chunks(
-                        bsz * dim // bd, length, _scan_common.default_chunk(length)
+                        bsz * dim // bd, length, chunk or _scan_common.default_chunk(length)
                     )
                 t = timeit(f, *args, *extra, reps=3 if impl == "chunked" else 10)
                 rec.update(fwd_s=t, GBps=io / t / 1e9, fraction_of_copy=io / t / bw)
                 if with_bwd:
                     loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
-                    g = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4)))
+                    g = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4))).lower(*args, *extra).compile()
                     grad = g(*args, *extra)
                     if knobs.get("SELECTIVE_BACKWARD") == "xla":
                         ref_grad[dz] = grad
                     elif impl != "chunked" and dz in ref_grad:
                         rec["grad_max_abs_diff_vs_xla_bwd"] = _grad_diff(grad, ref_grad[dz])
                     rec["fwdbwd_s"] = timeit(g, *args, *extra, reps=3)
+                    rec["fwdbwd_temp_MiB"] = _temp_mib(g)
                 emit(rec)
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
