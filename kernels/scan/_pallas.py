@@ -21,6 +21,12 @@ Both keep f32 state (f64 under x64 with f64 inputs) and read bf16/f32 inputs as 
 chunked kernels load the inputs of step t + PREFETCH while step t computes (a ring of loaded
 steps carried through the loop), so that load latency overlaps arithmetic; ragged L and channel
 edges are handled with clamped indices and masked loads/stores (no padding copies).
+
+Selective-scan gradients (:data:`SELECTIVE_BACKWARD`): the chunked forward saves the states
+entering every ``chunk_size`` steps; the backward is either the chunk-parallel Pallas reverse
+scan of ``_pallas_bwd.py`` (three phases like the forward; the default with
+``implementation="pallas"``) or the chunked XLA recompute (a ``lax.scan`` over chunks; the
+default in interpret mode).
 """
 
 from __future__ import annotations
