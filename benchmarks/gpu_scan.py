@@ -111,6 +111,32 @@ def _temp_mib(compiled) -> float | None:
         return None
 
 
+def _selective_bwd_kernels_s(d: dict, interpret: bool) -> float:
+    """Seconds of the Pallas backward kernels alone (both phases, no XLA reductions of their
+    partials), on the residuals the default forward saves (softplus, time-varying B/C, no D/z)."""
+    from jaxcore.kernels.scan import _pallas_bwd
+
+    u, dl, A, B, C = (d[k] for k in ("u", "dl", "A", "B", "C"))
+    bsz, length, dim = u.shape
+    chunk = _scan_common.default_chunk(length)
+    bd = _pallas._channel_block(dim, _pallas.SELECTIVE_CHUNKED_CONFIG[0])
+    tc, nc = _pallas._plan_chunks(bsz * (dim // bd), length, unit=chunk)
+    h0 = jnp.zeros((bsz, dim, A.shape[1]), jnp.float32)
+    cfg = (True, "time", "time", chunk, tc, nc, interpret, "pallas")
+    fwd = jax.jit(lambda *a: _pallas._fused_impl(*a, None, None, None, h0, None, cfg, save=True))
+    y, _, _, subs = fwd(u, dl, A, B, C)
+    gy, gh = jnp.ones_like(y), jnp.ones_like(h0)
+    g = lambda v: v[:, :, None]  # time-varying == one group
+
+    def bwd(u, dl, A, B, C, subs, gy, gh):
+        return _pallas_bwd.selective_bwd_call(
+            u, dl, A, g(B), g(C), None, None, None, None, subs, gy, gh, softplus=True, tc=tc,
+            nc=nc, sub=chunk, interpret=interpret,
+        )  # fmt: skip
+
+    return timeit(jax.jit(bwd), u, dl, A, B, C, subs, gy, gh)
+
+
 def _grad_diff(g, ref) -> dict:
     """Per input: [max |g - ref|, max |ref|] (f32)."""
     f32 = lambda v: v.astype(jnp.float32)
@@ -203,6 +229,8 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                         rec["grad_max_abs_diff_vs_xla_bwd"] = _grad_diff(grad, ref_grad[dz])
                     rec["fwdbwd_s"] = timeit(g, *args, *extra, reps=3)
                     rec["fwdbwd_temp_MiB"] = _temp_mib(g)
+                    if knobs == pallas_bwd and not dz:
+                        rec["bwd_kernels_s"] = _selective_bwd_kernels_s(d, pallas != "pallas")
                 emit(rec)
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
