@@ -18,6 +18,8 @@ IMPLEMENTATIONS: tuple[str, ...] = ("reference", "xla", "pallas", "pallas_interp
 
 # Platforms on which a compiled Pallas kernel can run. Interpret mode runs everywhere.
 PALLAS_PLATFORMS: frozenset[str] = frozenset({"gpu", "cuda", "rocm", "tpu"})
+# Compiled Mosaic GPU kernels (NVIDIA Hopper and later) run only here.
+MOSAIC_GPU_PLATFORMS: frozenset[str] = frozenset({"gpu", "cuda"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +33,8 @@ class Family:
 
     def available(self, platform: str) -> tuple[str, ...]:
         """Implementations that run on ``platform`` ("cpu", "gpu", "tpu")."""
-        return tuple(
-            i for i in self.implementations if i != "pallas" or platform in PALLAS_PLATFORMS
-        )
+        needs = {"pallas": PALLAS_PLATFORMS, "mosaic": MOSAIC_GPU_PLATFORMS}
+        return tuple(i for i in self.implementations if platform in needs.get(i, (platform,)))
 
 
 _FAMILIES: dict[str, Family] = {}

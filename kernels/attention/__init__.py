@@ -4,7 +4,9 @@
   (BTNH; GQA/MQA; value head dim may differ; causal, sliding window, lengths, segment ids,
   bias, mask, soft cap; differentiable float32 log-sum-exp). Implementations "reference",
   "xla" (chunked flash attention with block skipping and a FlashAttention-2 custom VJP),
-  "pallas" / "pallas_interpret" (a Pallas flash-attention kernel, forward and backward).
+  "pallas" / "pallas_interpret" (a Pallas flash-attention kernel, forward and backward,
+  Triton lowering), "mosaic" / "mosaic_interpret" (a Hopper Mosaic GPU forward: wgmma, TMA,
+  warp specialisation; the Triton backward).
 * :func:`dot_product_attention_bwd` - the FlashAttention-2 backward from a saved output and
   lse (no forward recompute; the building block of the ring attention backward).
 * :func:`merge` - exact combination of attention over disjoint key sets (split-KV decoding,

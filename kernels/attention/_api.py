@@ -14,7 +14,7 @@ from ._reference import attention_reference
 from ._xla import attention_xla
 
 FAMILY = "attention"
-IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_interpret", "mosaic", "mosaic_interpret")
 
 
 def _default(platform: str) -> str:
@@ -34,11 +34,16 @@ def _run(inp: Inputs, impl: str) -> tuple[jax.Array, jax.Array]:
         return attention_reference(inp)
     if impl == "xla":
         return attention_xla(inp)
-    if impl == "pallas" and backend.platform() != "gpu":
+    if impl in ("pallas", "mosaic") and backend.platform() != "gpu":
+        how = "through Triton" if impl == "pallas" else "through Mosaic GPU (Hopper)"
         raise ValueError(
-            f"implementation='pallas': the attention kernel lowers through Triton (GPU only), "
-            f"the default backend is {backend.platform()!r}; use 'xla' or 'pallas_interpret'"
+            f"implementation={impl!r}: the attention kernel lowers {how} (GPU only), "
+            f"the default backend is {backend.platform()!r}; use 'xla' or '{impl}_interpret'"
         )
+    if impl.startswith("mosaic"):
+        from ._mosaic import attention_mosaic  # lazy: imports the Mosaic GPU Pallas backend
+
+        return attention_mosaic(inp, interpret=impl == "mosaic_interpret")
     from ._pallas import attention_pallas  # lazy: imports jax.experimental.pallas
 
     return attention_pallas(inp, interpret=impl == "pallas_interpret")
@@ -80,7 +85,10 @@ def dot_product_attention(
         differentiable; -inf for a fully masked row.
       implementation: None (default: "pallas" on GPU, else "xla"), "reference", "xla",
         "pallas" (GPU only; a ValueError elsewhere), "pallas_interpret" (the same kernel
-        run by the Pallas interpreter, any platform). Every option works on every one.
+        run by the Pallas interpreter, any platform), "mosaic" (Hopper GPUs: a Mosaic GPU
+        forward with wgmma/TMA and the Triton backward; bf16/f16 without bias, mask,
+        segment_ids or key_value_seq_lengths, else a ValueError), "mosaic_interpret" (that
+        kernel in the Mosaic GPU interpreter). Every other option works on every platform.
 
     Returns:
       (B, T, N, Hv) in the query dtype (and the lse if ``return_lse``). A fully masked query row

@@ -1,0 +1,469 @@
+"""Hopper flash-attention forward in Mosaic GPU (Pallas ``plgpu``): wgmma, TMA, warp specialisation.
+
+The Triton lowering (``_pallas.py``) cannot use Hopper's asynchronous warpgroup matmuls (wgmma) or
+its TMA copy engine; on an H200 it reached 0.49x cuDNN's forward. This kernel is written for them,
+after the FlashAttention-3 design:
+
+* One CTA owns ``2 * block_q`` query rows of one (batch, head) and runs three warpgroups. Warpgroups
+  0 and 1 each own ``block_q`` rows (wgmma's M is 64 per warpgroup); warpgroup 2 only issues TMA
+  loads of K/V blocks into a ring of ``stages`` shared-memory slots, guarded by "loaded" and
+  "consumed" barriers, and gives its registers to the other two.
+* The two compute warpgroups ping-pong through one two-arrival barrier, so one's softmax runs
+  while the other's matmuls occupy the tensor cores.
+* Both compute warpgroups walk the same key blocks [lo, hi): the blocks that some row of the CTA
+  sees under the causal / window / key-length mask (the rest are never loaded). Blocks that every
+  row of a warpgroup sees run without a mask; the others mask with -inf. The running maximum
+  starts at a finite -1e30, so a row that sees nothing has l = 0 and is written as zeros with
+  lse = -inf (never NaN).
+* Softmax in base 2 with the logit scale folded into one multiply; output and f32 lse (natural
+  log, (B, N, T) like the Triton kernel) go back through shared memory and TMA.
+* Heavy causal tiles (late query rows) are launched first.
+
+The backward is the Triton kernel's (``_pallas._backward``) from the saved output and lse. Inputs
+are bf16 / f16; supported options are scale, is_causal, local_window_size, logits_soft_cap, GQA
+and any T / S (padded here); bias, mask, segment_ids and key_value_seq_lengths raise a
+ValueError (use implementation="pallas"). Interpret mode runs the same kernel in JAX's Mosaic GPU
+interpreter on CPU (tests), with one difference: there the two matmuls are ``lax.dot_general``
+on the shared-memory tiles (the interpreter's wgmma takes neither a transposed nor a register
+operand, and it has no ``run_state``). Barriers, TMA copies, block ranges, masks and the softmax
+are the compiled kernel's. Register layouts are compiler hints and are skipped there too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from . import _pallas
+from ._common import Inputs, MaskSpec
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_BIG = 1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Static options of one call (hashable: a custom_vjp nondiff argument)."""
+
+    spec: MaskSpec
+    groups: int  # query heads per key/value head
+    block_q: int = 64  # rows per compute warpgroup (the CTA owns 2 * block_q)
+    block_k: int = 128
+    stages: int = 2  # K/V ring depth
+    pingpong: bool = True
+    interpret: bool = False
+
+
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA (opt-in maximum)
+
+
+def smem_bytes(
+    block_q: int, block_k: int, stages: int, hp: int, hvp: int, itemsize: int = 2
+) -> int:
+    """Shared memory one CTA allocates: Q (and O) tiles, the K/V ring, lse rows, barriers."""
+    q = 2 * block_q * hp * itemsize
+    o = 0 if hvp == hp else 2 * block_q * hvp * itemsize
+    ring = stages * block_k * (hp + hvp) * itemsize
+    return q + o + ring + 2 * block_q * 4 + 64 * (2 * stages + 4)
+
+
+def default_config(hp: int = 128, hvp: int = 128) -> dict:
+    """Tiles for Hopper: block_k 128 where two stages fit in shared memory, else 64.
+
+    Not yet measured on a GPU (benchmarks/gpu_attention.py sweeps the alternatives).
+    """
+    bk = 128 if smem_bytes(64, 128, 2, hp, hvp) <= SMEM_BYTES else 64
+    return dict(block_q=64, block_k=bk, stages=2)
+
+
+def _i32(x: int) -> jax.Array:
+    return jnp.asarray(x, jnp.int32)
+
+
+def _cdiv(a, b: int):
+    return lax.div(a + _i32(b - 1), _i32(b))
+
+
+def _steps(cfg: MosaicConfig, r0, rows: int, ns: int):
+    """Key blocks [lo, hi) that rows [r0, r0 + rows) see (some entry), traced int32."""
+    left, right = _pallas._bounds(cfg.spec)
+    bk, s = cfg.block_k, cfg.spec.s
+    lo = _i32(0) if left is None else lax.div(jnp.maximum(r0 - _i32(left), _i32(0)), _i32(bk))
+    if right is None:
+        hi = _i32(min(ns, -(-s // bk)))
+    else:
+        end = jnp.minimum(
+            jnp.maximum(r0 + _i32(rows + right), _i32(0)), _i32(s)
+        )  # exclusive key end
+        hi = _cdiv(end, bk)
+    hi = jnp.maximum(hi, lo)
+    return lo, hi
+
+
+def _full_steps(cfg: MosaicConfig, r0, lo, hi):
+    """Sub-range [flo, fhi) of [lo, hi) whose blocks every row of [r0, r0 + block_q) sees fully."""
+    left, right = _pallas._bounds(cfg.spec)
+    bq, bk, s = cfg.block_q, cfg.block_k, cfg.spec.s
+    flo = lo
+    if left is not None:  # k >= q - left for the last row
+        flo = _cdiv(jnp.maximum(r0 + _i32(bq - 1 - left), _i32(0)), bk)
+    fhi = _i32(s // bk)  # no padded key inside
+    if right is not None:  # k <= q + right for the first row
+        fhi = jnp.minimum(fhi, lax.div(jnp.maximum(r0 + _i32(right + 1), _i32(0)), _i32(bk)))
+    flo = jnp.minimum(jnp.maximum(flo, lo), hi)
+    fhi = jnp.minimum(jnp.maximum(fhi, flo), hi)
+    return flo, fhi
+
+
+def _dot(a, b, trans_b: bool = False):
+    """Interpreter-only matmul with f32 accumulation (the compiled kernel uses wgmma)."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
+    """q (B, Tp, N, Hp), k (B, Sp, K, Hp), v (B, Sp, K, Hvp) -> out (B, Tp, N, Hvp), lse (B, N, Tp).
+
+    Tp is a multiple of 2 * block_q, Sp of block_k; keys at or past spec.s are padding.
+    """
+    b, tp, n, hp = q.shape
+    sp, hvp = k.shape[1], v.shape[3]
+    bq, bk, stages = cfg.block_q, cfg.block_k, cfg.stages
+    nqt, ns = tp // (2 * bq), sp // bk
+    dtype = q.dtype
+    left, right = _pallas._bounds(cfg.spec)
+    cap = cfg.spec.soft_cap
+    c = cfg.spec.scale * _LOG2E
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    # Register layouts are hints for the Mosaic compiler; the interpreter has no rule for them.
+    def laid_out(x, layout):
+        return x if cfg.interpret else plgpu.layout_cast(x, layout)
+
+    def iota(dim: int):
+        if cfg.interpret:
+            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=wgmma_layout)
+
+    def z_of(qk):
+        """Logits in base-2 units (scale and soft cap applied)."""
+        if cap is None:
+            return qk * c
+        return jnp.tanh(qk * (cfg.spec.scale / cap)) * (cap * _LOG2E)
+
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, sched):
+        qo_smem, k_smem, v_smem, lse_smem, *o_extra = smem
+        k_loaded, v_loaded, q_loaded = loaded
+        k_consumed, v_consumed = consumed
+        bi = lax.axis_index("batch")
+        head = lax.axis_index("heads")
+        tile = _i32(nqt - 1) - lax.axis_index("q_seq")  # heavy (late) causal tiles first
+        wg = lax.axis_index("wg")
+        base = tile * _i32(2 * bq)
+        lo, hi = _steps(cfg, base, 2 * bq, ns)
+        nsteps = hi - lo
+
+        def sync():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem = qo_smem.at[wg]
+            r0 = base + wg * _i32(bq)
+            flo, fhi = _full_steps(cfg, r0, lo, hi)
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), head], q_smem, q_loaded.at[wg])
+            plgpu.barrier_wait(q_loaded.at[wg])
+            m = laid_out(jnp.full((bq,), -_BIG, jnp.float32), row_layout)
+            l = laid_out(jnp.full((bq,), 0.0, jnp.float32), row_layout)
+            acc = laid_out(jnp.full((bq, hvp), 0.0, jnp.float32), wgmma_layout)
+
+            @pl.when(nsteps > 0)
+            def _():
+                plgpu.barrier_wait(k_loaded.at[0])
+
+            if cfg.pingpong:
+                pl.when(wg == 1)(sync)
+
+            def step(j, carry, masked: bool):
+                acc, m, l = carry
+                slot = lax.rem(j - lo, _i32(stages))
+
+                def qk_fn(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    if cfg.pingpong:
+                        sync()
+                    return acc_ref[...]
+
+                if cfg.interpret:  # the interpreter's wgmma takes no transposed operand
+                    qk = _dot(q_smem[...], k_smem.at[slot][...], trans_b=True)
+                    if cfg.pingpong:
+                        sync()
+                else:
+                    qk = pl.run_scoped(qk_fn, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                z = z_of(qk)
+                if masked:
+                    qpos = iota(0) + r0
+                    kpos = iota(1) + j * _i32(bk)
+                    vis = kpos < _i32(cfg.spec.s)
+                    if right is not None:
+                        vis = jnp.logical_and(vis, kpos <= qpos + _i32(right))
+                    if left is not None:
+                        vis = jnp.logical_and(vis, kpos >= qpos - _i32(left))
+                    z = jnp.where(vis, z, -jnp.inf)
+                m_new = jnp.maximum(m, z.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                if cfg.pingpong:
+                    plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_loaded.at[slot])
+                if cfg.pingpong:
+                    plgpu.barrier_wait(sched)
+
+                def pv_wait():  # the next block's K, while this P @ V runs
+                    nxt = j + 1
+
+                    @pl.when(nxt < hi)
+                    def _():
+                        plgpu.barrier_wait(k_loaded.at[lax.rem(nxt - lo, _i32(stages))])
+
+                def pv_fn(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    pv_wait()
+
+                if cfg.interpret:  # nor a register operand, and there is no run_state
+                    acc = acc + _dot(p16, v_smem.at[slot][...])
+                    pv_wait()
+                else:
+                    acc = pl.run_state(pv_fn)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_new, l
+
+            carry = (acc, m, l)
+            carry = lax.fori_loop(lo, flo, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
+            acc, m, l = lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
+            if cfg.pingpong:
+                pl.when(wg == 0)(sync)
+
+            ok = l > 0.0
+            l_safe = jnp.where(ok, l, 1.0)
+            out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            o_smem = o_extra[0].at[wg] if o_extra else q_smem  # the query tile is free now
+            o_smem[...] = out.astype(dtype)
+            lse_smem.at[wg][...] = jnp.where(ok, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, pl.ds(r0, bq), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, head, pl.ds(r0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(head, _i32(cfg.groups))
+
+            def load(i, wait: bool):
+                slot = lax.rem(i, _i32(stages))
+                rows = (bi, pl.ds((lo + i) * _i32(bk), bk), kv_head)
+                if wait:
+                    plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_loaded.at[slot])
+                if wait:
+                    plgpu.barrier_wait(v_consumed.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_loaded.at[slot])
+
+            for i in range(stages):
+                pl.when(_i32(i) < nsteps)(functools.partial(load, _i32(i), False))
+
+            @pl.loop(_i32(stages), jnp.maximum(nsteps, _i32(stages)))
+            def _(i):
+                load(i, True)
+
+            def drain(r: int):  # observe each slot's last consumption (every phase is waited)
+                plgpu.barrier_wait(k_consumed.at[r])
+                plgpu.barrier_wait(v_consumed.at[r])
+
+            for r in range(stages):
+                pl.when(_i32(r) < nsteps)(functools.partial(drain, r))
+
+    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+        tiled = lambda h: (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # noqa: E731
+        scratch = [
+            plgpu.SMEM((2, bq, hp), dtype, transforms=tiled(hp)),
+            plgpu.SMEM((stages, bk, hp), dtype, transforms=tiled(hp)),
+            plgpu.SMEM((stages, bk, hvp), dtype, transforms=tiled(hvp)),
+            plgpu.SMEM((2, bq), jnp.float32),
+        ]
+        if hvp != hp:  # the output tile cannot reuse the query tile
+            scratch.append(plgpu.SMEM((2, bq, hvp), dtype, transforms=tiled(hvp)))
+        pl.run_scoped(
+            lambda *a: body(q_ref, k_ref, v_ref, o_ref, lse_ref, *a),
+            scratch,
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=2),
+            ),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    interpret = None
+    if cfg.interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        interpret = InterpretGPUParams()
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=(
+            jax.ShapeDtypeStruct((b, tp, n, hvp), dtype),
+            jax.ShapeDtypeStruct((b, n, tp), jnp.float32),
+        ),
+        grid=(n, nqt, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )(q, k, v)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg: MosaicConfig, pcfg: _pallas.PallasConfig, q, k, v, qseg, kseg):
+    return _forward(cfg, q, k, v)
+
+
+def _flash_fwd(cfg, pcfg, q, k, v, qseg, kseg):
+    out, lse = _forward(cfg, q.value, k.value, v.value)
+    qseg = None if qseg is None else qseg.value
+    kseg = None if kseg is None else kseg.value
+    return (out, lse), (q.value, k.value, v.value, qseg, kseg, out, lse)
+
+
+def _flash_bwd(cfg, pcfg, res, cts):
+    q, k, v, qseg, kseg, out, lse = res
+    do, dlse = cts
+    if isinstance(do, SymbolicZero):
+        do = jnp.zeros(out.shape, out.dtype)
+    if isinstance(dlse, SymbolicZero):
+        dlse = jnp.zeros(lse.shape, lse.dtype)
+    pcfg = dataclasses.replace(pcfg, bias_grad=False)
+    dq, dk, dv, _ = _pallas._backward(pcfg, q, k, v, qseg, kseg, None, None, out, lse, do, dlse)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+
+
+UNSUPPORTED = (
+    ("bias", "bias"),
+    ("mask", "mask"),
+    ("q_segment_ids", "segment_ids"),
+    ("kv_seqlen", "key_value_seq_lengths"),
+)
+
+
+def supports(inp: Inputs) -> str | None:
+    """None if the Mosaic kernel takes these inputs, else the reason (an argument name and why)."""
+    for field, arg in UNSUPPORTED:
+        if getattr(inp, field) is not None:
+            return f"{arg}: not supported by implementation='mosaic' (use 'pallas')"
+    if inp.query.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"query: implementation='mosaic' takes bfloat16 or float16, got {inp.query.dtype}"
+    if max(inp.query.shape[-1], inp.value.shape[-1]) > 256:
+        return f"query/value: head dims up to 256 for 'mosaic', got {inp.query.shape[-1]}"
+    return None
+
+
+MIN_CPU_DEVICES = 3
+
+
+def _check_interpreter_threads() -> None:
+    """The Mosaic GPU interpreter runs each warpgroup as a thread executing its own XLA:CPU
+    program while the caller's program waits in a host callback; with fewer than 3 CPU devices
+    XLA's host thread pool was seen to starve and hang (2-core VM, jax 0.10.2). Fail instead."""
+    n = len(jax.devices("cpu"))
+    if n < MIN_CPU_DEVICES:
+        raise ValueError(
+            f"implementation='mosaic_interpret': needs >= {MIN_CPU_DEVICES} CPU devices for the "
+            f"interpreter's warpgroup threads (else XLA's host thread pool can deadlock), got {n}; "
+            "start JAX with jax.config.update('jax_num_cpu_devices', 4) or "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=4"
+        )
+
+
+def attention_mosaic(
+    inp: Inputs, *, interpret: bool, blocks: dict | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mosaic GPU flash attention forward (+ Triton backward). Returns (out, lse (B, T, N) f32).
+
+    ``blocks`` overrides :func:`default_config` (block_q, block_k, stages, pingpong) and the
+    Triton backward's tiles (block_q_bwd, block_k_bwd, num_warps_bwd, num_stages_bwd).
+    """
+    why = supports(inp)
+    if why is not None:
+        raise ValueError(why)
+    if interpret:
+        _check_interpreter_threads()
+    q, k, v = inp.query, inp.key, inp.value
+    b, t, n, h = q.shape
+    s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
+    hp, hvp = (max(64, _pallas._pow2_at_least(x)) for x in (h, hv))
+    opts = default_config(hp, hvp)
+    bwd = {
+        key: val
+        for key, val in _pallas.default_blocks(t, s, h, hv, interpret).items()
+        if key.endswith("_bwd")
+    }
+    for key, val in (blocks or {}).items():
+        (bwd if key.endswith("_bwd") else opts)[key] = val
+    for nm in ("block_q", "block_k"):
+        if opts[nm] not in (64, 128):
+            raise ValueError(f"{nm}: expected 64 or 128 for 'mosaic', got {opts[nm]}")
+    if opts["stages"] < 1:
+        raise ValueError(f"stages: expected >= 1, got {opts['stages']}")
+    need = smem_bytes(opts["block_q"], opts["block_k"], opts["stages"], hp, hvp)
+    if need > SMEM_BYTES:
+        raise ValueError(
+            f"blocks: block_k={opts['block_k']}, stages={opts['stages']} need {need // 1024} KiB "
+            f"of shared memory for head dims {hp}/{hvp}, expected <= {SMEM_BYTES // 1024} KiB"
+        )
+    _pallas._check_blocks(dict(block_q=64, block_k=64, **bwd))
+    mq = math.lcm(2 * opts["block_q"], bwd["block_q_bwd"])
+    mk = math.lcm(opts["block_k"], bwd["block_k_bwd"])
+    tp, sp = -(-t // mq) * mq, -(-s // mk) * mk
+
+    def pad(x, tlen, hd):
+        return jnp.pad(x, ((0, 0), (0, tlen - x.shape[1]), (0, 0), (0, hd - x.shape[3])))
+
+    qp, kp, vp = pad(q, tp, hp), pad(k, sp, hp), pad(v, sp, hvp)
+    spec = inp.spec
+    qseg = kseg = None
+    if sp != s:  # the Triton backward masks padded keys through folded segment ids
+        qseg = jnp.zeros((b, tp), jnp.int32)
+        kseg = jnp.broadcast_to(
+            jnp.where(jnp.arange(sp, dtype=jnp.int32) < s, 0, -1).astype(jnp.int32), (b, sp)
+        )
+    cfg = MosaicConfig(spec=spec, groups=n // kh, interpret=interpret, **opts)
+    pcfg = _pallas.PallasConfig(
+        spec=spec, groups=n // kh, has_segments=qseg is not None, interpret=interpret, **bwd
+    )
+    out, lse = _flash(cfg, pcfg, qp, kp, vp, qseg, kseg)
+    return out[:, :t, :, :hv], jnp.swapaxes(lse, 1, 2)[:, :t]

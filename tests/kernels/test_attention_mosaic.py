@@ -1,0 +1,205 @@
+"""Mosaic GPU (Hopper) flash attention: the kernel in JAX's Mosaic GPU interpreter, and lowered.
+
+The interpreter runs the kernel's three warpgroups as threads with its barriers, TMA copies,
+block ranges, masks and base-2 softmax (matmuls as dot_general: see ``_mosaic.py``); values and
+lse are held to the reference computed in float32 from the same bf16/f16 inputs, gradients (the
+Triton backward, interpreted) too. The compiled path (wgmma, register layouts) is lowered to a
+Mosaic GPU module for the 'cuda' platform on this CPU, which catches layout and shape errors
+without a GPU.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxcore.kernels.attention import dot_product_attention
+from jaxcore.kernels.attention._common import normalize
+from jaxcore.kernels.attention._mosaic import attention_mosaic
+from jaxcore.kernels.attention._reference import attention_reference
+
+from jaxcore import backend
+from jaxcore.testing import assert_close
+
+
+def _inputs(b, t, s, n, k, h, hv, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    arr = lambda *sh: jnp.asarray(rng.standard_normal(sh), dtype)  # noqa: E731
+    return arr(b, t, n, h), arr(b, s, k, h), arr(b, s, k, hv)
+
+
+def _f32(*xs):
+    return tuple(x.astype(jnp.float32) for x in xs)
+
+
+def _loss(out, lse):
+    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+    fin = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(out.astype(jnp.float32) * w) + 0.3 * jnp.sum(fin * jnp.sin(fin))
+
+
+CASES = [
+    # (b, t, s, n, k, h, hv), dtype, options, blocks
+    ((1, 128, 256, 2, 1, 64, 64), jnp.bfloat16, dict(is_causal=True), dict(block_k=64)),
+    ((1, 100, 200, 4, 2, 64, 64), jnp.float16, {}, {}),
+    ((1, 200, 300, 2, 2, 32, 96), jnp.bfloat16, dict(local_window_size=(70, 20)), dict(stages=3)),
+    ((1, 130, 130, 2, 1, 64, 64), jnp.bfloat16, dict(is_causal=True, logits_soft_cap=5.0), {}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_values_and_lse(case):
+    shape, dtype, kw, blocks = CASES[case]
+    q, k, v = _inputs(*shape, dtype, seed=case)
+
+    def run(q, k, v):
+        return attention_mosaic(normalize(q, k, v, **kw), interpret=True, blocks=blocks)
+
+    out, lse = jax.jit(run)(q, k, v)
+    ro, rl = attention_reference(normalize(*_f32(q, k, v), **kw))
+    assert out.dtype == dtype and out.shape == ro.shape
+    assert lse.dtype == jnp.float32 and lse.shape == rl.shape
+    assert_close(out, ro, dtype=dtype, scale=2.0)
+    assert_close(lse, rl, dtype=jnp.float32, scale=100.0)
+
+
+def test_pingpong_off_is_the_same_kernel():
+    q, k, v = _inputs(1, 128, 192, 2, 2, 64, 64, jnp.bfloat16)
+
+    def run(pp):
+        inp = normalize(q, k, v, is_causal=True)
+        return attention_mosaic(inp, interpret=True, blocks=dict(pingpong=pp, block_k=64))
+
+    a, b = run(True), run(False)
+    np.testing.assert_array_equal(np.asarray(a[0], np.float32), np.asarray(b[0], np.float32))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def test_fully_masked_rows_are_zero_with_zero_grads():
+    # T > S with a (0, 0) window: query t sees key t only, so rows t >= S see nothing.
+    q, k, v = _inputs(1, 192, 64, 2, 1, 64, 64, jnp.bfloat16)
+    kw = dict(local_window_size=(0, 0))
+
+    def f(q, k, v):
+        out, lse = attention_mosaic(normalize(q, k, v, **kw), interpret=True)
+        return _loss(out, lse), (out, lse)
+
+    (_, (out, lse)), (dq, dk, dv) = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    np.testing.assert_array_equal(np.asarray(out[:, 64:], np.float32), 0.0)
+    assert np.all(np.isneginf(np.asarray(lse[:, 64:])))
+    assert np.all(np.isfinite(np.asarray(lse[:, :64])))
+    np.testing.assert_array_equal(np.asarray(dq[:, 64:], np.float32), 0.0)
+    for g in (dq, dk, dv):
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(local_window_size=(40, 8))])
+def test_gradients_against_reference(kw):
+    q, k, v = _inputs(1, 96, 160, 4, 2, 64, 64, jnp.bfloat16, seed=3)
+
+    def f(impl, q, k, v):
+        inp = normalize(q, k, v, **kw)
+        if impl == "reference":
+            out, lse = attention_reference(inp)
+        else:
+            out, lse = attention_mosaic(inp, interpret=True, blocks=dict(block_k=64))
+        return _loss(out, lse)
+
+    got = jax.jit(jax.grad(lambda *a: f("mosaic", *a), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda *a: f("reference", *a), argnums=(0, 1, 2))(*_f32(q, k, v))
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == jnp.bfloat16
+        scale = 4.0 * float(jnp.max(jnp.abs(w)))  # bf16 inputs: relative to the gradient's size
+        assert_close(g, w, dtype=jnp.bfloat16, scale=max(scale, 1.0), err_msg=name)
+
+
+def test_public_api_and_vmap():
+    q, k, v = _inputs(2, 64, 64, 1, 1, 64, 64, jnp.bfloat16)
+    got = dot_product_attention(q, k, v, is_causal=True, implementation="mosaic_interpret")
+    want = dot_product_attention(*_f32(q, k, v), is_causal=True, implementation="reference")
+    assert_close(got, want, dtype=jnp.bfloat16, scale=2.0)
+    vm = jax.vmap(
+        lambda q, k, v: dot_product_attention(
+            q, k, v, is_causal=True, implementation="mosaic_interpret"
+        )  # fmt: skip
+    )(q, k, v)
+    np.testing.assert_allclose(np.asarray(vm, np.float32), np.asarray(got, np.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(bias=jnp.zeros((1, 1, 64, 64))), "bias"),
+        (dict(mask=jnp.ones((1, 1, 64, 64), bool)), "mask"),
+        (dict(segment_ids=jnp.zeros((1, 64), jnp.int32)), "segment_ids"),
+        (dict(key_value_seq_lengths=jnp.array([10])), "key_value_seq_lengths"),
+    ],
+)
+def test_unsupported_arguments_name_themselves(kw, name):
+    q, k, v = _inputs(1, 64, 64, 2, 2, 64, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match=name):
+        dot_product_attention(q, k, v, implementation="mosaic_interpret", **kw)
+
+
+def test_bad_dtype_and_platform():
+    q, k, v = _inputs(1, 64, 64, 2, 2, 64, 64, jnp.float32)
+    with pytest.raises(ValueError, match="query: .*bfloat16 or float16, got float32"):
+        dot_product_attention(q, k, v, implementation="mosaic_interpret")
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    with pytest.raises(ValueError, match="block_k: expected 64 or 128"):
+        attention_mosaic(normalize(qb, kb, vb), interpret=True, blocks=dict(block_k=32))
+    with pytest.raises(ValueError, match="blocks: .*KiB of shared memory"):
+        attention_mosaic(normalize(qb, kb, vb), interpret=True, blocks=dict(stages=8))
+    if backend.platform() != "gpu":
+        with pytest.raises(ValueError, match="implementation='mosaic'.*GPU only"):
+            dot_product_attention(qb, kb, vb, implementation="mosaic")
+        assert "mosaic" not in backend.families()["attention"].available(backend.platform())
+
+
+LOWER = [
+    ((4, 1024, 1024, 16, 16, 128, 128), jnp.bfloat16, dict(is_causal=True), {}),
+    ((2, 512, 512, 8, 8, 128, 128), jnp.bfloat16, {}, dict(block_k=64, stages=3)),
+    (
+        (1, 300, 500, 8, 2, 64, 64),
+        jnp.float16,
+        dict(local_window_size=(100, 20)),
+        dict(pingpong=False),
+    ),  # fmt: skip
+    (
+        (1, 256, 256, 4, 1, 256, 256),
+        jnp.bfloat16,
+        dict(is_causal=True, logits_soft_cap=30.0),
+        dict(block_k=64),
+    ),  # fmt: skip
+    ((1, 256, 256, 4, 4, 32, 96), jnp.bfloat16, {}, {}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LOWER)))
+def test_compiled_kernel_lowers_for_cuda(case):
+    (b, t, s, n, k, h, hv), dtype, kw, blocks = LOWER[case]
+    sds = jax.ShapeDtypeStruct
+
+    def f(q, k, v):
+        return attention_mosaic(normalize(q, k, v, **kw), interpret=False, blocks=blocks)
+
+    args = (sds((b, t, n, h), dtype), sds((b, s, k, h), dtype), sds((b, s, k, hv), dtype))
+    txt = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in txt
+    if case == 0:  # forward and backward: Mosaic GPU forward, Triton backward kernels
+        loss = lambda *a: jnp.sum(f(*a)[0].astype(jnp.float32))  # noqa: E731
+        traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args)
+        txt = traced.lower(lowering_platforms=("cuda",)).as_text()
+        calls = set(re.findall(r"custom_call @(\w+)", txt))
+        assert "mosaic_gpu_v2" in calls and len(calls) >= 2, calls
+
+
+def test_interpreter_needs_cpu_devices(monkeypatch):
+    from jaxcore.kernels.attention import _mosaic
+
+    monkeypatch.setattr(_mosaic, "MIN_CPU_DEVICES", len(jax.devices("cpu")) + 1)
+    q, k, v = _inputs(1, 64, 64, 2, 2, 64, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs >= .* CPU devices"):
+        dot_product_attention(q, k, v, implementation="mosaic_interpret")
