@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one GPU script (H100/H200, JAX with CUDA, no network). Bounded to 5 minutes of benchmarks
-# (110 + 150 + 40 s; each script prints JSON lines as it goes, so a timeout keeps what ran):
+# The one GPU script (H100/H200, JAX with CUDA, no network). Bounded to under 5 minutes of
+# benchmarks (140 + 140 s; each script prints JSON lines as it goes, so a timeout keeps what ran):
 # installs jaxcore without dependencies, then each GPU benchmark, each of which also checks the
-# compiled kernels against the reference before timing. Output: stdout, plus one log per script in $OUT.
+# compiled kernels against the reference before timing. Output: stdout, plus one log per script
+# in $OUT. The parallel-solver benchmark (its targets were met on an H200 in session 1) runs only
+# with GPU_CHECK_ALL=1 (40 s more).
 #   bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -20,11 +22,11 @@ run() {  # run NAME TIMEOUT_S ARGS...: one benchmark, bounded, failures recorded
   if [ ! -f "benchmarks/$name.py" ]; then echo "== $name: missing"; return; fi
   echo "== $name $*"
   timeout "$limit" $PY "benchmarks/$name.py" "$@" 2>&1 | tee "$OUT/$name.log" \
-    | grep -vE "^\s*$|TF_CPP|absl" | tail -n 60
+    | grep -vE "^\s*$|TF_CPP|absl" | tail -n 80
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "== $name FAILED rc=$rc"; status=1; }
 }
-run gpu_attention 110 --reps 3
-run gpu_scan 150
-run gpu_fixed_point 40
+run gpu_attention 140 --reps 3
+run gpu_scan 140
+if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then run gpu_fixed_point 40; fi
 exit $status
