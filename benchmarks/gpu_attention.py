@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import Bench, time_blocks  # noqa: E402
 from jaxcore.kernels.attention import dot_product_attention  # noqa: E402
+from jaxcore.kernels.attention._api import is_hopper  # noqa: E402
 from jaxcore.kernels.attention._common import normalize  # noqa: E402
 from jaxcore.kernels.attention._mosaic import attention_mosaic  # noqa: E402
 from jaxcore.kernels.attention._pallas import attention_pallas  # noqa: E402
@@ -52,11 +53,7 @@ def _speed_record(case, peer, tf, tfb, fwd_flops, bwd_flops) -> dict:
 
 def hopper() -> bool:
     """True on an NVIDIA GPU of compute capability >= 9 (wgmma / TMA: the Mosaic kernel)."""
-    dev = jax.devices()[0]
-    try:
-        return dev.platform == "gpu" and float(dev.compute_capability) >= 9.0
-    except (AttributeError, TypeError, ValueError):
-        return False
+    return is_hopper(jax.devices()[0])
 
 
 MOSAIC_CASES = [

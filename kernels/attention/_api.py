@@ -29,6 +29,28 @@ backend.register_family(
 )
 
 
+# Set to True once "mosaic" has been measured faster than "pallas" on a Hopper GPU
+# (benchmarks/gpu_attention.py): the GPU default then takes the Mosaic forward where it applies.
+PREFER_MOSAIC_ON_HOPPER = False
+
+
+def is_hopper(device: Any) -> bool:
+    try:
+        return device.platform == "gpu" and float(device.compute_capability) >= 9.0
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def gpu_default(inp: Inputs, device: Any, prefer_mosaic: bool | None = None) -> str:
+    """The GPU default for these inputs: "mosaic" on Hopper when preferred and supported."""
+    from ._mosaic import supports  # lazy: imports the Mosaic GPU Pallas backend
+
+    prefer = PREFER_MOSAIC_ON_HOPPER if prefer_mosaic is None else prefer_mosaic
+    if prefer and is_hopper(device) and supports(inp) is None:
+        return "mosaic"
+    return "pallas"
+
+
 def _run(inp: Inputs, impl: str) -> tuple[jax.Array, jax.Array]:
     if impl == "reference":
         return attention_reference(inp)
@@ -109,6 +131,8 @@ def dot_product_attention(
         logits_soft_cap=logits_soft_cap,
     )
     impl = backend.resolve_implementation(FAMILY, implementation)
+    if implementation is None and impl == "pallas" and PREFER_MOSAIC_ON_HOPPER:
+        impl = gpu_default(inp, jax.devices()[0])
     out, lse = _run(inp, impl)
     if inp.q_seqlen is not None and impl != "reference":
         ok = jnp.arange(inp.spec.t)[None, :] < inp.q_seqlen[:, None]  # (B, T)

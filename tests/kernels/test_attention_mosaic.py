@@ -203,3 +203,21 @@ def test_interpreter_needs_cpu_devices(monkeypatch):
     q, k, v = _inputs(1, 64, 64, 2, 2, 64, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="needs >= .* CPU devices"):
         dot_product_attention(q, k, v, implementation="mosaic_interpret")
+
+
+def test_gpu_default_rule():
+    from types import SimpleNamespace
+
+    from jaxcore.kernels.attention._api import gpu_default
+
+    q, k, v = _inputs(1, 64, 64, 2, 2, 64, 64, jnp.bfloat16)
+    h100 = SimpleNamespace(platform="gpu", compute_capability="9.0")
+    a100 = SimpleNamespace(platform="gpu", compute_capability="8.0")
+    inp = normalize(q, k, v, is_causal=True)
+    assert gpu_default(inp, h100, prefer_mosaic=True) == "mosaic"
+    assert gpu_default(inp, h100, prefer_mosaic=False) == "pallas"
+    assert gpu_default(inp, a100, prefer_mosaic=True) == "pallas"
+    with_bias = normalize(q, k, v, jnp.zeros((1, 1, 64, 64), jnp.bfloat16))
+    assert gpu_default(with_bias, h100, prefer_mosaic=True) == "pallas"
+    f32 = normalize(*_f32(q, k, v))
+    assert gpu_default(f32, h100, prefer_mosaic=True) == "pallas"
