@@ -61,6 +61,7 @@ MOSAIC_CASES = [
     dict(t=96, s=160, n=4, k=4, h=128, hv=64, kw=dict(local_window_size=(40, 8))),
     dict(t=256, s=384, n=8, k=1, h=128, hv=128, kw=dict(is_causal=True, logits_soft_cap=20.0)),
     dict(t=130, s=70, n=2, k=2, h=256, hv=128, kw={}),
+    dict(t=200, s=300, n=4, k=1, h=128, hv=128, kw=dict(is_causal=True, kvlen=True)),
 ]
 
 

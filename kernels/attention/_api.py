@@ -108,8 +108,8 @@ def dot_product_attention(
       implementation: None (default: "pallas" on GPU, else "xla"), "reference", "xla",
         "pallas" (GPU only; a ValueError elsewhere), "pallas_interpret" (the same kernel
         run by the Pallas interpreter, any platform), "mosaic" (Hopper GPUs: a Mosaic GPU
-        forward with wgmma/TMA and the Triton backward; bf16/f16 without bias, mask,
-        segment_ids or key_value_seq_lengths, else a ValueError), "mosaic_interpret" (that
+        forward with wgmma/TMA and the Triton backward; bf16/f16 without bias, mask or
+        segment_ids, else a ValueError), "mosaic_interpret" (that
         kernel in the Mosaic GPU interpreter). Every other option works on every platform.
 
     Returns:

@@ -21,7 +21,7 @@ after the FlashAttention-3 design:
 
 The backward is the Triton kernel's (``_pallas._backward``) from the saved output and lse. Inputs
 are bf16 / f16; supported options are scale, is_causal, local_window_size, logits_soft_cap, GQA
-and any T / S (padded here); bias, mask, segment_ids and key_value_seq_lengths raise a
+key_value_seq_lengths and any T / S (padded here); bias, mask and segment_ids raise a
 ValueError (use implementation="pallas"). Interpret mode runs the same kernel in JAX's Mosaic GPU
 interpreter on CPU (tests), with one difference: there the two matmuls are ``lax.dot_general``
 on the shared-memory tiles (the interpreter's wgmma takes neither a transposed nor a register
@@ -60,6 +60,7 @@ class MosaicConfig:
     block_k: int = 128
     stages: int = 2  # K/V ring depth
     pingpong: bool = True
+    has_lengths: bool = False  # a (B,) int32 key_value_seq_lengths input
     interpret: bool = False
 
 
@@ -93,30 +94,31 @@ def _cdiv(a, b: int):
     return lax.div(a + _i32(b - 1), _i32(b))
 
 
-def _steps(cfg: MosaicConfig, r0, rows: int, ns: int):
-    """Key blocks [lo, hi) that rows [r0, r0 + rows) see (some entry), traced int32."""
+def _steps(cfg: MosaicConfig, r0, rows: int, s_end):
+    """Key blocks [lo, hi) that rows [r0, r0 + rows) see (some entry), traced int32.
+
+    ``s_end``: int32 scalar, keys at or past it are padding (the static length, or the
+    sequence's key_value_seq_length).
+    """
     left, right = _pallas._bounds(cfg.spec)
-    bk, s = cfg.block_k, cfg.spec.s
+    bk = cfg.block_k
     lo = _i32(0) if left is None else lax.div(jnp.maximum(r0 - _i32(left), _i32(0)), _i32(bk))
-    if right is None:
-        hi = _i32(min(ns, -(-s // bk)))
-    else:
-        end = jnp.minimum(
-            jnp.maximum(r0 + _i32(rows + right), _i32(0)), _i32(s)
-        )  # exclusive key end
-        hi = _cdiv(end, bk)
+    end = s_end  # exclusive key end
+    if right is not None:
+        end = jnp.minimum(jnp.maximum(r0 + _i32(rows + right), _i32(0)), s_end)
+    hi = _cdiv(end, bk)
     hi = jnp.maximum(hi, lo)
     return lo, hi
 
 
-def _full_steps(cfg: MosaicConfig, r0, lo, hi):
+def _full_steps(cfg: MosaicConfig, r0, lo, hi, s_end):
     """Sub-range [flo, fhi) of [lo, hi) whose blocks every row of [r0, r0 + block_q) sees fully."""
     left, right = _pallas._bounds(cfg.spec)
-    bq, bk, s = cfg.block_q, cfg.block_k, cfg.spec.s
+    bq, bk = cfg.block_q, cfg.block_k
     flo = lo
     if left is not None:  # k >= q - left for the last row
         flo = _cdiv(jnp.maximum(r0 + _i32(bq - 1 - left), _i32(0)), bk)
-    fhi = _i32(s // bk)  # no padded key inside
+    fhi = lax.div(s_end, _i32(bk))  # no padded key inside
     if right is not None:  # k <= q + right for the first row
         fhi = jnp.minimum(fhi, lax.div(jnp.maximum(r0 + _i32(right + 1), _i32(0)), _i32(bk)))
     flo = jnp.minimum(jnp.maximum(flo, lo), hi)
@@ -130,10 +132,11 @@ def _dot(a, b, trans_b: bool = False):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
+def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=None):
     """q (B, Tp, N, Hp), k (B, Sp, K, Hp), v (B, Sp, K, Hvp) -> out (B, Tp, N, Hvp), lse (B, N, Tp).
 
-    Tp is a multiple of 2 * block_q, Sp of block_k; keys at or past spec.s are padding.
+    Tp is a multiple of 2 * block_q, Sp of block_k; keys at or past spec.s (and, with
+    ``lens`` (B,) int32, at or past lens[b]) are padding.
     """
     b, tp, n, hp = q.shape
     sp, hvp = k.shape[1], v.shape[3]
@@ -161,7 +164,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
             return qk * c
         return jnp.tanh(qk * (cfg.spec.scale / cap)) * (cap * _LOG2E)
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, sched):
+    def body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, smem, loaded, consumed, sched):
         qo_smem, k_smem, v_smem, lse_smem, *o_extra = smem
         k_loaded, v_loaded, q_loaded = loaded
         k_consumed, v_consumed = consumed
@@ -170,7 +173,10 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
         tile = _i32(nqt - 1) - lax.axis_index("q_seq")  # heavy (late) causal tiles first
         wg = lax.axis_index("wg")
         base = tile * _i32(2 * bq)
-        lo, hi = _steps(cfg, base, 2 * bq, ns)
+        s_end = _i32(min(cfg.spec.s, ns * bk))
+        if len_ref is not None:  # this sequence's key length (clipped to [0, S])
+            s_end = jnp.minimum(jnp.maximum(len_ref[bi], _i32(0)), s_end)
+        lo, hi = _steps(cfg, base, 2 * bq, s_end)
         nsteps = hi - lo
 
         def sync():
@@ -182,7 +188,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
             plgpu.set_max_registers(232, action="increase")
             q_smem = qo_smem.at[wg]
             r0 = base + wg * _i32(bq)
-            flo, fhi = _full_steps(cfg, r0, lo, hi)
+            flo, fhi = _full_steps(cfg, r0, lo, hi, s_end)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), head], q_smem, q_loaded.at[wg])
             plgpu.barrier_wait(q_loaded.at[wg])
             m = laid_out(jnp.full((bq,), -_BIG, jnp.float32), row_layout)
@@ -217,7 +223,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
                 if masked:
                     qpos = iota(0) + r0
                     kpos = iota(1) + j * _i32(bk)
-                    vis = kpos < _i32(cfg.spec.s)
+                    vis = kpos < s_end
                     if right is not None:
                         vis = jnp.logical_and(vis, kpos <= qpos + _i32(right))
                     if left is not None:
@@ -301,7 +307,9 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
             for r in range(stages):
                 pl.when(_i32(r) < nsteps)(functools.partial(drain, r))
 
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, *refs):
+        len_ref = refs[0] if cfg.has_lengths else None
+        o_ref, lse_ref = refs[-2:]
         tiled = lambda h: (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # noqa: E731
         scratch = [
             plgpu.SMEM((2, bq, hp), dtype, transforms=tiled(hp)),
@@ -312,7 +320,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
         if hvp != hp:  # the output tile cannot reuse the query tile
             scratch.append(plgpu.SMEM((2, bq, hvp), dtype, transforms=tiled(hvp)))
         pl.run_scoped(
-            lambda *a: body(q_ref, k_ref, v_ref, o_ref, lse_ref, *a),
+            lambda *a: body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *a),
             scratch,
             (
                 plgpu.Barrier(num_barriers=stages),
@@ -341,20 +349,19 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-    )(q, k, v)
+    )(q, k, v, *(() if lens is None else (lens,)))
     return out, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(cfg: MosaicConfig, pcfg: _pallas.PallasConfig, q, k, v, qseg, kseg):
-    return _forward(cfg, q, k, v)
+def _flash(cfg: MosaicConfig, pcfg: _pallas.PallasConfig, q, k, v, lens, qseg, kseg):
+    return _forward(cfg, q, k, v, lens)
 
 
-def _flash_fwd(cfg, pcfg, q, k, v, qseg, kseg):
-    out, lse = _forward(cfg, q.value, k.value, v.value)
-    qseg = None if qseg is None else qseg.value
-    kseg = None if kseg is None else kseg.value
-    return (out, lse), (q.value, k.value, v.value, qseg, kseg, out, lse)
+def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg):
+    val = lambda x: None if x is None else x.value  # noqa: E731
+    out, lse = _forward(cfg, q.value, k.value, v.value, val(lens))
+    return (out, lse), (q.value, k.value, v.value, val(qseg), val(kseg), out, lse)
 
 
 def _flash_bwd(cfg, pcfg, res, cts):
@@ -366,7 +373,7 @@ def _flash_bwd(cfg, pcfg, res, cts):
         dlse = jnp.zeros(lse.shape, lse.dtype)
     pcfg = dataclasses.replace(pcfg, bias_grad=False)
     dq, dk, dv, _ = _pallas._backward(pcfg, q, k, v, qseg, kseg, None, None, out, lse, do, dlse)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
@@ -376,7 +383,6 @@ UNSUPPORTED = (
     ("bias", "bias"),
     ("mask", "mask"),
     ("q_segment_ids", "segment_ids"),
-    ("kv_seqlen", "key_value_seq_lengths"),
 )
 
 
@@ -455,15 +461,18 @@ def attention_mosaic(
 
     qp, kp, vp = pad(q, tp, hp), pad(k, sp, hp), pad(v, sp, hvp)
     spec = inp.spec
+    lens = None if inp.kv_seqlen is None else inp.kv_seqlen.astype(jnp.int32)
     qseg = kseg = None
-    if sp != s:  # the Triton backward masks padded keys through folded segment ids
+    if sp != s or lens is not None:  # the Triton backward masks keys through segment ids
+        kpos = jnp.arange(sp, dtype=jnp.int32)[None, :]
+        valid = kpos < s if lens is None else (kpos < s) & (kpos < lens[:, None])
         qseg = jnp.zeros((b, tp), jnp.int32)
-        kseg = jnp.broadcast_to(
-            jnp.where(jnp.arange(sp, dtype=jnp.int32) < s, 0, -1).astype(jnp.int32), (b, sp)
-        )
-    cfg = MosaicConfig(spec=spec, groups=n // kh, interpret=interpret, **opts)
+        kseg = jnp.where(jnp.broadcast_to(valid, (b, sp)), 0, -1).astype(jnp.int32)
+    cfg = MosaicConfig(
+        spec=spec, groups=n // kh, has_lengths=lens is not None, interpret=interpret, **opts
+    )
     pcfg = _pallas.PallasConfig(
         spec=spec, groups=n // kh, has_segments=qseg is not None, interpret=interpret, **bwd
     )
-    out, lse = _flash(cfg, pcfg, qp, kp, vp, qseg, kseg)
+    out, lse = _flash(cfg, pcfg, qp, kp, vp, lens, qseg, kseg)
     return out[:, :t, :, :hv], jnp.swapaxes(lse, 1, 2)[:, :t]

@@ -64,6 +64,36 @@ def test_values_and_lse(case):
     assert_close(lse, rl, dtype=jnp.float32, scale=100.0)
 
 
+def test_key_value_lengths():
+    # per-sequence key lengths: 0 (every row fully masked), ragged, and the full length
+    q, k, v = _inputs(3, 128, 200, 2, 1, 64, 64, jnp.bfloat16, seed=5)
+    lens = jnp.array([0, 77, 200], jnp.int32)
+    kw = dict(is_causal=False, key_value_seq_lengths=lens)
+
+    def f(impl, q, k, v):
+        inp = normalize(q, k, v, **kw)
+        if impl == "reference":
+            out, lse = attention_reference(inp)
+        else:
+            out, lse = attention_mosaic(inp, interpret=True)
+        return _loss(out, lse), (out, lse)
+
+    vg = lambda impl, *a: jax.value_and_grad(  # noqa: E731
+        lambda *x: f(impl, *x), argnums=(0, 1, 2), has_aux=True
+    )(*a)
+    (_, (out, lse)), grads = jax.jit(lambda *a: vg("mosaic", *a))(q, k, v)
+    (_, (ro, rl)), rgrads = vg("reference", *_f32(q, k, v))
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+    assert np.all(np.isneginf(np.asarray(lse[0])))
+    assert_close(out, ro, dtype=jnp.bfloat16, scale=2.0)
+    assert_close(lse[1:], rl[1:], dtype=jnp.float32, scale=100.0)
+    for name, g, w in zip("qkv", grads, rgrads):
+        scale = 4.0 * float(jnp.max(jnp.abs(w)))
+        assert_close(g, w, dtype=jnp.bfloat16, scale=max(scale, 1.0), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(grads[1][2, 200:], np.float32), 0.0)
+    np.testing.assert_array_equal(np.asarray(grads[1][1, 77:], np.float32), 0.0)
+
+
 def test_pingpong_off_is_the_same_kernel():
     q, k, v = _inputs(1, 128, 192, 2, 2, 64, 64, jnp.bfloat16)
 
@@ -134,7 +164,6 @@ def test_public_api_and_vmap():
         (dict(bias=jnp.zeros((1, 1, 64, 64))), "bias"),
         (dict(mask=jnp.ones((1, 1, 64, 64), bool)), "mask"),
         (dict(segment_ids=jnp.zeros((1, 64), jnp.int32)), "segment_ids"),
-        (dict(key_value_seq_lengths=jnp.array([10])), "key_value_seq_lengths"),
     ],
 )
 def test_unsupported_arguments_name_themselves(kw, name):
@@ -174,6 +203,7 @@ LOWER = [
         dict(block_k=64),
     ),  # fmt: skip
     ((1, 256, 256, 4, 4, 32, 96), jnp.bfloat16, {}, {}),
+    ((2, 512, 640, 8, 8, 128, 128), jnp.bfloat16, dict(is_causal=True, kvlen=True), {}),
 ]
 
 
@@ -182,8 +212,12 @@ def test_compiled_kernel_lowers_for_cuda(case):
     (b, t, s, n, k, h, hv), dtype, kw, blocks = LOWER[case]
     sds = jax.ShapeDtypeStruct
 
+    kw = dict(kw)
+    lens = jnp.array([s, s // 3], jnp.int32)[:b] if kw.pop("kvlen", False) else None
+
     def f(q, k, v):
-        return attention_mosaic(normalize(q, k, v, **kw), interpret=False, blocks=blocks)
+        inp = normalize(q, k, v, key_value_seq_lengths=lens, **kw)
+        return attention_mosaic(inp, interpret=False, blocks=blocks)
 
     args = (sds((b, t, n, h), dtype), sds((b, s, k, h), dtype), sds((b, s, k, hv), dtype))
     txt = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
