@@ -137,7 +137,18 @@ def check(bench: Bench, on_gpu: bool, family: str = "pallas") -> bool:
                 )
                 return f(q, k, v, bias)
 
-            got = run(impl)
+            label = (
+                f"check {family} {jnp.dtype(dt).name} T={c['t']} S={c['s']} "
+                f"N={c['n']} K={c['k']} H={c['h']} Hv={c['hv']} {sorted(c['kw'])}"
+            )
+            try:
+                got = run(impl)
+            except Exception as e:  # does not compile / run: report it, keep the other rows
+                msg = f"{type(e).__name__}: {str(e)[:600]}"
+                print(f"# {label} failed: {msg}")
+                bench.record({"case": label, "ok": False, "error": msg})
+                ok_all = False
+                continue
             f32 = lambda x: None if x is None else x.astype(jnp.float32)
             want = run("reference", q=f32(q), k=f32(k), v=f32(v), bias=f32(bias))
             errs = []
@@ -149,8 +160,7 @@ def check(bench: Bench, on_gpu: bool, family: str = "pallas") -> bool:
             ok_all &= ok
             bench.record(
                 {
-                    "case": f"check {family} {jnp.dtype(dt).name} T={c['t']} S={c['s']} "
-                    f"N={c['n']} K={c['k']} H={c['h']} Hv={c['hv']} {sorted(c['kw'])}",
+                    "case": label,
                     "max_rel_err": max(errs),
                     "tol": tol,
                     "ok": ok,
