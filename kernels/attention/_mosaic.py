@@ -159,9 +159,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
         return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=wgmma_layout)
 
     def z_of(qk):
-        """Logits in base-2 units (scale and soft cap applied)."""
-        if cap is None:
-            return qk * c
+        """Soft-capped logits in base-2 units."""
         return jnp.tanh(qk * (cfg.spec.scale / cap)) * (cap * _LOG2E)
 
     def body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, smem, loaded, consumed, sched):
@@ -219,7 +217,10 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
                 else:
                     qk = pl.run_scoped(qk_fn, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_consumed.at[slot])
-                z = z_of(qk)
+                # Without a soft cap the scale is folded into the exponent (one FMA per
+                # logit): z stays raw, m is kept in scaled base-2 units (c > 0 keeps the max).
+                z = qk if cap is None else z_of(qk)
+                scaled = (lambda x: x * c) if cap is None else (lambda x: x)  # noqa: E731
                 if masked:
                     qpos = iota(0) + r0
                     kpos = iota(1) + j * _i32(bk)
@@ -229,9 +230,9 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
                     if left is not None:
                         vis = jnp.logical_and(vis, kpos >= qpos - _i32(left))
                     z = jnp.where(vis, z, -jnp.inf)
-                m_new = jnp.maximum(m, z.max(axis=1))
+                m_new = jnp.maximum(m, scaled(z.max(axis=1)))
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
+                p = jnp.exp2(scaled(z) - lax.broadcast_in_dim(m_new, z.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l = l * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
