@@ -365,6 +365,13 @@ def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg):
     return (out, lse), (q.value, k.value, v.value, val(qseg), val(kseg), out, lse)
 
 
+# Which kernels differentiate implementation="mosaic" (read at trace time): "triton" (the Triton
+# backward of _pallas.py) or "mosaic" (_mosaic_bwd.py, Hopper wgmma/TMA). "triton" until the
+# Mosaic backward has been measured on a GPU (benchmarks/gpu_attention.py times both).
+MOSAIC_BACKWARD = "triton"
+BACKWARDS = ("triton", "mosaic")
+
+
 def _flash_bwd(cfg, pcfg, res, cts):
     q, k, v, qseg, kseg, out, lse = res
     do, dlse = cts
@@ -372,6 +379,15 @@ def _flash_bwd(cfg, pcfg, res, cts):
         do = jnp.zeros(out.shape, out.dtype)
     if isinstance(dlse, SymbolicZero):
         dlse = jnp.zeros(lse.shape, lse.dtype)
+    if MOSAIC_BACKWARD not in BACKWARDS:
+        raise ValueError(f"MOSAIC_BACKWARD: expected one of {BACKWARDS}, got {MOSAIC_BACKWARD!r}")
+    if MOSAIC_BACKWARD == "mosaic":
+        from . import _mosaic_bwd
+
+        # key lengths come back from the folded segment ids (valid keys are a prefix: id 0)
+        lens = jnp.sum(kseg == 0, axis=1, dtype=jnp.int32) if cfg.has_lengths else None
+        dq, dk, dv = _mosaic_bwd.backward(cfg, q, k, v, lens, out, lse, do, dlse)
+        return dq, dk, dv, None, None, None
     pcfg = dataclasses.replace(pcfg, bias_grad=False)
     dq, dk, dv, _ = _pallas._backward(pcfg, q, k, v, qseg, kseg, None, None, out, lse, do, dlse)
     return dq, dk, dv, None, None, None

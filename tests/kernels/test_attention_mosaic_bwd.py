@@ -1,0 +1,152 @@
+"""Mosaic GPU (Hopper) flash-attention backward: the kernels in JAX's Mosaic GPU interpreter, and
+lowered for the 'cuda' platform.
+
+``_mosaic.MOSAIC_BACKWARD = "mosaic"`` (monkeypatched) makes implementation="mosaic" differentiate
+through ``_mosaic_bwd.py`` (dQ and dK/dV kernels). Gradients w.r.t. q, k, v are held to jax.grad of
+the reference computed in float32 from the same bf16 inputs; the compiled path (wgmma, register
+layouts, TMA) is lowered to Mosaic GPU modules on this CPU, which catches layout errors.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxcore.kernels.attention import _mosaic
+from jaxcore.kernels.attention._common import normalize
+from jaxcore.kernels.attention._mosaic import attention_mosaic
+from jaxcore.kernels.attention._reference import attention_reference
+
+from jaxcore.testing import assert_close
+
+
+@pytest.fixture
+def mosaic_backward(monkeypatch):
+    monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", "mosaic")
+
+
+def _inputs(b, t, s, n, k, h, hv, dtype=jnp.bfloat16, seed=0):
+    rng = np.random.default_rng(seed)
+    arr = lambda *sh: jnp.asarray(rng.standard_normal(sh), dtype)  # noqa: E731
+    return arr(b, t, n, h), arr(b, s, k, h), arr(b, s, k, hv)
+
+
+def _f32(*xs):
+    return tuple(x.astype(jnp.float32) for x in xs)
+
+
+def _loss(out, lse):
+    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+    fin = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(out.astype(jnp.float32) * w) + 0.3 * jnp.sum(fin * jnp.sin(fin))
+
+
+def _grads(kw, q, k, v):
+    def f(impl, q, k, v):
+        inp = normalize(q, k, v, **kw)
+        if impl == "reference":
+            return _loss(*attention_reference(inp))
+        return _loss(*attention_mosaic(inp, interpret=True))
+
+    got = jax.jit(jax.grad(lambda *a: f("mosaic", *a), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda *a: f("reference", *a), argnums=(0, 1, 2))(*_f32(q, k, v))
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == jnp.bfloat16
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+        scale = 4.0 * float(jnp.max(jnp.abs(w)))  # bf16 inputs: relative to the gradient's size
+        assert_close(g, w, dtype=jnp.bfloat16, scale=max(scale, 1.0), err_msg=name)
+    return got
+
+
+CASES = [
+    # (b, t, s, n, k, h, hv), options: ragged T/S (padding), GQA 2:1, causal + soft cap, window
+    ((1, 100, 160, 4, 2, 64, 64), dict(is_causal=True, logits_soft_cap=5.0)),
+    ((1, 200, 130, 2, 1, 32, 64), dict(local_window_size=(40, 8))),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gradients_against_reference(mosaic_backward, case):
+    shape, kw = CASES[case]
+    _grads(kw, *_inputs(*shape, seed=case))
+
+
+def test_key_value_lengths_and_fully_masked_rows(mosaic_backward):
+    # key lengths 0 (every query row of sequence 0 sees nothing) and 77 (ragged) under causal:
+    # gradients of fully masked rows and of keys past the length are exactly zero.
+    q, k, v = _inputs(2, 128, 192, 2, 2, 64, 64, seed=7)
+    lens = jnp.array([0, 77], jnp.int32)
+    dq, dk, dv = _grads(dict(key_value_seq_lengths=lens, is_causal=True), q, k, v)
+    for g in (dq[0], dk[0], dv[0], dk[1, 77:], dv[1, 77:]):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), 0.0)
+    assert float(jnp.max(jnp.abs(dk[1, :77].astype(jnp.float32)))) > 0.0
+
+
+def test_matches_the_triton_backward(monkeypatch):
+    # The same gradients from both backwards (interpreted), no mask, T = S = 128.
+    q, k, v = _inputs(1, 128, 128, 2, 1, 64, 64, seed=3)
+    loss = lambda *a: _loss(*attention_mosaic(normalize(*a), interpret=True))  # noqa: E731
+    grads = {}
+    for which in ("mosaic", "triton"):
+        monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", which)
+        grads[which] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", grads["mosaic"], grads["triton"]):
+        scale = 4.0 * float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        assert_close(a, b.astype(jnp.float32), dtype=jnp.bfloat16, scale=scale, err_msg=name)
+
+
+def _lowered_grad(shape, kw, dtype=jnp.bfloat16):
+    b, t, s, n, k, h, hv = shape
+    kw = dict(kw)
+    lens = jnp.array([s, s // 3], jnp.int32)[:b] if kw.pop("kvlen", False) else None
+
+    def loss(q, k, v):
+        inp = normalize(q, k, v, key_value_seq_lengths=lens, **kw)
+        return jnp.sum(attention_mosaic(inp, interpret=False)[0].astype(jnp.float32))
+
+    sds = jax.ShapeDtypeStruct
+    args = (sds((b, t, n, h), dtype), sds((b, s, k, h), dtype), sds((b, s, k, hv), dtype))
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+LOWER = [
+    ((4, 1024, 1024, 16, 16, 128, 128), dict(is_causal=True)),  # the benchmark family
+    ((1, 512, 512, 8, 2, 64, 64), dict(is_causal=True)),
+    ((1, 256, 256, 4, 1, 256, 256), dict(is_causal=True, logits_soft_cap=30.0)),
+    ((2, 300, 500, 8, 8, 128, 128), dict(local_window_size=(100, 20), kvlen=True)),
+    ((1, 256, 256, 4, 4, 32, 96), {}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LOWER)))
+def test_compiled_backward_lowers_for_cuda(mosaic_backward, case):
+    txt = _lowered_grad(*LOWER[case])
+    calls = re.findall(r"custom_call @(\w+)", txt)
+    # the forward, the dQ and the dK/dV kernels are Mosaic GPU; no Triton kernel is left
+    assert calls.count("mosaic_gpu_v2") == 3 and "__gpu$xla.gpu.triton" not in calls, calls
+
+
+def test_triton_backward_stays_the_default():
+    txt = _lowered_grad((1, 256, 256, 2, 2, 64, 64), dict(is_causal=True))
+    calls = re.findall(r"custom_call @(\w+)", txt)
+    assert calls.count("mosaic_gpu_v2") == 1 and len(calls) >= 3, calls
+
+
+def test_bad_switch_value_names_itself(monkeypatch):
+    monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", "cudnn")
+    with pytest.raises(ValueError, match="MOSAIC_BACKWARD: expected one of .*got 'cudnn'"):
+        _lowered_grad((1, 128, 128, 2, 2, 64, 64), {})
+
+
+def test_blocks_are_checked():
+    from jaxcore.kernels.attention import _mosaic_bwd
+
+    q, k, v = _inputs(1, 128, 128, 1, 1, 256, 256)
+    cfg = _mosaic.MosaicConfig(spec=normalize(q, k, v).spec, groups=1)
+    lse = jnp.zeros((1, 1, 128), jnp.float32)
+    with pytest.raises(ValueError, match="stages_dkdv: 2 stages need .* KiB"):
+        _mosaic_bwd.backward(cfg, q, k, v, None, q, lse, q, lse, blocks=dict(stages_dkdv=2))
+    with pytest.raises(ValueError, match="block_k: expected 64 or 128"):
+        _mosaic_bwd.backward(cfg, q, k, v, None, q, lse, q, lse, blocks=dict(block_k=32))
