@@ -61,8 +61,8 @@ def _grads(kw, q, k, v):
 
 CASES = [
     # (b, t, s, n, k, h, hv), options: ragged T/S (padding), GQA 2:1, causal + soft cap, window
-    ((1, 100, 160, 4, 2, 64, 64), dict(is_causal=True, logits_soft_cap=5.0)),
-    ((1, 200, 130, 2, 1, 32, 64), dict(local_window_size=(40, 8))),
+    ((1, 100, 120, 2, 1, 64, 64), dict(is_causal=True, logits_soft_cap=5.0)),
+    ((1, 120, 130, 1, 1, 32, 64), dict(local_window_size=(40, 8))),
 ]
 
 
@@ -73,27 +73,14 @@ def test_gradients_against_reference(mosaic_backward, case):
 
 
 def test_key_value_lengths_and_fully_masked_rows(mosaic_backward):
-    # key lengths 0 (every query row of sequence 0 sees nothing) and 77 (ragged) under causal:
-    # gradients of fully masked rows and of keys past the length are exactly zero.
-    q, k, v = _inputs(2, 128, 192, 2, 2, 64, 64, seed=7)
+    # key lengths 0 (every query row of sequence 0 sees nothing) and 77 (ragged): gradients of
+    # fully masked rows and of keys past the length are exactly zero.
+    q, k, v = _inputs(2, 64, 128, 1, 1, 64, 64, seed=7)
     lens = jnp.array([0, 77], jnp.int32)
-    dq, dk, dv = _grads(dict(key_value_seq_lengths=lens, is_causal=True), q, k, v)
+    dq, dk, dv = _grads(dict(key_value_seq_lengths=lens), q, k, v)
     for g in (dq[0], dk[0], dv[0], dk[1, 77:], dv[1, 77:]):
         np.testing.assert_array_equal(np.asarray(g, np.float32), 0.0)
     assert float(jnp.max(jnp.abs(dk[1, :77].astype(jnp.float32)))) > 0.0
-
-
-def test_matches_the_triton_backward(monkeypatch):
-    # The same gradients from both backwards (interpreted), no mask, T = S = 128.
-    q, k, v = _inputs(1, 128, 128, 2, 1, 64, 64, seed=3)
-    loss = lambda *a: _loss(*attention_mosaic(normalize(*a), interpret=True))  # noqa: E731
-    grads = {}
-    for which in ("mosaic", "triton"):
-        monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", which)
-        grads[which] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    for name, a, b in zip("qkv", grads["mosaic"], grads["triton"]):
-        scale = 4.0 * float(jnp.max(jnp.abs(b.astype(jnp.float32))))
-        assert_close(a, b.astype(jnp.float32), dtype=jnp.bfloat16, scale=scale, err_msg=name)
 
 
 def _lowered_grad(shape, kw, dtype=jnp.bfloat16):
