@@ -2,11 +2,13 @@
 
 1. Correctness: the compiled kernels (forward, lse and gradients) against the float32 reference.
    The Mosaic GPU kernel (Hopper only) first, on bf16/f16 problems with causal, window, GQA,
-   ragged T/S, soft cap and Hv != H; then the Triton kernel on bf16/f32 problems with causal,
-   window, GQA, segment ids, lengths, soft cap, bias (broadcast shapes, with its gradient) and
-   boolean mask.
+   ragged T/S, soft cap and Hv != H; then two cases with its Mosaic GPU backward
+   (``_mosaic.MOSAIC_BACKWARD = "mosaic"``); then the Triton kernel on bf16/f32 problems with
+   causal, window, GQA, segment ids, lengths, soft cap, bias (broadcast shapes, with its
+   gradient) and boolean mask.
 2. Speed: bf16, B=4, N=16, H=128, T=8192, causal; forward and forward+backward TFLOP/s of the
-   Mosaic GPU kernel (a few tilings; its backward is the Triton one) and of the Triton kernel vs
+   Mosaic GPU kernel (a few tilings with the Triton backward, and the default tiling with the
+   Mosaic GPU backward) and of the Triton kernel vs
    ``jax.nn.dot_product_attention(implementation="cudnn")`` in the same run.
    Useful causal FLOPs: forward 2 matmuls * 2*B*N*T*T*H / 2, backward 2.5x that.
 3. Speed with a bias: the same at T=4096 with a per-head bias (1, N, T, T) bf16 (relative
@@ -18,6 +20,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 
 # The Mosaic GPU interpreter (--quick off a GPU) needs a few CPU devices' worth of XLA host
@@ -27,7 +31,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import Bench, time_blocks  # noqa: E402
-from jaxcore.kernels.attention import dot_product_attention  # noqa: E402
+from jaxcore.kernels.attention import _mosaic, dot_product_attention  # noqa: E402
 from jaxcore.kernels.attention._api import is_hopper  # noqa: E402
 from jaxcore.kernels.attention._common import normalize  # noqa: E402
 from jaxcore.kernels.attention._mosaic import attention_mosaic  # noqa: E402
@@ -51,6 +55,18 @@ def _speed_record(case, peer, tf, tfb, fwd_flops, bwd_flops) -> dict:
     }
 
 
+@contextlib.contextmanager
+def mosaic_backward(which: str | None):
+    """Trace inside with ``_mosaic.MOSAIC_BACKWARD = which`` (None: leave it as it is)."""
+    old = _mosaic.MOSAIC_BACKWARD
+    if which is not None:
+        _mosaic.MOSAIC_BACKWARD = which
+    try:
+        yield
+    finally:
+        _mosaic.MOSAIC_BACKWARD = old
+
+
 def hopper() -> bool:
     """True on an NVIDIA GPU of compute capability >= 9 (wgmma / TMA: the Mosaic kernel)."""
     return is_hopper(jax.devices()[0])
@@ -65,8 +81,12 @@ MOSAIC_CASES = [
 ]
 
 
-def check(bench: Bench, on_gpu: bool, family: str = "pallas") -> bool:
-    """Compiled kernel vs reference; returns True when every case is within tolerance."""
+def check(bench: Bench, on_gpu: bool, family: str = "pallas", backward: str | None = None) -> bool:
+    """Compiled kernel vs reference; returns True when every case is within tolerance.
+
+    ``backward``: the Mosaic kernel's backward ("triton" / "mosaic", _mosaic.MOSAIC_BACKWARD);
+    "mosaic" checks two bf16 cases only (causal GQA ragged, and key lengths).
+    """
     impl = family if on_gpu else f"{family}_interpret"
     rng = np.random.default_rng(0)
     dtypes = (jnp.bfloat16, jnp.float32)
@@ -99,6 +119,8 @@ def check(bench: Bench, on_gpu: bool, family: str = "pallas") -> bool:
             ),
         ]
     )
+    if backward == "mosaic":
+        cases, dtypes = [MOSAIC_CASES[0], MOSAIC_CASES[4]], (jnp.bfloat16,)
     b = 2
     if not on_gpu and family == "mosaic":  # the Mosaic GPU interpreter is slow: one tiny case
         cases = [dict(t=128, s=96, n=2, k=1, h=64, hv=64, kw=dict(is_causal=True))]
@@ -138,11 +160,13 @@ def check(bench: Bench, on_gpu: bool, family: str = "pallas") -> bool:
                 return f(q, k, v, bias)
 
             label = (
-                f"check {family} {jnp.dtype(dt).name} T={c['t']} S={c['s']} "
+                f"check {family}{'' if backward is None else f' ({backward} backward)'} "
+                f"{jnp.dtype(dt).name} T={c['t']} S={c['s']} "
                 f"N={c['n']} K={c['k']} H={c['h']} Hv={c['hv']} {sorted(c['kw'])}"
             )
             try:
-                got = run(impl)
+                with mosaic_backward(backward):
+                    got = run(impl)
             except Exception as e:  # does not compile / run: report it, keep the other rows
                 msg = f"{type(e).__name__}: {str(e)[:600]}"
                 print(f"# {label} failed: {msg}")
@@ -188,9 +212,11 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         ] + configs
     if quick:
         configs = [configs[0], configs[-2]]
+    if hopper():  # the default tiling with the Mosaic GPU backward
+        configs.append(("mosaic+mosaic_bwd", dict()))
 
     def ours_fns(kind, cfg):
-        attend = attention_mosaic if kind == "mosaic" else attention_pallas
+        attend = attention_pallas if kind == "pallas" else attention_mosaic
 
         def fwd(q, k, v):
             return attend(normalize(q, k, v, is_causal=True), interpret=not on_gpu, blocks=cfg)[0]
@@ -221,7 +247,8 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
     for kind, cfg in configs:
         try:
             f, fb = ours_fns(kind, cfg)
-            tf, tfb = _time(f, (q, k, v), reps), _time(fb, (q, k, v), reps)
+            with mosaic_backward("mosaic" if kind.endswith("mosaic_bwd") else None):
+                tf, tfb = _time(f, (q, k, v), reps), _time(fb, (q, k, v), reps)
         except Exception as e:  # a tiling that does not compile: report, try the next
             print(f"# {kind} config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
@@ -316,6 +343,7 @@ def main() -> None:
     ok = {}
     if hopper() or not on_gpu:
         ok["mosaic"] = check(bench, on_gpu, "mosaic")
+        ok["mosaic (mosaic backward)"] = check(bench, on_gpu, "mosaic", backward="mosaic")
     ok["pallas"] = check(bench, on_gpu, "pallas")
     speed(bench, on_gpu, args.quick)
     bias_speed(bench, on_gpu, args.quick)
