@@ -226,7 +226,7 @@ def test_backward_lowers_to_triton_ir(monkeypatch):
     from jaxcore import backend
 
     monkeypatch.setattr(backend, "platform", lambda: "gpu")  # allow implementation="pallas"
-    monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", "auto")  # = "pallas" when not interpreted
+    monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", "pallas")  # "auto" = "xla" until measured
     knobs(monkeypatch, target=32, steps=4)  # 3 chunks of 2 sub-chunks of 16 steps (4 blocks)
     assert _pallas._plan_chunks(2 * 4, 75, unit=16) == (32, 3)
     d, seg = inputs("time", "group", jnp.bfloat16, length=75, dim=64, n=16, groups=4)
