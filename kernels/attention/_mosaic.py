@@ -19,7 +19,9 @@ after the FlashAttention-3 design:
   log, (B, N, T) like the Triton kernel) go back through shared memory and TMA.
 * Heavy causal tiles (late query rows) are launched first.
 
-The backward is the Triton kernel's (``_pallas._backward``) from the saved output and lse. Inputs
+The backward (:data:`MOSAIC_BACKWARD`, read at trace time) is the Triton kernel's
+(``_pallas._backward``, the default until measured) or the Mosaic GPU kernels of
+``_mosaic_bwd.py``, both from the saved output and lse. Inputs
 are bf16 / f16; supported options are scale, is_causal, local_window_size, logits_soft_cap, GQA
 key_value_seq_lengths and any T / S (padded here); bias, mask and segment_ids raise a
 ValueError (use implementation="pallas"). Interpret mode runs the same kernel in JAX's Mosaic GPU
@@ -435,7 +437,9 @@ def _check_interpreter_threads() -> None:
 def attention_mosaic(
     inp: Inputs, *, interpret: bool, blocks: dict | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Mosaic GPU flash attention forward (+ Triton backward). Returns (out, lse (B, T, N) f32).
+    """Mosaic GPU flash attention forward (+ the MOSAIC_BACKWARD backward).
+
+    Returns (out, lse (B, T, N) f32).
 
     ``blocks`` overrides :func:`default_config` (block_q, block_k, stages, pingpong) and the
     Triton backward's tiles (block_q_bwd, block_k_bwd, num_warps_bwd, num_stages_bwd).
