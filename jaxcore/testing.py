@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,3 +44,30 @@ def assert_close(
         atol=t,
         err_msg=err_msg,
     )
+
+
+def attention_inputs(
+    b: int,
+    t: int,
+    s: int,
+    n: int,
+    k: int,
+    h: int,
+    hv: int,
+    dtype: Any = jnp.bfloat16,
+    seed: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Standard-normal query (b, t, n, h), key (b, s, k, h), value (b, s, k, hv) in ``dtype``."""
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    return arr(b, t, n, h), arr(b, s, k, h), arr(b, s, k, hv)
+
+
+def attention_loss(out: jax.Array, lse: jax.Array) -> jax.Array:
+    """A fixed scalar of attention output and lse (finite entries) whose gradient checks both."""
+    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+    fin = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(out.astype(jnp.float32) * w) + 0.3 * jnp.sum(fin * jnp.sin(fin))

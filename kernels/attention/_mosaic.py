@@ -128,6 +128,29 @@ def _full_steps(cfg: MosaicConfig, r0, lo, hi, s_end):
     return flo, fhi
 
 
+def producer_ring(n, stages: int, load, consumed) -> None:
+    """A TMA producer warpgroup's loop: steps 0..n-1 (traced int32) into ``stages`` slots.
+
+    ``load(i, wait)`` issues step i's copies into slot i % stages, first waiting on that slot's
+    consumed barrier(s) when ``wait`` (every use but the first). At the end each used slot's
+    last consumption is waited on too (the interpreter checks every phase is observed).
+    ``consumed``: the barrier refs (``num_barriers=stages``) the consumers arrive on.
+    """
+    for r in range(stages):
+        pl.when(_i32(r) < n)(functools.partial(load, _i32(r), False))
+
+    @pl.loop(_i32(stages), jnp.maximum(n, _i32(stages)))
+    def _(i):
+        load(i, True)
+
+    def drain(r: int):
+        for bar in consumed:
+            plgpu.barrier_wait(bar.at[r])
+
+    for r in range(stages):
+        pl.when(_i32(r) < n)(functools.partial(drain, r))
+
+
 def _dot(a, b, trans_b: bool = False):
     """Interpreter-only matmul with f32 accumulation (the compiled kernel uses wgmma)."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
@@ -296,19 +319,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
                     plgpu.barrier_wait(v_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_loaded.at[slot])
 
-            for i in range(stages):
-                pl.when(_i32(i) < nsteps)(functools.partial(load, _i32(i), False))
-
-            @pl.loop(_i32(stages), jnp.maximum(nsteps, _i32(stages)))
-            def _(i):
-                load(i, True)
-
-            def drain(r: int):  # observe each slot's last consumption (every phase is waited)
-                plgpu.barrier_wait(k_consumed.at[r])
-                plgpu.barrier_wait(v_consumed.at[r])
-
-            for r in range(stages):
-                pl.when(_i32(r) < nsteps)(functools.partial(drain, r))
+            producer_ring(nsteps, stages, load, (k_consumed, v_consumed))
 
     def entry(q_ref, k_ref, v_ref, *refs):
         len_ref = refs[0] if cfg.has_lengths else None

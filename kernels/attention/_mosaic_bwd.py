@@ -291,17 +291,7 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
                 )
                 plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot], do_loaded.at[slot])
 
-            for r in range(stages):
-                pl.when(_i32(r) < total)(functools.partial(load, _i32(r), False))
-
-            @pl.loop(_i32(stages), jnp.maximum(total, _i32(stages)))
-            def _(idx):
-                load(idx, True)
-
-            for r in range(stages):  # observe each slot's last consumption
-                pl.when(_i32(r) < total)(
-                    functools.partial(plgpu.barrier_wait, consumed.at[r])  # fmt: skip
-                )
+            _mosaic.producer_ring(total, stages, load, (consumed,))
 
     def entry(q_ref, k_ref, v_ref, do_ref, st_ref, *refs):
         len_ref = refs[0] if cfg.has_lengths else None
@@ -456,17 +446,7 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_ring.at[slot], k_loaded.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_ring.at[slot], v_loaded.at[slot])
 
-            for r in range(stages):
-                pl.when(_i32(r) < nsteps)(functools.partial(load, _i32(r), False))
-
-            @pl.loop(_i32(stages), jnp.maximum(nsteps, _i32(stages)))
-            def _(i):
-                load(i, True)
-
-            for r in range(stages):  # observe each slot's last consumption
-                pl.when(_i32(r) < nsteps)(
-                    functools.partial(plgpu.barrier_wait, consumed.at[r])  # fmt: skip
-                )
+            _mosaic.producer_ring(nsteps, stages, load, (consumed,))
 
     def entry(q_ref, k_ref, v_ref, do_ref, st_ref, *refs):
         len_ref = refs[0] if cfg.has_lengths else None

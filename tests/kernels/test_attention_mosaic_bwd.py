@@ -18,7 +18,7 @@ from jaxcore.kernels.attention._common import normalize
 from jaxcore.kernels.attention._mosaic import attention_mosaic
 from jaxcore.kernels.attention._reference import attention_reference
 
-from jaxcore.testing import assert_close
+from jaxcore.testing import assert_close, attention_inputs, attention_loss
 
 
 @pytest.fixture
@@ -26,20 +26,14 @@ def mosaic_backward(monkeypatch):
     monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", "mosaic")
 
 
-def _inputs(b, t, s, n, k, h, hv, dtype=jnp.bfloat16, seed=0):
-    rng = np.random.default_rng(seed)
-    arr = lambda *sh: jnp.asarray(rng.standard_normal(sh), dtype)  # noqa: E731
-    return arr(b, t, n, h), arr(b, s, k, h), arr(b, s, k, hv)
+_inputs = attention_inputs
 
 
 def _f32(*xs):
     return tuple(x.astype(jnp.float32) for x in xs)
 
 
-def _loss(out, lse):
-    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
-    fin = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    return jnp.sum(out.astype(jnp.float32) * w) + 0.3 * jnp.sum(fin * jnp.sin(fin))
+_loss = attention_loss
 
 
 def _grads(kw, q, k, v):
