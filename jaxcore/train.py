@@ -604,6 +604,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         except (ValueError, RuntimeError) as e:
             raise _usage_error(str(e)) from None
+        try:
+            return _train_joined(args, out, task_kw)
+        except BaseException as e:  # the other ranks stop at their next barrier, not at a timeout
+            distributed.abort(f"{type(e).__name__}: {e}")
+            raise
+    return _train_joined(args, out, task_kw)
+
+
+def _train_joined(args: argparse.Namespace, out: Path, task_kw: dict) -> int:
+    """The part of ``jaxcore train`` after joining the process group (if any)."""
+    import jaxcore.models as models
+    from jaxcore.models import tasks
 
     try:
         task = tasks.get_task(args.task, **task_kw)

@@ -235,6 +235,64 @@ def test_dying_process_fails_fast_with_its_stderr():
     assert e.value.results[0].returncode != 0  # the sleeper was killed, not left running
 
 
+ABORT_PROG = """
+import os, sys, time
+from jaxcore import distributed
+distributed.initialize(local_device_count=1)
+from jax._src import distributed as jd
+client = jd.global_state.client
+if os.environ["JAXCORE_PROCESS_ID"] == "1":
+    distributed.barrier("first")  # both meet once: the group works
+    distributed.abort("ValueError: --data: no such file")
+    client.blocking_key_value_get("rank0-done", 60_000)  # stay alive until rank 0 has seen it
+else:
+    distributed.barrier("first")
+    t0 = time.monotonic()
+    try:
+        distributed.barrier("second", timeout_s=120)
+    except RuntimeError as e:
+        print(f"RAISED after {time.monotonic() - t0:.2f} s: {e}", flush=True)
+    try:
+        distributed.barrier("third", timeout_s=120)  # later barriers raise at once too
+    except RuntimeError:
+        print("LATER BARRIER RAISED", flush=True)
+    client.key_value_set("rank0-done", "1")
+"""
+
+
+def test_abort_stops_the_other_ranks_barriers_at_once():
+    """A rank that fails after joining (distributed.abort, as `jaxcore train` does) makes the
+    others' barriers raise with its message in well under a second, not after the 600 s timeout."""
+    res = distributed.launch(["-c", ABORT_PROG], 2, timeout=100)
+    out = res[0].stdout
+    assert "RAISED after" in out, (out, res[0].stderr[-2000:])
+    assert "aborted by process 1: ValueError: --data: no such file" in out
+    waited = float(out.split("RAISED after ")[1].split(" s")[0])
+    assert waited < 5.0, out
+    assert "LATER BARRIER RAISED" in out
+
+
+def test_barrier_timeout_names_the_barrier_and_the_count():
+    prog = (
+        "import os\n"
+        "from jaxcore import distributed\n"
+        "distributed.initialize(local_device_count=1)\n"
+        "from jax._src import distributed as jd\n"
+        "c = jd.global_state.client\n"
+        "if os.environ['JAXCORE_PROCESS_ID'] == '0':\n"
+        "    try:\n"
+        "        distributed.barrier('lonely', timeout_s=1.0)\n"
+        "    except RuntimeError as e:\n"
+        "        print('TIMEOUT', e, flush=True)\n"
+        "    c.key_value_set('done', '1')\n"
+        "else:\n"
+        "    c.blocking_key_value_get('done', 60_000)\n"
+    )
+    res = distributed.launch(["-c", prog], 2, timeout=100)
+    assert "TIMEOUT" in res[0].stdout, res[0].stderr[-2000:]
+    assert "barrier('lonely'): timed out after 1.0 s with 1 of 2 processes arrived" in res[0].stdout
+
+
 def test_timeout_kills_every_process():
     t0 = time.monotonic()
     with pytest.raises(distributed.LaunchError, match="still running after"):
