@@ -17,6 +17,13 @@ relaxation of a symmetric ``b``-bit integer quantizer: for real ``b`` it interpo
 exactly the ``b``-bit quantizer, and ``d/db`` is the difference the extra bit makes. BitWidth is
 not an ``nnx.Param``: the ordinary training loop leaves it alone, and a co-design loop selects it
 with ``nnx.state(model, BitWidth)``; :func:`bit_widths` lists them per layer.
+
+``QuantConfig(learn_bits=True, learn_kind="float", exponent_bits=e)`` learns the width of a
+float format instead: ``b`` total bits = sign + ``e`` exponent bits (fixed) + ``m = b - 1 - e``
+mantissa bits (learned), absmax-scaled onto the format's largest value, finite (no inf/NaN
+codes, saturating, subnormals kept, like ml_dtypes' float6/float4), round to nearest even; the
+same interpolation between ``floor(m)`` and ``floor(m) + 1`` mantissa bits (at integer ``m`` it
+equals ``lowp.fake_quant`` onto ``FloatFormat(e, m, specials="none")``, tested).
 """
 
 from __future__ import annotations
@@ -43,9 +50,11 @@ class QuantConfig:
 
     ``weight_format`` / ``act_format``: None (float), a lowp format (FloatFormat, IntFormat,
     FixedFormat), an ml_dtypes dtype, or a name accepted by :func:`resolve_format`.
-    ``learn_bits``: use learnable integer bit-widths instead of the fixed formats, starting at
-    ``init_bits`` and kept in ``bits_range``. ``quantize_acts``: also quantize activations in the
-    learnable mode. ``mode``: the lowp rounding mode of the fixed formats.
+    ``learn_bits``: use learnable bit-widths instead of the fixed formats, starting at
+    ``init_bits`` and kept in ``bits_range`` (total bits). ``learn_kind``: "int" (symmetric
+    integers) or "float" (sign + ``exponent_bits`` + learned mantissa bits). ``quantize_acts``:
+    also quantize activations in the learnable mode. ``mode``: the lowp rounding mode of the
+    fixed formats.
     """
 
     weight_format: Any = None
@@ -55,6 +64,8 @@ class QuantConfig:
     bits_range: tuple[float, float] = (2.0, 16.0)
     quantize_acts: bool = True
     mode: str = "nearest_even"
+    learn_kind: str = "int"
+    exponent_bits: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -64,7 +75,18 @@ class QuantConfig:
         if isinstance(self.act_format, BitMoD):
             raise ValueError(f"act_format: {self.act_format} is a weight-only format")
         lo, hi = self.bits_range
-        if not 1.0 < lo < hi <= 24.0:
+        if self.learn_kind not in ("int", "float"):
+            raise ValueError(f"learn_kind: expected 'int' or 'float', got {self.learn_kind!r}")
+        e = self.exponent_bits
+        if self.learn_kind == "float":
+            if not isinstance(e, int) or not 1 <= e <= 8:
+                raise ValueError(f"exponent_bits: expected an int in 1..8, got {e!r}")
+            if not 1 + e <= lo < hi <= 1 + e + 23:
+                raise ValueError(
+                    f"bits_range: expected {1 + e} <= low < high <= {1 + e + 23} (sign + "
+                    f"{e} exponent bits + 0..23 mantissa bits), got {self.bits_range}"
+                )
+        elif not 1.0 < lo < hi <= 24.0:
             raise ValueError(f"bits_range: expected 1 < low < high <= 24, got {self.bits_range}")
         if not lo <= self.init_bits <= hi:
             raise ValueError(
@@ -192,7 +214,56 @@ def relaxed_int_quantize(x: jax.Array, bits: jax.Array, scale_axes: tuple[int, .
         s = _absmax_scale(x, levels, scale_axes)
         return jnp.clip(jnp.round(x / s), -levels, levels) * s
 
-    lo, hi = q(k), q(k + 1.0)
+    return _mix(x, q(k), q(k + 1.0), f)
+
+
+def float_grid_max(exponent_bits: int, mantissa_bits: Any) -> Any:
+    """Largest value of the finite (no inf/NaN codes) float format with these fields."""
+    emax = 2**exponent_bits - 1 - (2 ** (exponent_bits - 1) - 1)
+    return (2.0 - _pow2(-jnp.asarray(mantissa_bits, jnp.float32))) * 2.0**emax
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+    """Exact 2**k in float32 for integer-valued ``k`` (exp2 may be off by an ulp)."""
+    return jnp.ldexp(jnp.float32(1.0), jnp.asarray(k).astype(jnp.int32))
+
+
+def _round_float(y: jax.Array, e: int, m: jax.Array) -> jax.Array:
+    """Round f32 ``y`` to the finite float format (sign, ``e`` exponent bits, ``m`` mantissa
+    bits; ``m`` may be traced, integer-valued), nearest even, saturating, subnormals kept."""
+    emin = 1 - (2 ** (e - 1) - 1)
+    _, ex = jnp.frexp(y)  # |y| = f 2**ex, f in [0.5, 1): the binade is 2**(ex - 1)
+    binade = jnp.maximum(ex - 1, emin).astype(jnp.float32)
+    quantum = _pow2(binade - m)
+    r = jnp.round(y / quantum) * quantum  # power-of-two quantum: exact division, RNE
+    fmax = float_grid_max(e, m)
+    return jnp.clip(r, -fmax, fmax)
+
+
+def relaxed_float_quantize(
+    x: jax.Array, bits: jax.Array, exponent_bits: int, scale_axes: tuple[int, ...]
+) -> jax.Array:
+    """Float fake-quantization at a continuous total width ``bits`` (scalar): sign,
+    ``exponent_bits`` exponent bits and ``m = bits - 1 - exponent_bits`` mantissa bits.
+
+    ``(1 - f) Q_k(x) + f Q_{k+1}(x)`` with ``k = floor(m)``, ``f = m - k``; ``Q_k`` scales ``x``
+    by its absmax over ``scale_axes`` onto the format's largest value and rounds to ``k``
+    mantissa bits (:func:`_round_float`). Gradient: straight through in ``x``,
+    ``Q_{k+1}(x) - Q_k(x)`` in ``bits``.
+    """
+    m = jnp.asarray(bits, jnp.float32) - 1.0 - exponent_bits
+    k = jnp.floor(jax.lax.stop_gradient(m))
+    f = m - k
+
+    def q(mb):
+        s = _absmax_scale(x, float_grid_max(exponent_bits, mb), scale_axes)
+        return _round_float((x / s).astype(jnp.float32), exponent_bits, mb) * s
+
+    return _mix(x, q(k), q(k + 1.0), f)
+
+
+def _mix(x: jax.Array, lo: jax.Array, hi: jax.Array, f: jax.Array) -> jax.Array:
+    """Value ``(1 - f) lo + f hi``; gradient straight through in ``x`` and ``hi - lo`` in ``f``."""
     mixed = jax.lax.stop_gradient(lo) * (1.0 - f) + jax.lax.stop_gradient(hi) * f
     return _ste(x, jax.lax.stop_gradient(mixed)) + (mixed - jax.lax.stop_gradient(mixed)).astype(
         x.dtype
@@ -224,21 +295,32 @@ class _QBase(nnx.Module):
         lo, hi = self.quant.bits_range
         return jnp.clip(var[...], lo, hi)
 
+    def _relaxed(self, x: jax.Array, bits: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+        if self.quant.learn_kind == "float":
+            return relaxed_float_quantize(x, bits, self.quant.exponent_bits, axes)
+        return relaxed_int_quantize(x, bits, axes)
+
     def _q_weight(self, w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
         if self.quant.learn_bits:
-            return relaxed_int_quantize(w, self._bits(self.weight_bits), axes)
+            return self._relaxed(w, self._bits(self.weight_bits), axes)
         return fake_quantize(w, self.quant.weight_format, axes, self.quant.mode)
 
     def _q_act(self, x: jax.Array) -> jax.Array:
         if self.quant.learn_bits:
             if not self.quant.quantize_acts:
                 return x
-            return relaxed_int_quantize(x, self._bits(self.act_bits), (x.ndim - 1,))
+            return self._relaxed(x, self._bits(self.act_bits), (x.ndim - 1,))
         return fake_quantize(x, self.quant.act_format, (x.ndim - 1,), self.quant.mode)
 
     def _export(self, w: jax.Array, axes: tuple[int, ...]) -> dict[str, Any]:
         if self.quant.learn_bits:
             bits = int(round(float(self._bits(self.weight_bits))))
+            if self.quant.learn_kind == "float":  # absmax-scaled like the training quantizer
+                e = self.quant.exponent_bits
+                ffmt = lowp.FloatFormat(e, bits - 1 - e, specials="none")
+                s = _absmax_scale(w, float(float_grid_max(e, bits - 1 - e)), axes)
+                codes = _codes.encode(w / s, ffmt, "nearest_even")
+                return {"format": str(ffmt), "codes": codes, "scale": s}
             fmt: Any = lowp.IntFormat(bits)
         else:
             fmt = self.quant.weight_format

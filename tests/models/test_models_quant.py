@@ -18,7 +18,7 @@ from jaxcore.models import (
     pure,
     resolve_format,
 )
-from jaxcore.models.quant import relaxed_int_quantize
+from jaxcore.models.quant import float_grid_max, relaxed_float_quantize, relaxed_int_quantize
 
 X = jax.random.normal(jax.random.key(0), (3, 8))
 _call = nnx.jit(lambda m, x: m(x))
@@ -136,3 +136,51 @@ def test_bias_under_strict_rank_promotion():
     nobias = QDense(8, 5, quant=QuantConfig(weight_format="int8"), rngs=nnx.Rngs(0))
     want = np.asarray(_call(nobias, x3)) + np.arange(5)
     np.testing.assert_allclose(_call(q, x3), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("e", [2, 3, 4, 5])
+def test_relaxed_float_at_integer_widths_is_the_lowp_format(e):
+    """At integer mantissa widths the learnable float quantizer is exactly lowp's rounding onto
+    FloatFormat(e, m, specials="none") after absmax scaling (subnormals, ties, saturation)."""
+    rng = np.random.default_rng(e)
+    x = jnp.asarray(
+        rng.standard_normal((3, 257)) * np.exp(rng.uniform(-9, 3, (3, 257))), jnp.float32
+    )
+    x = x.at[0, :4].set(jnp.array([0.0, -0.0, 1e-30, -3e-38]))
+    for m in range(0, 6):
+        got = relaxed_float_quantize(x, float(1 + e + m), e, (1,))
+        fmt = lowp.FloatFormat(e, m, specials="none")
+        s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / float(fmt.max)
+        want = lowp.fake_quant(x / s, fmt, "nearest_even") * s
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"e{e}m{m}")
+        assert float(float_grid_max(e, m)) == float(fmt.max)
+
+
+def test_relaxed_float_interpolates_and_has_gradients():
+    x = jnp.linspace(-3.0, 3.0, 61)
+    lo, hi = relaxed_float_quantize(x, 7.0, 4, (0,)), relaxed_float_quantize(x, 8.0, 4, (0,))
+    np.testing.assert_allclose(
+        relaxed_float_quantize(x, 7.25, 4, (0,)), 0.75 * lo + 0.25 * hi, atol=1e-6
+    )
+    gb = jax.grad(lambda b: jnp.sum((relaxed_float_quantize(x, b, 4, (0,)) - x) ** 2))(6.5)
+    assert gb < 0  # one more mantissa bit lowers the error
+    gx = jax.grad(lambda v: jnp.sum(relaxed_float_quantize(v, 6.5, 4, (0,))))(x)
+    np.testing.assert_array_equal(gx, np.ones(61))
+    assert np.isnan(relaxed_float_quantize(jnp.array([1.0, jnp.nan]), 7.0, 4, (0,))[1])
+
+
+def test_learnable_float_widths_in_a_layer_and_export():
+    cfg = QuantConfig(learn_bits=True, learn_kind="float", exponent_bits=4, init_bits=8.0,
+                      bits_range=(5.0, 12.0))  # fmt: skip
+    d = QDense(8, 5, quant=cfg, rngs=nnx.Rngs(0))
+    gd, bits, rest = nnx.split(d, BitWidth, ...)
+    g = jax.grad(lambda b: jnp.mean(nnx.merge(gd, b, rest)(X) ** 2))(bits)
+    assert all(np.isfinite(v) and v != 0 for v in jax.tree.leaves(g))
+    e = d.export()
+    assert e["format"] == str(lowp.FloatFormat(4, 3, specials="none"))
+    w = lowp.decode(e["codes"], lowp.FloatFormat(4, 3, specials="none")) * e["scale"]
+    np.testing.assert_allclose(w, relaxed_float_quantize(d.kernel[...], 8.0, 4, (0,)), atol=1e-7)
+    with pytest.raises(ValueError, match="learn_kind: expected 'int' or 'float'"):
+        QuantConfig(learn_bits=True, learn_kind="posit")
+    with pytest.raises(ValueError, match="bits_range: expected 5 <= low"):
+        QuantConfig(learn_bits=True, learn_kind="float", bits_range=(2.0, 8.0))
