@@ -20,6 +20,11 @@ from jaxcore.kernels.attention._reference import attention_reference
 
 from jaxcore.testing import assert_close, attention_inputs, attention_loss
 
+# If one thread of JAX's Mosaic GPU interpreter raises, the others wait at their barriers forever:
+# a broken kernel would hang the run instead of failing. The thread method kills the worker with
+# every thread's stack on stderr (pytest-xdist reports the test and starts a new worker).
+pytestmark = pytest.mark.timeout(600, method="thread")
+
 
 @pytest.fixture
 def mosaic_backward(monkeypatch):
