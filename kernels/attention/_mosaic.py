@@ -157,6 +157,71 @@ def _dot(a, b, trans_b: bool = False):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+# The pieces below are shared by the forward and the backward kernels. Each takes
+# ``interpret``: the Mosaic GPU interpreter's wgmma takes neither a transposed nor a register
+# operand, it has no run_state and no rule for register layouts, so there the matmuls are
+# dot_general on the shared-memory tiles and layouts are skipped.
+
+
+def mm_nt(a, b, shape: tuple[int, int], interpret: bool, then=None) -> jax.Array:
+    """``a @ b.T`` (f32) from shared-memory tiles a (M, K) and b (N, K); ``shape`` = (M, N).
+
+    ``then()`` runs after the wgmma is issued and before its result is read (a schedule sync).
+    """
+
+    def fn(acc_ref):
+        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+        if then is not None:
+            then()
+        return acc_ref[...]
+
+    if not interpret:
+        return pl.run_scoped(fn, plgpu.ACC(shape, jnp.float32))
+    out = _dot(a[...], b[...], trans_b=True)
+    if then is not None:
+        then()
+    return out
+
+
+def mm_acc(acc: jax.Array, a: jax.Array, b, interpret: bool, then=None) -> jax.Array:
+    """``acc + a @ b``: f32 accumulator (M, N), a (M, K) in registers, b (K, N) a shared-memory
+    tile; compiled, the wgmma accumulates in place. ``then()`` runs while it does."""
+
+    def fn(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        if then is not None:
+            then()
+
+    if not interpret:
+        return pl.run_state(fn)(plgpu.ACC.init(acc))
+    out = acc + _dot(a, b[...])
+    if then is not None:
+        then()
+    return out
+
+
+def laid_out(x: jax.Array, layout, interpret: bool) -> jax.Array:
+    """``x`` cast to a register layout (a compiler hint; skipped in the interpreter)."""
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def iota(shape: tuple[int, int], dim: int, interpret: bool) -> jax.Array:
+    """int32 positions along ``dim`` in the wgmma register layout."""
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def visible(qpos, kpos, s_end, left: int | None, right: int | None) -> jax.Array:
+    """The mask: key before ``s_end`` and inside the window [q - left, q + right]."""
+    vis = kpos < s_end
+    if right is not None:
+        vis = jnp.logical_and(vis, kpos <= qpos + _i32(right))
+    if left is not None:
+        vis = jnp.logical_and(vis, kpos >= qpos - _i32(left))
+    return vis
+
+
 def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=None):
     """q (B, Tp, N, Hp), k (B, Sp, K, Hp), v (B, Sp, K, Hvp) -> out (B, Tp, N, Hvp), lse (B, N, Tp).
 
@@ -173,15 +238,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
     c = cfg.spec.scale * _LOG2E
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-
-    # Register layouts are hints for the Mosaic compiler; the interpreter has no rule for them.
-    def laid_out(x, layout):
-        return x if cfg.interpret else plgpu.layout_cast(x, layout)
-
-    def iota(dim: int):
-        if cfg.interpret:
-            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
-        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=wgmma_layout)
+    interp = cfg.interpret
 
     def z_of(qk):
         """Soft-capped logits in base-2 units."""
@@ -214,9 +271,9 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
             flo, fhi = _full_steps(cfg, r0, lo, hi, s_end)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), head], q_smem, q_loaded.at[wg])
             plgpu.barrier_wait(q_loaded.at[wg])
-            m = laid_out(jnp.full((bq,), -_BIG, jnp.float32), row_layout)
-            l = laid_out(jnp.full((bq,), 0.0, jnp.float32), row_layout)
-            acc = laid_out(jnp.full((bq, hvp), 0.0, jnp.float32), wgmma_layout)
+            m = laid_out(jnp.full((bq,), -_BIG, jnp.float32), row_layout, interp)
+            l = laid_out(jnp.full((bq,), 0.0, jnp.float32), row_layout, interp)
+            acc = laid_out(jnp.full((bq, hvp), 0.0, jnp.float32), wgmma_layout, interp)
 
             @pl.when(nsteps > 0)
             def _():
@@ -229,32 +286,18 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
                 acc, m, l = carry
                 slot = lax.rem(j - lo, _i32(stages))
 
-                def qk_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    if cfg.pingpong:
-                        sync()
-                    return acc_ref[...]
-
-                if cfg.interpret:  # the interpreter's wgmma takes no transposed operand
-                    qk = _dot(q_smem[...], k_smem.at[slot][...], trans_b=True)
-                    if cfg.pingpong:
-                        sync()
-                else:
-                    qk = pl.run_scoped(qk_fn, plgpu.ACC((bq, bk), jnp.float32))
+                qk = mm_nt(
+                    q_smem, k_smem.at[slot], (bq, bk), interp, sync if cfg.pingpong else None
+                )
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 # Without a soft cap the scale is folded into the exponent (one FMA per
                 # logit): z stays raw, m is kept in scaled base-2 units (c > 0 keeps the max).
                 z = qk if cap is None else z_of(qk)
                 scaled = (lambda x: x * c) if cap is None else (lambda x: x)  # noqa: E731
                 if masked:
-                    qpos = iota(0) + r0
-                    kpos = iota(1) + j * _i32(bk)
-                    vis = kpos < s_end
-                    if right is not None:
-                        vis = jnp.logical_and(vis, kpos <= qpos + _i32(right))
-                    if left is not None:
-                        vis = jnp.logical_and(vis, kpos >= qpos - _i32(left))
-                    z = jnp.where(vis, z, -jnp.inf)
+                    qpos = iota((bq, bk), 0, interp) + r0
+                    kpos = iota((bq, bk), 1, interp) + j * _i32(bk)
+                    z = jnp.where(visible(qpos, kpos, s_end, left, right), z, -jnp.inf)
                 m_new = jnp.maximum(m, scaled(z.max(axis=1)))
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(scaled(z) - lax.broadcast_in_dim(m_new, z.shape, [0]))
@@ -274,15 +317,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
                     def _():
                         plgpu.barrier_wait(k_loaded.at[lax.rem(nxt - lo, _i32(stages))])
 
-                def pv_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    pv_wait()
-
-                if cfg.interpret:  # nor a register operand, and there is no run_state
-                    acc = acc + _dot(p16, v_smem.at[slot][...])
-                    pv_wait()
-                else:
-                    acc = pl.run_state(pv_fn)(plgpu.ACC.init(acc))
+                acc = mm_acc(acc, p16, v_smem.at[slot], interp, pv_wait)
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l
 

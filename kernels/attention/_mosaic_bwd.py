@@ -128,12 +128,10 @@ def _helpers(cfg: BwdConfig, shape: tuple[int, int]):
     c = cfg.spec.scale * _LOG2E
 
     def laid_out(x, layout):
-        return x if cfg.interpret else plgpu.layout_cast(x, layout)
+        return _mosaic.laid_out(x, layout, cfg.interpret)
 
     def iota(dim: int):
-        if cfg.interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+        return _mosaic.iota(shape, dim, cfg.interpret)
 
     def row_vec(ref, dim: int):
         """A (rows,) f32 smem vector in registers, broadcast later along ``dim``'s other axis."""
@@ -211,24 +209,12 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
                 plgpu.barrier_wait(q_loaded.at[slot])
                 plgpu.barrier_wait(st_loaded.at[slot])
 
-                def st_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, kt, plgpu.transpose_ref(qs, (1, 0)))
-                    return acc_ref[...]
-
-                if cfg.interpret:
-                    st_ = _dot(kt[...], qs[...], trans_b=True)
-                else:
-                    st_ = pl.run_scoped(st_fn, plgpu.ACC((ROWS, bq), jnp.float32))
+                st_ = _mosaic.mm_nt(kt, qs, (ROWS, bq), cfg.interpret)
                 pt, th = probs(st_, row_vec(st.at[0], 0), 1)
                 if masked:
                     kpos = iota(0) + r0
                     qpos = iota(1) + i * _i32(bq)
-                    vis = kpos < s_end
-                    if right is not None:
-                        vis = jnp.logical_and(vis, kpos <= qpos + _i32(right))
-                    if left is not None:
-                        vis = jnp.logical_and(vis, kpos >= qpos - _i32(left))
-                    pt = jnp.where(vis, pt, 0.0)
+                    pt = jnp.where(_mosaic.visible(qpos, kpos, s_end, left, right), pt, 0.0)
                 pt16 = pt.astype(dtype)
                 plgpu.barrier_wait(do_loaded.at[slot])
 
@@ -245,13 +231,7 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
                     dv, dpt = pl.run_state(dv_dp_fn)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
                 dst = d_logits(pt, dpt, row_vec(st.at[1], 0), th, 1).astype(dtype)
 
-                def dk_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, dst, qs)
-
-                if cfg.interpret:
-                    dk = dk + _dot(dst, qs[...])
-                else:
-                    dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+                dk = _mosaic.mm_acc(dk, dst, qs, cfg.interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk, dv
 
@@ -384,43 +364,18 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
                 ks, vs = k_ring.at[slot], v_ring.at[slot]
                 plgpu.barrier_wait(k_loaded.at[slot])
 
-                def s_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, qt, plgpu.transpose_ref(ks, (1, 0)))
-                    return acc_ref[...]
-
-                if cfg.interpret:
-                    s = _dot(qt[...], ks[...], trans_b=True)
-                else:
-                    s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
+                s = _mosaic.mm_nt(qt, ks, (bq, bk), cfg.interpret)
                 p, th = probs(s, lse2, 0)
                 if masked:
                     qpos = iota(0) + r0
                     kpos = iota(1) + j * _i32(bk)
-                    vis = kpos < s_end
-                    if right is not None:
-                        vis = jnp.logical_and(vis, kpos <= qpos + _i32(right))
-                    if left is not None:
-                        vis = jnp.logical_and(vis, kpos >= qpos - _i32(left))
-                    p = jnp.where(vis, p, 0.0)
+                    p = jnp.where(_mosaic.visible(qpos, kpos, s_end, left, right), p, 0.0)
                 plgpu.barrier_wait(v_loaded.at[slot])
 
-                def dp_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, dot_, plgpu.transpose_ref(vs, (1, 0)))
-                    return acc_ref[...]
-
-                if cfg.interpret:
-                    dp = _dot(dot_[...], vs[...], trans_b=True)
-                else:
-                    dp = pl.run_scoped(dp_fn, plgpu.ACC((bq, bk), jnp.float32))
+                dp = _mosaic.mm_nt(dot_, vs, (bq, bk), cfg.interpret)
                 ds = d_logits(p, dp, delta, th, 0).astype(dtype)
 
-                def dq_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, ds, ks)
-
-                if cfg.interpret:
-                    dq = dq + _dot(ds, ks[...])
-                else:
-                    dq = pl.run_state(dq_fn)(plgpu.ACC.init(dq))
+                dq = _mosaic.mm_acc(dq, ds, ks, cfg.interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dq
 
