@@ -1316,6 +1316,12 @@ def _point(method, acc, c, feas, fields, hw_vals, layers, bits, lam=None) -> Des
     )
 
 
+def _grid_point(method, acc, c, j, space, hw, bits) -> DesignPoint:
+    """Design ``j`` of a batch of feasible discrete designs (costs ``c``, ``hw``, ``bits``)."""
+    row = {k: v[j] for k, v in c.items()}
+    return _point(method, acc, row, True, space.hw_fields, hw[j], space.layers, bits[j])
+
+
 def _search(method, space, idx, pre, rest, cost_many, acc_many, feasible, target) -> SearchResult:
     """Best feasible design at the accuracy target among the designs ``idx``.
 
@@ -1338,16 +1344,7 @@ def _search(method, space, idx, pre, rest, cost_many, acc_many, feasible, target
     j = _first_at_target(order, score, target)
     best = None
     if j is not None:
-        best = _point(
-            method,
-            acc[j],
-            {k: v[j] for k, v in c.items()},
-            True,
-            space.hw_fields,
-            hw[j],
-            space.layers,
-            bits[j],
-        )
+        best = _grid_point(method, acc[j], c, j, space, hw, bits)
     return SearchResult(method, len(idx), acc, edp, feas, best)
 
 
@@ -1374,16 +1371,7 @@ def _exhaustive(space, pre, rest, cost_many, acc_many, feasible, target) -> Sear
         j = int(np.argmin(edp))
         if edp[j] < best_edp:
             best_edp = edp[j]
-            best = _point(
-                "exhaustive",
-                acc[g[j // len(hw_all)]],
-                {k: v[j] for k, v in c.items()},
-                True,
-                space.hw_fields,
-                hw[j],
-                space.layers,
-                bits[j],
-            )
+            best = _grid_point("exhaustive", acc[g[j // len(hw_all)]], c, j, space, hw, bits)
     # designs whose accuracy misses the target cannot be best: their costs are not needed for
     # the optimum, but they count as evaluations of the exhaustive grid (it enumerates them).
     return SearchResult(

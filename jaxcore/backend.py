@@ -20,6 +20,8 @@ IMPLEMENTATIONS: tuple[str, ...] = ("reference", "xla", "pallas", "pallas_interp
 PALLAS_PLATFORMS: frozenset[str] = frozenset({"gpu", "cuda", "rocm", "tpu"})
 # Compiled Mosaic GPU kernels (NVIDIA Hopper and later) run only here.
 MOSAIC_GPU_PLATFORMS: frozenset[str] = frozenset({"gpu", "cuda"})
+# Implementation names that run only on some platforms (the rest run everywhere).
+REQUIRES: dict[str, frozenset[str]] = {"pallas": PALLAS_PLATFORMS, "mosaic": MOSAIC_GPU_PLATFORMS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +35,7 @@ class Family:
 
     def available(self, platform: str) -> tuple[str, ...]:
         """Implementations that run on ``platform`` ("cpu", "gpu", "tpu")."""
-        needs = {"pallas": PALLAS_PLATFORMS, "mosaic": MOSAIC_GPU_PLATFORMS}
-        return tuple(i for i in self.implementations if platform in needs.get(i, (platform,)))
+        return tuple(i for i in self.implementations if platform in REQUIRES.get(i, (platform,)))
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -94,9 +95,10 @@ def resolve_implementation(
             f"{argname}={implementation!r} is not an implementation of {family}; "
             f"expected None or one of {fam.implementations}"
         )
-    if implementation == "pallas" and plat not in PALLAS_PLATFORMS:
+    if plat not in REQUIRES.get(implementation, (plat,)):
+        needs = "a GPU or TPU" if implementation == "pallas" else "an NVIDIA GPU (GPU only)"
         raise ValueError(
-            f"{argname}='pallas' needs a GPU or TPU but the default backend is {plat!r}; "
-            "use 'pallas_interpret' to run the same kernel on CPU"
+            f"{argname}={implementation!r} needs {needs} but the default backend is {plat!r}; "
+            f"use '{implementation}_interpret' to run the same kernel on CPU"
         )
     return implementation

@@ -56,11 +56,10 @@ def _run(inp: Inputs, impl: str) -> tuple[jax.Array, jax.Array]:
         return attention_reference(inp)
     if impl == "xla":
         return attention_xla(inp)
-    if impl in ("pallas", "mosaic") and backend.platform() != "gpu":
-        how = "through Triton" if impl == "pallas" else "through Mosaic GPU (Hopper)"
+    if impl == "pallas" and backend.platform() != "gpu":  # a TPU passes the backend's check
         raise ValueError(
-            f"implementation={impl!r}: the attention kernel lowers {how} (GPU only), "
-            f"the default backend is {backend.platform()!r}; use 'xla' or '{impl}_interpret'"
+            f"implementation='pallas': the attention kernel lowers through Triton (GPU only), "
+            f"the default backend is {backend.platform()!r}; use 'xla' or 'pallas_interpret'"
         )
     if impl.startswith("mosaic"):
         from ._mosaic import attention_mosaic  # lazy: imports the Mosaic GPU Pallas backend
