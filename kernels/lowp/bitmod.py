@@ -1,6 +1,13 @@
 """BitMoD mixture of datatypes (Chen et al., HPCA 2025): per group, pick the FP3/FP4 variant
 (a basic low-bit float whose redundant -0 code is repurposed as one extra special value) and
-the scale that give the smallest squared error."""
+the scale that give the smallest squared error.
+
+The variants follow the authors' released code (abdelfattah-lab/BitMoD-HPCA-25,
+``quant_weight.py``), in their search order: FP3 = {0, 1, 2, 4} with extra resolution +3 / -3 or
+extra asymmetry +6 / -6; FP4 = E2M1 {0, .5, 1, 1.5, 2, 3, 4, 6} with +5 / -5 or +8 / -8 (their
+tables are these times 2). Their per-group scale is ``absmax / max|table|`` (``scale="absmax"``,
+the default); ``scale="fit"`` instead takes the smallest scale at which the group's max and min
+both fit the variant's positive and negative ranges (never saturates, coarser grid)."""
 
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ from .rounding import check_float_input
 
 # Basic magnitudes (codes 0..2**(bits-1)-1) and candidate special values that take the -0 code.
 BASE_MAGNITUDES = {3: (0.0, 1.0, 2.0, 4.0), 4: (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)}
-SPECIAL_VALUES = {3: (-6.0, -3.0, 3.0, 6.0), 4: (-8.0, -5.0, 5.0, 8.0)}
+# In the authors' search order (ER+, ER-, EA+, EA-): equal errors keep the earlier variant.
+SPECIAL_VALUES = {3: (3.0, -3.0, 6.0, -6.0), 4: (5.0, -5.0, 8.0, -8.0)}
+SCALE_RULES = ("absmax", "fit")
 
 
 def bitmod_tables(bits: int, special_values: tuple[float, ...] | None = None) -> np.ndarray:
@@ -51,15 +60,22 @@ def bitmod_quantize(
     *,
     axis: int = -1,
     special_values: tuple[float, ...] | None = None,
+    scale: str = "absmax",
 ) -> BitModResult:
     """Quantize weights ``w`` group-wise with BitMoD's mixture of datatypes.
 
-    For every group of ``group_size`` elements along ``axis`` and every variant: scale =
-    max(max(w) / max positive value, -min(w) / -min negative value) (1 for an all-zero group),
-    each element takes the nearest code (ties to the smaller value), and the variant with the
-    smallest squared error wins (ties to the lower index).
+    For every group of ``group_size`` elements along ``axis`` and every variant: a scale
+    (``scale="absmax"``: max|w| / max|table|, as in the authors' code, so the far end of an
+    asymmetric variant may saturate; ``"fit"``: max(max(w) / max positive value, -min(w) /
+    -min negative value); 1 for an all-zero group), each element takes the nearest code (ties
+    to the smaller value), and the variant with the smallest squared error wins (ties to the
+    lower index, i.e. the earlier of ``SPECIAL_VALUES``). Computed in float32 (the authors'
+    code runs in float16 and clamps the scale to [1e-5, 1e4]).
     """
     check_float_input(w, "w")
+    if scale not in SCALE_RULES:
+        raise ValueError(f"scale: expected one of {SCALE_RULES}, got {scale!r}")
+    rule = scale
     tabs = jnp.asarray(bitmod_tables(bits, special_values))  # (V, C)
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
@@ -83,7 +99,10 @@ def bitmod_quantize(
     lead = (1,) * (hi.ndim - 2)
     pm = pos_max.reshape(*lead, -1, 1)
     nm = neg_max.reshape(*lead, -1, 1)
-    scale = jnp.maximum(hi / pm, lo / nm)  # (..., G, V, 1)
+    if rule == "absmax":
+        scale = jnp.maximum(hi, lo) / jnp.maximum(pm, nm)  # (..., G, V, 1)
+    else:
+        scale = jnp.maximum(hi / pm, lo / nm)
     scale = jnp.where(scale > 0, scale, np.float32(1.0))
     gv = g[..., None, :] / scale  # (..., G, V, S)
     # nearest code per element: tables sorted per variant so ties go to the smaller value

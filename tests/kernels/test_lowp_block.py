@@ -180,7 +180,7 @@ def test_quantize_int_matches_numpy(granularity, symmetric):
     assert np.abs(np.asarray(deq) - x).max() <= np.asarray(q.scale).max() * 0.5 + 1e-6
 
 
-def bitmod_reference(w: np.ndarray, bits: int, g: int):
+def bitmod_reference(w: np.ndarray, bits: int, g: int, rule: str = "absmax"):
     tabs = lowp.bitmod_tables(bits).astype(np.float64)
     out = np.zeros_like(w, dtype=np.float64)
     variants = []
@@ -190,7 +190,10 @@ def bitmod_reference(w: np.ndarray, bits: int, g: int):
             grp = w[r, j : j + g].astype(np.float64)
             best = None
             for v, t in enumerate(tabs):
-                s = max(max(grp.max(), 0) / t.max(), max(-grp.min(), 0) / -t.min())
+                if rule == "absmax":  # the authors' code: absmax / max |table|
+                    s = np.abs(grp).max() / np.abs(t).max()
+                else:
+                    s = max(max(grp.max(), 0) / t.max(), max(-grp.min(), 0) / -t.min())
                 s = s if s > 0 else 1.0
                 st = np.sort(t)
                 idx = np.argmin(np.abs(grp[:, None] / s - st[None, :]), axis=1)
@@ -204,13 +207,29 @@ def bitmod_reference(w: np.ndarray, bits: int, g: int):
     return out, np.array(variants)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_bitmod_matches_reference(bits):
+def test_bitmod_tables_are_the_papers():
+    """The value sets of the authors' released code (BitMoD-HPCA-25 quant_weight.py: FP3_ER_POS,
+    FP3_ER_NEG, FP3_EA_POS, FP3_EA_NEG and the FP4 ones, whose values are 2x ours), in their
+    search order."""
+    fp3 = [0, 1, 2, 4, -1, -2, -4]
+    want3 = [fp3 + [3], fp3 + [-3], fp3 + [6], fp3 + [-6]]
+    fp4 = [0, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3, -4, -6, -8, -12]
+    want4 = [fp4 + [10], fp4 + [-10], fp4 + [16], fp4 + [-16]]
+    for bits, want, unit in ((3, want3, 1.0), (4, want4, 0.5)):
+        tabs = lowp.bitmod_tables(bits)
+        assert tabs.shape == (4, 2**bits)
+        for row, w in zip(tabs, want, strict=True):
+            assert sorted(row.tolist()) == sorted(v * unit for v in w)
+
+
+@pytest.mark.parametrize("bits,rule", [(3, "absmax"), (4, "absmax"), (4, "fit")])
+def test_bitmod_matches_reference(bits, rule):
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((4, 256)).astype(np.float32)
     w[1, :128] = np.abs(w[1, :128])  # a one-sided group favours an asymmetric variant
-    r = jax.jit(lambda v: lowp.bitmod_quantize(v, bits, 128))(w)
-    want, var = bitmod_reference(w, bits, 128)
+    w[2, :128] = -np.abs(w[2, :128])
+    r = jax.jit(lambda v: lowp.bitmod_quantize(v, bits, 128, scale=rule))(w)
+    want, var = bitmod_reference(w, bits, 128, rule)
     np.testing.assert_array_equal(np.asarray(r.variant), var)
     np.testing.assert_allclose(np.asarray(r.values), want, rtol=1e-6, atol=1e-7)
     tabs = lowp.bitmod_tables(bits)
@@ -219,10 +238,24 @@ def test_bitmod_matches_reference(bits):
     s = np.repeat(np.asarray(r.scale), 128, axis=1)
     np.testing.assert_allclose(tabs[v, np.asarray(r.codes)] * s, np.asarray(r.values), rtol=1e-6)
     assert int(np.asarray(r.codes).max()) < 2**bits
+    with pytest.raises(ValueError, match="scale"):
+        lowp.bitmod_quantize(w, bits, scale="minmax")
     with pytest.raises(ValueError, match="bits"):
         lowp.bitmod_quantize(w, 5)
     with pytest.raises(ValueError, match="w"):
         lowp.bitmod_quantize(w[:, :100], 4, 128)
+
+
+def test_bitmod_scale_rules_differ_where_the_far_end_saturates():
+    # One group, max |w| on the negative side: in the +8 (EA+) variant, "absmax" maps -8 onto
+    # the table's -8 slot that does not exist (nearest -6: saturates); "fit" scales by 8/6.
+    w = np.array([[-8.0, 8.0 * 5 / 6, 1.0, 0.5]], np.float32)
+    a = lowp.bitmod_quantize(w, 4, 4, scale="absmax", special_values=(8.0,))
+    f = lowp.bitmod_quantize(w, 4, 4, scale="fit", special_values=(8.0,))
+    np.testing.assert_allclose(np.asarray(a.scale), [[1.0]])
+    np.testing.assert_allclose(np.asarray(a.values)[0, 0], -6.0)  # saturated
+    np.testing.assert_allclose(np.asarray(f.scale), [[8.0 / 6.0]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(f.values)[0, 0], -8.0, rtol=1e-6)
 
 
 def test_block_rank3_and_quantize_int_errors():
