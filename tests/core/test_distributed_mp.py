@@ -208,8 +208,16 @@ def test_training_survives_ranks_arriving_35s_apart():
 
 def test_barrier_is_a_noop_in_one_process():
     distributed.barrier("solo")
+    distributed.barrier("solo", peer_timeout_s=None)
+    distributed.barrier("solo", peer_timeout_s=distributed.MIN_PEER_TIMEOUT_S)
     with pytest.raises(ValueError, match="timeout_s"):
         distributed.barrier("solo", timeout_s=0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, 1.0, float("nan"), True, "30"])
+def test_barrier_peer_timeout_is_checked(bad):
+    with pytest.raises(ValueError, match=r"peer_timeout_s: expected None or a number of seconds"):
+        distributed.barrier("solo", peer_timeout_s=bad)
 
 
 def test_hand_written_data_parallel_matches_in_process():
@@ -311,3 +319,124 @@ def test_argument_errors_name_the_argument():
         distributed.initialize("127.0.0.1:1234", 1, 0)
     assert not distributed.is_initialized()
     assert 0 < distributed.free_port() < 65536
+
+
+# A rank that dies without raising: launch() stops the whole group when a process exits
+# non-zero, so rank 1's launched process runs the victim as a child (same environment, so the
+# child joins as rank 1), reports how it ended and exits 0.
+DEAD_PEER_PROG = """
+import os, signal, subprocess, sys, time
+if os.environ["JAXCORE_PROCESS_ID"] == "1" and not os.environ.get("VICTIM"):
+    r = subprocess.run([sys.executable, __file__], env={**os.environ, "VICTIM": "1"})
+    print(f"CHILD STATUS {r.returncode}", flush=True)
+    sys.exit(0)
+from jaxcore import distributed
+distributed.initialize(local_device_count=1)
+distributed.barrier("joined")
+if os.environ.get("VICTIM"):
+    os.kill(os.getpid(), signal.SIGKILL)
+t0 = time.monotonic()
+try:
+    distributed.barrier("after-kill", timeout_s=120, peer_timeout_s=3.0)
+except RuntimeError as e:
+    print(f"RAISED after {time.monotonic() - t0:.2f} s: {e}", flush=True)
+t0 = time.monotonic()
+try:
+    distributed.barrier("later", timeout_s=120, peer_timeout_s=3.0)
+except RuntimeError as e:
+    print(f"LATER after {time.monotonic() - t0:.2f} s: {e}", flush=True)
+# exiting now must not wait in JAX's shutdown handshake for the dead rank (100 s heartbeat)
+"""
+
+
+def test_barrier_names_a_peer_killed_without_raising(tmp_path):
+    """Rank 1 is SIGKILLed after joining: rank 0's barrier raises naming it after ~peer_timeout_s
+    (3 s), not after timeout_s (120 s) or JAX's 100 s heartbeat, and rank 0 then exits at once."""
+    prog = tmp_path / "dead_peer.py"
+    prog.write_text(DEAD_PEER_PROG)
+    t0 = time.monotonic()
+    res = distributed.launch([str(prog)], 2, timeout=80, env={"JAX_PLATFORMS": "cpu"})
+    total = time.monotonic() - t0
+    out = res[0].stdout
+    assert "CHILD STATUS -9" in res[1].stdout, (res[1].stdout, res[1].stderr[-2000:])
+    assert "RAISED after" in out, (out, res[0].stderr[-2000:])
+    assert "barrier('after-kill'): process 1 sent no heartbeat for " in out
+    assert "(peer_timeout_s=3) and did not arrive: presumably dead" in out
+    assert "1 of 2 processes arrived" in out
+    waited = float(out.split("RAISED after ")[1].split(" s")[0])
+    assert 3.0 <= waited < 10.0, out  # silent >= 3 s, reported well before timeout_s
+    silent = float(out.split("sent no heartbeat for ")[1].split(" s")[0])
+    assert silent >= 3.0, out
+    assert "barrier('later'): process 1 sent no heartbeat" in out  # later barriers: at once
+    assert float(out.split("LATER after ")[1].split(" s")[0]) < 2.0, out
+    assert total < 60, total  # not held up by the shutdown handshake with the dead rank
+
+
+LATE_PEER_PROG = """
+import os, time
+from jaxcore import distributed
+distributed.initialize(local_device_count=1)
+distributed.barrier("joined")
+if os.environ["JAXCORE_PROCESS_ID"] == "1":
+    time.sleep(3.0)  # alive but late: asleep, then busy in Python (holding the GIL by turns)
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        pass
+    distributed.barrier("late", timeout_s=60, peer_timeout_s=3.0)
+    distributed.shutdown()  # marks rank 1 as gone; waits for rank 0 to shut down too
+else:
+    t0 = time.monotonic()
+    distributed.barrier("late", timeout_s=60, peer_timeout_s=3.0)
+    print(f"WAITED {time.monotonic() - t0:.2f} s", flush=True)
+    t0 = time.monotonic()
+    try:
+        distributed.barrier("never", timeout_s=60, peer_timeout_s=3.0)
+    except RuntimeError as e:
+        print(f"GONE after {time.monotonic() - t0:.2f} s: {e}", flush=True)
+    distributed.shutdown()
+"""
+
+
+def test_a_late_live_peer_is_not_declared_dead_and_a_shut_down_one_is_gone():
+    """Rank 1 reaches the barrier 6 s late (> peer_timeout_s = 3 s) while alive: rank 0 waits
+    for it. Then rank 1 shuts down: rank 0's next barrier says it left, not that it died."""
+    res = distributed.launch(["-c", LATE_PEER_PROG], 2, timeout=80, env={"JAX_PLATFORMS": "cpu"})
+    out = res[0].stdout
+    assert "WAITED" in out, (out, res[0].stderr[-2000:])
+    assert float(out.split("WAITED ")[1].split(" s")[0]) > 4.0, out
+    assert "GONE after" in out, (out, res[0].stderr[-2000:])
+    assert (
+        "barrier('never'): process 1 left the group (distributed.shutdown or process exit) "
+        "without reaching this barrier; 1 of 2 processes arrived" in out
+    )
+    assert "heartbeat" not in out
+    assert float(out.split("GONE after ")[1].split(" s")[0]) < 10.0, out
+
+
+def test_peer_check_reads_heartbeats_by_this_process_clock(monkeypatch):
+    """The liveness verdict alone: a peer is dead once the value it last wrote has been the same
+    for peer_timeout_s by this process's monotonic clock; a peer never seen is not judged."""
+    monkeypatch.setattr(distributed, "_SEEN", {})
+    monkeypatch.setattr(distributed, "_DEAD", set())
+
+    class Client:
+        beats = [("jaxcore:alive/0", "9"), ("jaxcore:alive/1", "5"), ("jaxcore:alive/2", "7")]
+
+        def key_value_dir_get(self, key):
+            assert key == "jaxcore:alive"
+            return list(self.beats)
+
+    client = Client()
+    beats, t = distributed._read_heartbeats(client)
+    assert beats == {0: "9", 1: "5", 2: "7"}
+    distributed._check_peers("b", beats, t + 2.0, [1, 2, 3], 1, 4, 3.0)  # 2 s: still alive
+    client.beats[2] = ("jaxcore:alive/2", "8")  # rank 2 beat again, rank 1 did not
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: t + 4.0)
+    beats, t4 = distributed._read_heartbeats(client)
+    with pytest.raises(RuntimeError, match=r"process 1 sent no heartbeat for 4\.0 s"):
+        distributed._check_peers("b", beats, t4, [1, 2, 3], 1, 4, 3.0)
+    assert distributed._DEAD == {1}
+    distributed._check_peers("b", beats, t4, [2, 3], 2, 4, 3.0)  # rank 1 arrived: fine
+    beats[2] = "left"
+    with pytest.raises(RuntimeError, match=r"process 2 left the group"):
+        distributed._check_peers("b", beats, t4, [2, 3], 2, 4, 3.0)
