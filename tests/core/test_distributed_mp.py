@@ -430,9 +430,11 @@ def test_peer_check_reads_heartbeats_by_this_process_clock(monkeypatch):
     beats, t = distributed._read_heartbeats(client)
     assert beats == {0: "9", 1: "5", 2: "7"}
     distributed._check_peers("b", beats, t + 2.0, [1, 2, 3], 1, 4, 3.0)  # 2 s: still alive
-    client.beats[2] = ("jaxcore:alive/2", "8")  # rank 2 beat again, rank 1 did not
-    monkeypatch.setattr(distributed.time, "monotonic", lambda: t + 4.0)
+    for rank, (value, seen) in list(distributed._SEEN.items()):  # as if read 4 s ago
+        distributed._SEEN[rank] = (value, seen - 4.0)
+    client.beats[2] = ("jaxcore:alive/2", "8")  # rank 2 beat again since, rank 1 did not
     beats, t4 = distributed._read_heartbeats(client)
+    assert distributed._SEEN[2] == ("8", t4)
     with pytest.raises(RuntimeError, match=r"process 1 sent no heartbeat for 4\.0 s"):
         distributed._check_peers("b", beats, t4, [1, 2, 3], 1, 4, 3.0)
     assert distributed._DEAD == {1}
