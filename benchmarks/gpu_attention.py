@@ -78,6 +78,7 @@ MOSAIC_CASES = [
     dict(t=256, s=384, n=8, k=1, h=128, hv=128, kw=dict(is_causal=True, logits_soft_cap=20.0)),
     dict(t=130, s=70, n=2, k=2, h=256, hv=128, kw={}),
     dict(t=200, s=300, n=4, k=1, h=128, hv=128, kw=dict(is_causal=True, kvlen=True)),
+    dict(t=384, s=384, n=4, k=2, h=128, hv=128, kw=dict(is_causal=True, seg=True)),  # packed
 ]
 
 

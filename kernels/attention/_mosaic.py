@@ -21,10 +21,17 @@ after the FlashAttention-3 design:
 
 The backward (:data:`MOSAIC_BACKWARD`, read at trace time) is the Triton kernel's
 (``_pallas._backward``, the default until measured) or the Mosaic GPU kernels of
-``_mosaic_bwd.py``, both from the saved output and lse. Inputs
-are bf16 / f16; supported options are scale, is_causal, local_window_size, logits_soft_cap, GQA
-key_value_seq_lengths and any T / S (padded here); bias, mask and segment_ids raise a
-ValueError (use implementation="pallas"). Interpret mode runs the same kernel in JAX's Mosaic GPU
+``_mosaic_bwd.py`` (not with segment ids: those take the Triton backward), both from the
+saved output and lse. Inputs are bf16 / f16; supported options are scale, is_causal,
+local_window_size, logits_soft_cap, GQA, key_value_seq_lengths, segment_ids and any T / S
+(padded here); bias and mask raise a ValueError (use implementation="pallas").
+
+Segment ids (packed sequences): the query rows' ids arrive with the Q tile and each key block's
+ids with its K block (TMA copies on the same barriers, two arrivals each); every block is then
+masked by id equality. An XLA prologue gives each CTA tile the key blocks whose id range meets
+the tile's (:func:`_segment_ranges`), so packed sequences only walk their own blocks.
+
+Interpret mode runs the same kernel in JAX's Mosaic GPU
 interpreter on CPU (tests), with one difference: there the two matmuls are ``lax.dot_general``
 on the shared-memory tiles (the interpreter's wgmma takes neither a transposed nor a register
 operand, and it has no ``run_state``). Barriers, TMA copies, block ranges, masks and the softmax
@@ -63,6 +70,7 @@ class MosaicConfig:
     stages: int = 2  # K/V ring depth
     pingpong: bool = True
     has_lengths: bool = False  # a (B,) int32 key_value_seq_lengths input
+    has_segments: bool = False  # (B, Tp) / (B, Sp) int32 segment ids and (B, tiles, 2) ranges
     interpret: bool = False
 
 
@@ -70,13 +78,21 @@ SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA (opt-in maximum)
 
 
 def smem_bytes(
-    block_q: int, block_k: int, stages: int, hp: int, hvp: int, itemsize: int = 2
+    block_q: int,
+    block_k: int,
+    stages: int,
+    hp: int,
+    hvp: int,
+    itemsize: int = 2,
+    segments: bool = False,
 ) -> int:
-    """Shared memory one CTA allocates: Q (and O) tiles, the K/V ring, lse rows, barriers."""
+    """Shared memory one CTA allocates: Q (and O) tiles, the K/V ring, lse rows, barriers (and
+    the int32 segment ids of the query rows and of each ring slot's keys)."""
     q = 2 * block_q * hp * itemsize
     o = 0 if hvp == hp else 2 * block_q * hvp * itemsize
     ring = stages * block_k * (hp + hvp) * itemsize
-    return q + o + ring + 2 * block_q * 4 + 64 * (2 * stages + 4)
+    seg = (2 * block_q + stages * block_k) * 4 if segments else 0
+    return q + o + ring + seg + 2 * block_q * 4 + 64 * (2 * stages + 4)
 
 
 def default_config(hp: int = 128, hvp: int = 128) -> dict:
@@ -212,6 +228,14 @@ def iota(shape: tuple[int, int], dim: int, interpret: bool) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
+def vec(ref, dim: int, interpret: bool) -> jax.Array:
+    """A 1-D shared-memory vector in registers, laid out to broadcast along tile dim ``dim``
+    (``lax.broadcast_in_dim(x, shape, [dim])`` of a wgmma-layout tile)."""
+    if interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
 def visible(qpos, kpos, s_end, left: int | None, right: int | None) -> jax.Array:
     """The mask: key before ``s_end`` and inside the window [q - left, q + right]."""
     vis = kpos < s_end
@@ -222,11 +246,14 @@ def visible(qpos, kpos, s_end, left: int | None, right: int | None) -> jax.Array
     return vis
 
 
-def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=None):
+def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=None, seg=None):
     """q (B, Tp, N, Hp), k (B, Sp, K, Hp), v (B, Sp, K, Hvp) -> out (B, Tp, N, Hvp), lse (B, N, Tp).
 
     Tp is a multiple of 2 * block_q, Sp of block_k; keys at or past spec.s (and, with
-    ``lens`` (B,) int32, at or past lens[b]) are padding.
+    ``lens`` (B,) int32, at or past lens[b]) are padding. ``seg`` (with ``cfg.has_segments``):
+    (qseg (B, Tp), kseg (B, Sp), ranges (B, Tp // (2 * block_q), 2)) int32: query t sees key
+    j only if qseg[t] == kseg[j], and CTA tile i only walks key blocks [ranges[i, 0],
+    ranges[i, 1]) (intersected with the causal / window / length range).
     """
     b, tp, n, hp = q.shape
     sp, hvp = k.shape[1], v.shape[3]
@@ -244,8 +271,13 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
         """Soft-capped logits in base-2 units."""
         return jnp.tanh(qk * (cfg.spec.scale / cap)) * (cap * _LOG2E)
 
-    def body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, smem, loaded, consumed, sched):
-        qo_smem, k_smem, v_smem, lse_smem, *o_extra = smem
+    segs = cfg.has_segments
+
+    def body(q_ref, k_ref, v_ref, len_ref, seg_refs, o_ref, lse_ref, smem, loaded, consumed, sched):
+        qo_smem, k_smem, v_smem, lse_smem, *extra = smem
+        qseg_smem, kseg_smem = extra[-2:] if segs else (None, None)
+        o_extra = extra[:-2] if segs else extra
+        qseg_ref, kseg_ref, rng_ref = seg_refs if segs else (None, None, None)
         k_loaded, v_loaded, q_loaded = loaded
         k_consumed, v_consumed = consumed
         bi = lax.axis_index("batch")
@@ -257,6 +289,9 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
         if len_ref is not None:  # this sequence's key length (clipped to [0, S])
             s_end = jnp.minimum(jnp.maximum(len_ref[bi], _i32(0)), s_end)
         lo, hi = _steps(cfg, base, 2 * bq, s_end)
+        if segs:  # only the key blocks whose segment ids can meet this tile's
+            lo = jnp.maximum(lo, rng_ref[bi, tile, 0])
+            hi = jnp.maximum(jnp.minimum(hi, rng_ref[bi, tile, 1]), lo)
         nsteps = hi - lo
 
         def sync():
@@ -269,8 +304,14 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
             q_smem = qo_smem.at[wg]
             r0 = base + wg * _i32(bq)
             flo, fhi = _full_steps(cfg, r0, lo, hi, s_end)
+            if segs:  # every block is masked (segment ids are data)
+                flo = fhi = lo
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), head], q_smem, q_loaded.at[wg])
+            if segs:
+                qs_smem = qseg_smem.at[wg]
+                plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(r0, bq)], qs_smem, q_loaded.at[wg])
             plgpu.barrier_wait(q_loaded.at[wg])
+            qs = vec(qs_smem, 0, interp) if segs else None
             m = laid_out(jnp.full((bq,), -_BIG, jnp.float32), row_layout, interp)
             l = laid_out(jnp.full((bq,), 0.0, jnp.float32), row_layout, interp)
             acc = laid_out(jnp.full((bq, hvp), 0.0, jnp.float32), wgmma_layout, interp)
@@ -285,6 +326,8 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
             def step(j, carry, masked: bool):
                 acc, m, l = carry
                 slot = lax.rem(j - lo, _i32(stages))
+                # the block's key segment ids, read before its slot is released
+                ks = vec(kseg_smem.at[slot], 1, interp) if masked and segs else None
 
                 qk = mm_nt(
                     q_smem, k_smem.at[slot], (bq, bk), interp, sync if cfg.pingpong else None
@@ -297,7 +340,13 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
                 if masked:
                     qpos = iota((bq, bk), 0, interp) + r0
                     kpos = iota((bq, bk), 1, interp) + j * _i32(bk)
-                    z = jnp.where(visible(qpos, kpos, s_end, left, right), z, -jnp.inf)
+                    vis = visible(qpos, kpos, s_end, left, right)
+                    if segs:
+                        same = lax.broadcast_in_dim(qs, (bq, bk), [0]) == lax.broadcast_in_dim(
+                            ks, (bq, bk), [1]
+                        )
+                        vis = jnp.logical_and(vis, same)
+                    z = jnp.where(vis, z, -jnp.inf)
                 m_new = jnp.maximum(m, scaled(z.max(axis=1)))
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(scaled(z) - lax.broadcast_in_dim(m_new, z.shape, [0]))
@@ -350,6 +399,9 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
                 if wait:
                     plgpu.barrier_wait(k_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_loaded.at[slot])
+                if segs:  # the keys' segment ids travel with K (a second arrival)
+                    kseg_rows = kseg_ref.at[bi, pl.ds((lo + i) * _i32(bk), bk)]
+                    plgpu.copy_gmem_to_smem(kseg_rows, kseg_smem.at[slot], k_loaded.at[slot])
                 if wait:
                     plgpu.barrier_wait(v_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_loaded.at[slot])
@@ -358,6 +410,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
 
     def entry(q_ref, k_ref, v_ref, *refs):
         len_ref = refs[0] if cfg.has_lengths else None
+        seg_refs = refs[int(cfg.has_lengths) : int(cfg.has_lengths) + 3] if segs else None
         o_ref, lse_ref = refs[-2:]
         tiled = lambda h: (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # noqa: E731
         scratch = [
@@ -368,13 +421,16 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
         ]
         if hvp != hp:  # the output tile cannot reuse the query tile
             scratch.append(plgpu.SMEM((2, bq, hvp), dtype, transforms=tiled(hvp)))
+        if segs:
+            scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
+        arrivals = 2 if segs else 1  # K (Q) and, with segments, their segment ids
         pl.run_scoped(
-            lambda *a: body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *a),
+            lambda *a: body(q_ref, k_ref, v_ref, len_ref, seg_refs, o_ref, lse_ref, *a),
             scratch,
             (
+                plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=2),
+                plgpu.Barrier(num_arrivals=arrivals, num_barriers=2),
             ),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
@@ -398,18 +454,20 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-    )(q, k, v, *(() if lens is None else (lens,)))
+    )(q, k, v, *(() if lens is None else (lens,)), *(() if seg is None else seg))
     return out, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(cfg: MosaicConfig, pcfg: _pallas.PallasConfig, q, k, v, lens, qseg, kseg):
-    return _forward(cfg, q, k, v, lens)
+def _flash(cfg: MosaicConfig, pcfg: _pallas.PallasConfig, q, k, v, lens, qseg, kseg, rng):
+    seg = (qseg, kseg, rng) if cfg.has_segments else None
+    return _forward(cfg, q, k, v, lens, seg)
 
 
-def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg):
+def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg, rng):
     val = lambda x: None if x is None else x.value  # noqa: E731
-    out, lse = _forward(cfg, q.value, k.value, v.value, val(lens))
+    seg = (qseg.value, kseg.value, rng.value) if cfg.has_segments else None
+    out, lse = _forward(cfg, q.value, k.value, v.value, val(lens), seg)
     return (out, lse), (q.value, k.value, v.value, val(qseg), val(kseg), out, lse)
 
 
@@ -429,16 +487,16 @@ def _flash_bwd(cfg, pcfg, res, cts):
         dlse = jnp.zeros(lse.shape, lse.dtype)
     if MOSAIC_BACKWARD not in BACKWARDS:
         raise ValueError(f"MOSAIC_BACKWARD: expected one of {BACKWARDS}, got {MOSAIC_BACKWARD!r}")
-    if MOSAIC_BACKWARD == "mosaic":
+    if MOSAIC_BACKWARD == "mosaic" and not cfg.has_segments:  # (no segment ids there yet)
         from . import _mosaic_bwd
 
         # key lengths come back from the folded segment ids (valid keys are a prefix: id 0)
         lens = jnp.sum(kseg == 0, axis=1, dtype=jnp.int32) if cfg.has_lengths else None
         dq, dk, dv = _mosaic_bwd.backward(cfg, q, k, v, lens, out, lse, do, dlse)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
     pcfg = dataclasses.replace(pcfg, bias_grad=False)
     dq, dk, dv, _ = _pallas._backward(pcfg, q, k, v, qseg, kseg, None, None, out, lse, do, dlse)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
@@ -447,7 +505,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 UNSUPPORTED = (
     ("bias", "bias"),
     ("mask", "mask"),
-    ("q_segment_ids", "segment_ids"),
 )
 
 
@@ -478,6 +535,32 @@ def _check_interpreter_threads() -> None:
             "start JAX with jax.config.update('jax_num_cpu_devices', 4) or "
             "XLA_FLAGS=--xla_force_host_platform_device_count=4"
         )
+
+
+def _segment_ranges(qseg, kseg, valid, rows: int, bk: int) -> jax.Array:
+    """(B, Tp // rows, 2) int32 key-block range [lo, hi) per tile of ``rows`` queries.
+
+    A block is needed if the id ranges [min, max] of the tile's queries and of the block's
+    valid keys overlap; [lo, hi) spans the first to the last such block (the blocks between
+    are masked in the kernel), (0, 0) if none. Packed sequences (ids non-decreasing along
+    the sequence) give exactly the blocks of the tile's own sequences.
+    """
+    b, tp = qseg.shape
+    big = jnp.iinfo(jnp.int32).max
+    qt = qseg.reshape(b, tp // rows, rows)
+    qmin, qmax = qt.min(-1), qt.max(-1)  # (B, tiles)
+    kb = kseg.reshape(b, -1, bk)
+    vb = valid.reshape(b, -1, bk)
+    kmin = jnp.where(vb, kb, big).min(-1)  # (B, blocks); no valid key: empty range
+    kmax = jnp.where(vb, kb, -big).max(-1)
+    hit = (kmax[:, None, :] >= qmin[:, :, None]) & (kmin[:, None, :] <= qmax[:, :, None])
+    nb = hit.shape[-1]
+    any_hit = hit.any(-1)
+    lo = jnp.argmax(hit, axis=-1)
+    hi = nb - jnp.argmax(hit[..., ::-1], axis=-1)
+    return jnp.stack([jnp.where(any_hit, lo, 0), jnp.where(any_hit, hi, 0)], axis=-1).astype(
+        jnp.int32
+    )
 
 
 def attention_mosaic(
@@ -512,7 +595,8 @@ def attention_mosaic(
             raise ValueError(f"{nm}: expected 64 or 128 for 'mosaic', got {opts[nm]}")
     if opts["stages"] < 1:
         raise ValueError(f"stages: expected >= 1, got {opts['stages']}")
-    need = smem_bytes(opts["block_q"], opts["block_k"], opts["stages"], hp, hvp)
+    segs = inp.q_segment_ids is not None
+    need = smem_bytes(opts["block_q"], opts["block_k"], opts["stages"], hp, hvp, segments=segs)
     if need > SMEM_BYTES:
         raise ValueError(
             f"blocks: block_k={opts['block_k']}, stages={opts['stages']} need {need // 1024} KiB "
@@ -529,17 +613,31 @@ def attention_mosaic(
     qp, kp, vp = pad(q, tp, hp), pad(k, sp, hp), pad(v, sp, hvp)
     spec = inp.spec
     lens = None if inp.kv_seqlen is None else inp.kv_seqlen.astype(jnp.int32)
-    qseg = kseg = None
-    if sp != s or lens is not None:  # the Triton backward masks keys through segment ids
+    qseg = kseg = rng = None
+    if sp != s or lens is not None or segs:  # the Triton backward masks keys through segments
         kpos = jnp.arange(sp, dtype=jnp.int32)[None, :]
-        valid = kpos < s if lens is None else (kpos < s) & (kpos < lens[:, None])
-        qseg = jnp.zeros((b, tp), jnp.int32)
-        kseg = jnp.where(jnp.broadcast_to(valid, (b, sp)), 0, -1).astype(jnp.int32)
+        valid = jnp.broadcast_to(kpos < s, (b, sp))
+        if lens is not None:
+            valid = valid & (kpos < lens[:, None])
+        if segs:
+            # padded query rows copy the last real row's id (they are cut off afterwards)
+            qseg = jnp.pad(inp.q_segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)), "edge")
+            kseg = jnp.pad(inp.kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)))
+            rng = _segment_ranges(qseg, kseg, valid, 2 * opts["block_q"], opts["block_k"])
+            kseg = jnp.where(valid, kseg, jnp.min(qseg) - 1)  # never equal to a query's id
+        else:
+            qseg = jnp.zeros((b, tp), jnp.int32)
+            kseg = jnp.where(valid, 0, -1).astype(jnp.int32)
     cfg = MosaicConfig(
-        spec=spec, groups=n // kh, has_lengths=lens is not None, interpret=interpret, **opts
+        spec=spec,
+        groups=n // kh,
+        has_lengths=lens is not None,
+        has_segments=segs,
+        interpret=interpret,
+        **opts,
     )
     pcfg = _pallas.PallasConfig(
         spec=spec, groups=n // kh, has_segments=qseg is not None, interpret=interpret, **bwd
     )
-    out, lse = _flash(cfg, pcfg, qp, kp, vp, lens, qseg, kseg)
+    out, lse = _flash(cfg, pcfg, qp, kp, vp, lens, qseg, kseg, rng)
     return out[:, :t, :, :hv], jnp.swapaxes(lse, 1, 2)[:, :t]

@@ -143,6 +143,90 @@ def test_gradients_against_reference(kw):
         assert_close(g, w, dtype=jnp.bfloat16, scale=max(scale, 1.0), err_msg=name)
 
 
+def _packed_ids(b: int, t: int, cuts) -> jnp.ndarray:
+    """(b, t) int32 ids of packed sequences: row i's id steps up at each of cuts[i]."""
+    ids = np.zeros((b, t), np.int32)
+    for i, cs in enumerate(cuts):
+        for c in cs:
+            ids[i, c:] += 1
+    return jnp.asarray(ids)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(is_causal=True),
+        dict(local_window_size=(50, 10), kvlen=True),
+    ],
+)
+def test_segment_ids_values_lse_and_gradients(kw):
+    # Packed sequences (a 1-row sequence, one spanning several key blocks, an empty tail),
+    # with causal or window + key lengths on top; values, lse and gradients vs the reference.
+    kw = dict(kw)
+    q, k, v = _inputs(2, 200, 200, 2, 1, 64, 64, jnp.bfloat16, seed=7)
+    seg = _packed_ids(2, 200, [(50, 51, 140), (150,)])
+    if kw.pop("kvlen", False):
+        kw["key_value_seq_lengths"] = jnp.array([170, 200], jnp.int32)
+
+    def f(impl, q, k, v):
+        inp = normalize(q, k, v, segment_ids=seg, **kw)
+        if impl == "reference":
+            out, lse = attention_reference(inp)
+        else:
+            out, lse = attention_mosaic(inp, interpret=True, blocks=dict(block_k=64))
+        return _loss(out, lse), (out, lse)
+
+    vg = lambda impl, *a: jax.value_and_grad(  # noqa: E731
+        lambda *x: f(impl, *x), argnums=(0, 1, 2), has_aux=True
+    )(*a)
+    (_, (out, lse)), grads = jax.jit(lambda *a: vg("mosaic", *a))(q, k, v)
+    (_, (ro, rl)), want = vg("reference", *_f32(q, k, v))
+    assert_close(out, ro, dtype=jnp.bfloat16, scale=2.0)
+    finite = np.isfinite(np.asarray(rl))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+    assert_close(jnp.where(finite, lse, 0), jnp.where(finite, rl, 0), dtype=jnp.float32, scale=100)
+    for name, g, w in zip("qkv", grads, want):
+        scale = 4.0 * float(jnp.max(jnp.abs(w)))
+        assert_close(g, w, dtype=jnp.bfloat16, scale=max(scale, 1.0), err_msg=name)
+
+
+def test_segment_ids_take_the_triton_backward_under_mosaic_backward(monkeypatch):
+    from jaxcore.kernels.attention import _mosaic
+
+    q, k, v = _inputs(1, 128, 128, 2, 2, 64, 64, jnp.bfloat16, seed=2)
+    seg = _packed_ids(1, 128, [(70,)])
+
+    def grads():
+        def loss(q, k, v):
+            out, lse = attention_mosaic(
+                normalize(q, k, v, is_causal=True, segment_ids=seg), interpret=True
+            )
+            return _loss(out, lse)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    a = grads()
+    monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", "mosaic")
+    b = grads()
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_segment_ranges_cover_exactly_the_meeting_blocks():
+    from jaxcore.kernels.attention._mosaic import _segment_ranges
+
+    # 2 rows: packed ids (blocks of 4 keys, tiles of 4 queries) and non-monotone ids.
+    qseg = jnp.array([[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [5, 5, 9, 9, 0, 0, 0, 0, 7, 7, 7, 7]])
+    kseg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2], [9, 9, 0, 0, 3, 3, 3, 3, 5, 5, 5, 5]])
+    valid = jnp.ones(kseg.shape, bool).at[0, 8:].set(False)  # row 0: last block all padding
+    rng = np.asarray(_segment_ranges(qseg, kseg, valid, 4, 4))
+    # row 0: tile 0 (id 0) -> blocks 0..0; tile 1 (id 1) -> blocks 0..1; tile 2 (id 2) -> none
+    np.testing.assert_array_equal(rng[0], [[0, 1], [0, 2], [0, 0]])
+    # row 1: block id ranges [0, 9], [3, 3], [5, 5]: tile {5, 9} meets blocks 0 and 2 (range
+    # 0..2, block 1 masked in between), tile {0} meets block 0, tile {7} meets block 0 only
+    np.testing.assert_array_equal(rng[1], [[0, 3], [0, 1], [0, 1]])
+
+
 def test_public_api_and_vmap():
     q, k, v = _inputs(2, 64, 64, 1, 1, 64, 64, jnp.bfloat16)
     got = dot_product_attention(q, k, v, is_causal=True, implementation="mosaic_interpret")
@@ -161,7 +245,6 @@ def test_public_api_and_vmap():
     [
         (dict(bias=jnp.zeros((1, 1, 64, 64))), "bias"),
         (dict(mask=jnp.ones((1, 1, 64, 64), bool)), "mask"),
-        (dict(segment_ids=jnp.zeros((1, 64), jnp.int32)), "segment_ids"),
     ],
 )
 def test_unsupported_arguments_name_themselves(kw, name):
@@ -202,6 +285,7 @@ LOWER = [
     ),  # fmt: skip
     ((1, 256, 256, 4, 4, 32, 96), jnp.bfloat16, {}, {}),
     ((2, 512, 640, 8, 8, 128, 128), jnp.bfloat16, dict(is_causal=True, kvlen=True), {}),
+    ((2, 1024, 1024, 8, 2, 128, 128), jnp.bfloat16, dict(is_causal=True, seg=True), {}),
 ]
 
 
@@ -212,6 +296,8 @@ def test_compiled_kernel_lowers_for_cuda(case):
 
     kw = dict(kw)
     lens = jnp.array([s, s // 3], jnp.int32)[:b] if kw.pop("kvlen", False) else None
+    if kw.pop("seg", False):
+        kw["segment_ids"] = _packed_ids(b, t, [(t // 3, t // 2)] * b)
 
     def f(q, k, v):
         inp = normalize(q, k, v, key_value_seq_lengths=lens, **kw)
@@ -249,6 +335,8 @@ def test_gpu_default_rule():
     assert gpu_default(inp, h100, prefer_mosaic=True) == "mosaic"
     assert gpu_default(inp, h100, prefer_mosaic=False) == "pallas"
     assert gpu_default(inp, a100, prefer_mosaic=True) == "pallas"
+    packed = normalize(q, k, v, segment_ids=jnp.zeros((1, 64), jnp.int32))
+    assert gpu_default(packed, h100, prefer_mosaic=True) == "mosaic"
     with_bias = normalize(q, k, v, jnp.zeros((1, 1, 64, 64), jnp.bfloat16))
     assert gpu_default(with_bias, h100, prefer_mosaic=True) == "pallas"
     f32 = normalize(*_f32(q, k, v))
