@@ -68,6 +68,8 @@ def test_int8_path_is_exact():
 
 
 def test_narrow_accumulator_matches_sequential_reference():
+    from jaxcore.kernels.lowp.reference import _to_float, round_fraction
+
     a, b = _ab(2, m=3, k=64, n=4)
     fmt = lowp.bfloat16
     got = dot(
@@ -77,9 +79,14 @@ def test_narrow_accumulator_matches_sequential_reference():
     aq = a.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
     bq = b.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
     acc = np.zeros((3, 4), np.float32)
-    for k in range(64):  # float32 add, then round to bfloat16 (ml_dtypes), step by step
-        acc = (acc + aq[:, k : k + 1] * bq[k : k + 1, :]).astype(ml_dtypes.bfloat16)
-        acc = acc.astype(np.float32)
+    for k in range(64):  # the exact acc + a*b, rounded once onto bfloat16, step by step
+        for i in range(3):
+            for j in range(4):
+                v = Fraction(float(acc[i, j])) + Fraction(float(aq[i, k])) * Fraction(
+                    float(bq[k, j])
+                )
+                r = round_fraction(abs(v), v < 0, fmt, "nearest_even")
+                acc[i, j] = _to_float(r, np.float32)
     np.testing.assert_array_equal(np.asarray(got), acc)
     wide = dot(a, b, DN, lhs_format=lowp.float8_e4m3fn, rhs_format=lowp.float8_e4m3fn)
     assert np.abs(np.asarray(wide) - acc).max() > 0  # the narrow accumulator is visible
