@@ -4,8 +4,9 @@
 ``jit``/``pjit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``scan`` (ops multiplied by ``length``),
 ``while`` (static trip counts inferred from ``i < n`` loops), ``cond`` (the most expensive branch),
 ``shard_map`` (ops multiplied by the mesh size: the workload is the whole program's work) and
-``pallas_call`` (its ``cost_estimate`` when given). Ops that cannot be costed are listed in
-``Workload.unknown`` and reported with a warning; they are never dropped silently.
+``custom_vmap``, ``pallas_call`` and Mosaic GPU kernels (``mpmd_map``) (their ``cost_estimate``
+when given: jaxcore's Triton attention and scan kernels carry one). Ops that cannot be costed
+are listed in ``Workload.unknown`` and reported with a warning; they are never dropped silently.
 
 Each :class:`Op` carries shapes, dtypes, FLOPs and bytes read/written for ONE execution, and
 ``count`` (how many times it executes). Matmuls/convs carry (M, N, K, batch): the op computes
@@ -441,8 +442,9 @@ class _Tracer:
             "remat",
             "xla_call",
             "named_call",
+            "custom_vmap_call",
         ):
-            sub = p.get("jaxpr", p.get("call_jaxpr", p.get("fun_jaxpr")))
+            sub = p.get("jaxpr", p.get("call_jaxpr", p.get("fun_jaxpr", p.get("call"))))
             if sub is None:
                 self._unknown(eqn, here, count, "higher-order primitive without a jaxpr param")
                 return no_names
@@ -506,10 +508,10 @@ class _Tracer:
             jx = getattr(jx, "jaxpr", jx)
             self.walk(jx, in_names, count * size, f"{here}[x{size}]")
             return no_names
-        if prim == "pallas_call":
+        if prim in ("pallas_call", "mpmd_map"):  # mpmd_map: Mosaic GPU plgpu.kernel
             ce = p.get("cost_estimate")
             if ce is None:
-                self._unknown(eqn, here, count, "pallas_call without cost_estimate")
+                self._unknown(eqn, here, count, f"{prim} without cost_estimate")
                 return no_names
             self._add(
                 eqn,

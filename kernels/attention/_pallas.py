@@ -276,6 +276,74 @@ def _extras(cfg: PallasConfig, tl: _Tiling, qseg, kseg, bias, mask) -> tuple[lis
     return specs, args
 
 
+def visited_blocks(spec: MaskSpec, tp: int, sp: int, bq: int, bk: int) -> int:
+    """(query block, key block) pairs a kernel with these tiles visits under the static mask
+    (causal / window and the static key length ``spec.s``; dynamic lengths and segment ids
+    can only skip more). The same block ranges as the kernels' loops."""
+    left, right = _bounds(spec)
+    r0 = np.arange(0, tp, bq, dtype=np.int64)
+    s_end = min(spec.s, sp)
+    lo = np.zeros_like(r0) if left is None else np.maximum(r0 - left, 0) // bk
+    end = np.full_like(r0, s_end)
+    if right is not None:
+        end = np.clip(r0 + bq - 1 + right + 1, 0, s_end)
+    hi = -(-end // bk)
+    return int(np.maximum(hi - lo, 0).sum())
+
+
+def cost_estimate(
+    kind: str,
+    spec: MaskSpec,
+    d: _Dims,
+    bq: int,
+    bk: int,
+    itemsize: int,
+    extra_bytes_per_pair: float = 0.0,
+) -> pl.CostEstimate:
+    """Whole-call work of one flash-attention kernel (all B x N programs), for XLA and
+    ``jaxcore.hardware.trace``: ``kind`` "fwd", "dkdv" or "dq".
+
+    Per visited (bq, bk) block pair: the matmuls (fwd: Q K^T, P V; dK/dV: Q K^T, dO V^T,
+    P^T dO, dS^T Q; dQ: Q K^T, dO V^T, dS K; 2 flops per multiply-add), ~8 flops of softmax
+    arithmetic per logit, one exp per logit (plus a tanh with a soft cap). Bytes: each program
+    reads its own tile once and the other side's tiles once per visited block (K/V for fwd and
+    dQ; Q, dO, lse, delta for dK/dV), writes its outputs once; ``extra_bytes_per_pair`` adds
+    segment ids / bias / mask traffic per visited logit.
+    """
+    pairs = visited_blocks(spec, d.tp, d.sp, bq, bk) * d.b * d.n
+    logits = pairs * bq * bk
+    mm = {"fwd": d.hp + d.hvp, "dkdv": 2 * (d.hp + d.hvp), "dq": 2 * d.hp + d.hvp}[kind]
+    flops = logits * (2 * mm + 8)
+    trans = logits * (2 if spec.soft_cap is not None else 1)
+    q_row = d.hp * itemsize  # one query (or key) row of one head
+    v_row = d.hvp * itemsize
+    if kind == "fwd":  # read Q, write O and lse once; K, V per visited block
+        own = d.b * d.n * d.tp * (q_row + v_row + 4)
+        other = pairs * bk * (q_row + v_row)
+    elif kind == "dkdv":  # read K, V, write dK, dV once; Q, dO, lse, delta per visited block
+        own = d.b * d.n * d.sp * 2 * (q_row + v_row)
+        other = pairs * bq * (q_row + v_row + 8)
+    else:  # read Q, dO, lse, delta, write dQ once; K, V per visited block
+        own = d.b * d.n * d.tp * (2 * q_row + v_row + 8)
+        other = pairs * bk * (q_row + v_row)
+    nbytes = own + other + int(logits * extra_bytes_per_pair)
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(nbytes))
+
+
+def _extra_bytes(cfg: PallasConfig, bq: int, bk: int, bias, mask) -> float:
+    """Per-logit bytes of the optional inputs a kernel reads per visited block pair."""
+    extra = 0.0
+    if cfg.has_segments:
+        extra += 4.0 / bk + 4.0 / bq  # one int32 id per row and per column of a block
+    for arr, bc in ((bias, cfg.bias_bcast), (mask, cfg.mask_bcast)):
+        if arr is not None:
+            per = arr.dtype.itemsize
+            per = per / bq if bc[2] else per
+            per = per / bk if bc[3] else per
+            extra += per
+    return extra
+
+
 def _call(
     cfg: PallasConfig,
     kernel,
@@ -287,6 +355,7 @@ def _call(
     *,
     name: str,
     bwd: bool,
+    cost: pl.CostEstimate | None = None,
 ):
     """``pallas_call`` over the grid (programs, B, N) with this call's compiler params."""
     return pl.pallas_call(
@@ -298,6 +367,7 @@ def _call(
         compiler_params=_compiler_params(cfg, bwd=bwd),
         interpret=cfg.interpret,
         name=name,
+        cost_estimate=cost,
     )
 
 
@@ -427,6 +497,15 @@ def _forward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask):
         ],
         name="jaxcore_flash_fwd",
         bwd=False,
+        cost=cost_estimate(
+            "fwd",
+            cfg.spec,
+            d,
+            cfg.block_q,
+            cfg.block_k,
+            q.dtype.itemsize,
+            _extra_bytes(cfg, cfg.block_q, cfg.block_k, bias, mask),
+        ),
     )(q, k, v, *ex_args)
     return out, lse
 
@@ -593,6 +672,9 @@ def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, 
         ],
         name="jaxcore_flash_bwd_dkdv",
         bwd=True,
+        cost=cost_estimate(
+            "dkdv", cfg.spec, d, bq, bk, q.dtype.itemsize, _extra_bytes(cfg, bq, bk, bias, mask)
+        ),
     )(*args, *ex_args)
     if g > 1:  # sum the G query heads of each key/value head
         dk = dk.reshape(d.b, d.sp, d.kh, g, d.hp).sum(axis=3).astype(k.dtype)
@@ -624,6 +706,9 @@ def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, 
         out_shape,
         name="jaxcore_flash_bwd_dq",
         bwd=True,
+        cost=cost_estimate(
+            "dq", cfg.spec, d, bq, bk, q.dtype.itemsize, _extra_bytes(cfg, bq, bk, bias, mask)
+        ),
     )(*args, *ex_args)
     dq, dbias = res[0], None
     if bc is not None:

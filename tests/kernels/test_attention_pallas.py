@@ -223,3 +223,68 @@ def test_bias_gradient_only_when_differentiated():
         calls = _pallas_outputs(jaxpr)
         assert len(calls) == 3  # forward, dK/dV, dQ (+ dS)
         assert len(calls[-1]) == n_out, calls
+
+
+@pytest.mark.parametrize(
+    "spec_kw", [dict(is_causal=True), dict(local_window_size=(40, 8)), dict(), dict(s=100)]
+)
+def test_visited_blocks_match_a_brute_force_count(spec_kw):
+    from jaxcore.kernels.attention._common import MaskSpec
+    from jaxcore.kernels.attention._pallas import _bounds, visited_blocks
+
+    spec_kw = dict(spec_kw)
+    s = spec_kw.pop("s", 192)
+    window = spec_kw.get("local_window_size")
+    spec = MaskSpec(t=160, s=s, scale=1.0, is_causal=spec_kw.get("is_causal", False), window=window)
+    tp, sp, bq, bk = 192, 192, 32, 64
+    left, right = _bounds(spec)
+    qpos, kpos = np.arange(tp)[:, None], np.arange(sp)[None, :]
+    vis = np.broadcast_to(kpos < s, (tp, sp))
+    if right is not None:
+        vis = vis & (kpos <= qpos + right)
+    if left is not None:
+        vis = vis & (kpos >= qpos - left)
+    blocks = vis.reshape(tp // bq, bq, sp // bk, bk).any(axis=(1, 3))
+    # the kernels walk a contiguous range per query block: count the span of visible blocks
+    want = sum(
+        int(np.flatnonzero(r).max() - np.flatnonzero(r).min() + 1) if r.any() else 0 for r in blocks
+    )
+    assert visited_blocks(spec, tp, sp, bq, bk) == want
+
+
+def test_pallas_calls_carry_cost_estimates_for_hardware_trace():
+    """jaxcore.hardware.trace costs the Triton kernels from their cost_estimate: dense FLOPs
+    equal the reference's matmuls (+ softmax), causal ones are the visited-block share, the
+    backward is the FlashAttention-2 recompute (7 matmul passes vs the reference's 4)."""
+    from jaxcore.hardware import trace
+
+    sds = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
+
+    def fwd(impl, **kw):
+        return trace(
+            lambda q, k, v: dot_product_attention(q, k, v, implementation=impl, **kw),
+            sds,
+            sds,
+            sds,
+        )
+
+    def fwd_bwd(impl, **kw):
+        def g(q, k, v):
+            loss = lambda *a: dot_product_attention(*a, implementation=impl, **kw).sum()  # noqa: E731
+            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+        return trace(g, sds, sds, sds)
+
+    mm = 2 * 2 * 256 * 256 * 64 * 2  # Q K^T and P V over B * N = 2 heads
+    dense = fwd("pallas_interpret")
+    assert not dense.unknown and dense.by_kind().get("custom", 0) == 1
+    assert mm <= dense.flops <= 1.1 * mm
+    trans = sum(o.transcendentals * o.count for o in dense.ops)
+    assert 2 * 256 * 256 <= trans <= 1.05 * 2 * 256 * 256
+    # bytes: at least q, k, v, out once each
+    assert dense.bytes >= 4 * 256 * 2 * 64 * 4
+    causal = fwd("pallas_interpret", is_causal=True)
+    assert 0.5 * dense.flops < causal.flops < 0.8 * dense.flops
+    both = fwd_bwd("pallas_interpret")
+    assert not both.unknown and both.by_kind().get("custom", 0) == 3
+    assert 4.4 * mm <= both.flops <= 4.9 * mm  # 2 + 4 (dK/dV) + 3 (dQ) passes of 2 matmul-halves
