@@ -7,6 +7,7 @@ with the exact rounding reference (``lowp.reference.round_fraction``, the functi
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -135,8 +136,13 @@ def _operands(seed, m, k, n, span, scale=1.0):
     return draw((m, k)), draw((k, n))
 
 
+@functools.cache
+def _rounder(fmt):
+    return jax.jit(lambda v: lowp.round(v, fmt))
+
+
 def _quant(x, fmt):
-    return x if fmt is None else np.asarray(jax.jit(lambda v: lowp.round(v, fmt))(x))
+    return x if fmt is None else np.asarray(_rounder(fmt)(x))
 
 
 @pytest.mark.parametrize("acc_name", list(ACC_FORMATS))
@@ -389,6 +395,17 @@ def test_batch_dims_and_zero_k():
     )(a, b)
     for i in range(2):
         assert_same_bits(got[i], reference_accumulate(a[i], b[i], lowp.float16, "up"))
+    # vmap over examples that take different paths (the second has a float32-subnormal operand)
+    a2 = np.stack([a[0], a[1]])
+    a2[1, 0, 0] = 2.0**-140
+    f = jax.vmap(
+        lambda x, y: lowp.dot_general(
+            x, y, DN, accumulate_format=lowp.bfloat16, accumulate_mode="up"
+        )
+    )
+    got = jax.jit(f)(a2, b)
+    for i in range(2):
+        assert_same_bits(got[i], reference_accumulate(a2[i], b[i], lowp.bfloat16, "up"))
     empty = run(np.ones((2, 0), np.float32), np.ones((0, 3), np.float32), lowp.float16, "up")
     assert empty.shape == (2, 3) and not np.any(np.asarray(empty))
 
