@@ -134,6 +134,127 @@ def _plan_chunks(programs: int, length: int, unit: int = 1) -> tuple[int, int]:
     return tc, -(-length // tc)
 
 
+# ----------------------------------------------------------------------------------------------
+# cost estimates (pl.CostEstimate of each pallas_call: whole-grid totals from static shapes)
+#
+# Units (as XLA's): flops = floating-point arithmetic per element (add, sub, mul, div, min/max,
+# a multiply-add = 2, a sum over n values = n adds); selects, compares, casts and index math are
+# not counted. transcendentals = exp/exp2/log1p evaluated. bytes_accessed = the loads and stores
+# the kernel issues to HBM (each program's loads counted, so data re-read by several programs
+# (B/C per channel block, the prefetch ring's rows past a chunk, rows clamped at L-1) counts
+# every time; masked-off lanes move nothing). Padded work (channel lanes past S in the last
+# block, identity steps past L in the ragged last chunk, the static fold loops) is counted as
+# the kernel does it.
+
+
+def _isz(v: Any) -> int:
+    """Bytes per element of ``v`` (0 for None)."""
+    return 0 if v is None else int(jnp.dtype(v.dtype).itemsize)
+
+
+def _estimate(flops: float, transcendentals: float, bytes_accessed: float) -> Any:
+    return pl.CostEstimate(
+        flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed)
+    )
+
+
+def _cost_linear_chunked(phase: int, *, bsz, length, s, bs, nb, tc, nc, ia, ib, ih, iacc, iout):
+    """Chunked linear scan, phase 1 (grid B x nb x (nc-1)) or phase 3 (grid B x nb x nc).
+
+    Every program walks tc steps on bs lanes (nb * bs >= S: the last block's padded lanes
+    compute too) and fetches tc + PREFETCH rows of a and b (the ring reads PREFETCH rows past
+    its chunk), S real columns per row. Phase 1: p = 0 + 1 once, then h = a h + b, p = a p
+    (3 flops per lane-step); writes (end state, decay product) per chunk in acc. Phase 3: every
+    program reads h0, folds the nc - 1 earlier-chunk slots (h = p h + e, 2 flops per lane-slot,
+    every slot computed; slots k < c loaded: nc (nc - 1) / 2 (e, p) pairs per batch row), then
+    runs tc steps of 2 flops; writes the L output rows (ragged tail masked).
+    """
+    lanes = bsz * nb * bs
+    fetched = (tc + max(1, PREFETCH)) * s * (ia + ib)
+    if phase == 1:
+        chunks = nc - 1
+        flops = lanes * (3 * tc + 1) * chunks
+        nbytes = bsz * chunks * (fetched + 2 * s * iacc)
+        return _estimate(flops, 0, nbytes)
+    flops = lanes * nc * (2 * tc + 2 * (nc - 1))
+    folded = nc * (nc - 1) // 2 * 2 * s * iacc
+    nbytes = bsz * (nc * (fetched + s * ih) + folded + length * s * iout)
+    return _estimate(flops, 0, nbytes)
+
+
+def _cost_linear_sequential(*, bsz, length, sp, ia, ib, ih, iout):
+    """One-pass linear scan on S padded to sp: 2 flops per lane-step (h = a h + b); a, b and
+    h0 read once, the (B, L, sp) output written once."""
+    return _estimate(2 * bsz * length * sp, 0, bsz * sp * (length * (ia + ib + iout) + ih))
+
+
+def _cost_selective_sequential(*, bsz, lp, dim, npad, bd, nc, iu, idt, ia, ib, ic, ih, ik, iacc):
+    """One-pass selective scan (grid B x D/bd), lp steps (padded to whole chunks), N padded to
+    npad. Per (channel, state) lane-step: dt A, exp (1 transcendental), da x, (dt u) B, +,
+    x C and its sum: 6 flops; dt u: 1 per channel-step. Reads: u, dt once; each program the
+    B and C rows of its group and keep at every step (B/C re-read per channel block), A and h0
+    once; writes y (acc), the final state and the nc chunk-start states."""
+    flops = bsz * lp * dim * (6 * npad + 1)
+    trans = bsz * lp * dim * npad
+    programs = bsz * (dim // bd)
+    nbytes = (
+        bsz * lp * dim * (iu + idt + iacc)
+        + programs * lp * (npad * (ib + ic) + ik)
+        + bsz * dim * npad * (ia + ih + iacc * (1 + nc))
+    )
+    return _estimate(flops, trans, nbytes)
+
+
+def _cost_selective_chunked(phase: int, u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, y_dtype, *,
+                            bd, tc, nc, nsub, softplus, save, keep_ypre):  # fmt: skip
+    """Chunked fused selective scan, phase 1 (grid B x D/bd x (nc-1)) or 3 (B x D/bd x nc).
+
+    Per program: tc steps (identity steps past L in the ragged last chunk included) and
+    tc + PREFETCH fetches (the ring loads PREFETCH steps past its chunk). A fetch reads delta, u
+    (bd each), the group's B row (npad) and keep (1); phase 3 also C (npad) and z (bd); per
+    channel it adds delta_bias (1 flop) and applies softplus (min: 1 flop; exp, log1p: 2
+    transcendentals). A step (advance) per (channel, state) lane: dt * A, exp2, da * x,
+    (dt u) * B, +: 4 flops and 1 transcendental, plus dt u per channel. Phase 1 adds dt to its
+    running sum (1 per channel), then per lane sum * A and exp2 once, and writes two (bd, npad)
+    blocks. Phase 3: y = sum x C (2 per lane), + D u (2 per channel), * silu(z) (-z, 1 +, /,
+    *: 4 per channel and 1 exp); the fold over nc - 1 slots (2 flops per lane-slot, all slots
+    computed, slots k < c loaded); reads h0, writes y (and y before the gate) for the L rows,
+    the saved sub-chunk states and the final state. Both phases scale A by log2(e) once per
+    program (1 per lane) and read A (and D, delta_bias) once per program.
+    """
+    bsz, length, dim = u.shape
+    npad = A.shape[1]
+    iacc = _isz(h0)
+    lanes = bd * npad
+    programs = bsz * (dim // bd) * (nc - 1 if phase == 1 else nc)
+    fetches, steps = tc + max(1, PREFETCH), tc
+    f_flops = bd * ((bias is not None) + (1 if softplus else 0))
+    f_trans = bd * (2 if softplus else 0)
+    f_bytes = bd * (_isz(dl) + _isz(u)) + npad * _isz(Bg) + _isz(keep)
+    s_flops = 4 * lanes + bd
+    s_trans = lanes
+    fixed_flops, fixed_trans = lanes, 0
+    fixed_bytes = lanes * _isz(A) + bd * _isz(bias)
+    if phase == 1:
+        s_flops += bd
+        fixed_flops += lanes
+        fixed_trans += lanes
+        fixed_bytes += 2 * lanes * iacc
+    else:
+        f_bytes += npad * _isz(Cg) + bd * _isz(z)
+        s_flops += 2 * lanes + 2 * bd * (Dv is not None) + 4 * bd * (z is not None)
+        s_trans += bd * (z is not None)
+        fixed_flops += 2 * lanes * (nc - 1)
+        fixed_bytes += bd * _isz(Dv) + lanes * iacc + (lanes * iacc * nsub if save else 0)
+    flops = programs * (fixed_flops + fetches * f_flops + steps * s_flops)
+    trans = programs * (fixed_trans + fetches * f_trans + steps * s_trans)
+    nbytes = programs * (fixed_bytes + fetches * f_bytes)
+    if phase == 3:
+        nbytes += bsz * dim * npad * iacc * (nc * (nc - 1) + 1)  # fold loads, final state
+        nbytes += bsz * length * dim * (jnp.dtype(y_dtype).itemsize + (iacc if keep_ypre else 0))
+    return _estimate(flops, trans, nbytes)
+
+
 def linear_scan_pallas(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
     """h_t = a_t * h_{t-1} + b_t along axis 1 for real elementwise a (broadcastable to b).
 
@@ -195,6 +316,9 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
         st, _ = lax.fori_loop(_i32(0), _i32(tc), body, (carry, queue))
         return st, cols, cmask
 
+    cost_args = dict(bsz=bsz, length=length, s=s, bs=bs, nb=nb, tc=tc, nc=nc, ia=_isz(a2),
+                     ib=_isz(b2), ih=_isz(h02), iacc=jnp.dtype(acc).itemsize,
+                     iout=_isz(b))  # fmt: skip
     whole = pl.BlockSpec((None, length, s), lambda i, j, c: (i, 0, 0))
     row = pl.BlockSpec((None, None, s), lambda i, j, c: (i, c, 0))
 
@@ -220,6 +344,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
             interpret=interpret,
             compiler_params=params,
             name="jaxcore_linear_scan_chunk_ends",
+            cost_estimate=_cost_linear_chunked(1, **cost_args),
         )(a2, b2)
 
     def rerun(a_ref, b_ref, h0_ref, *refs):  # phase 3: from the true start states
@@ -259,6 +384,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
         interpret=interpret,
         compiler_params=params,
         name="jaxcore_linear_scan_chunked",
+        cost_estimate=_cost_linear_chunked(3, **cost_args),
     )(a2, b2, h02, *ep_args)
     return out.reshape(b.shape)
 
@@ -327,6 +453,9 @@ def _linear_sequential(a: Array, b: Array, h0: Array, *, interpret: bool) -> Arr
         interpret=interpret,
         compiler_params=_compiler_params(interpret),
         name="jaxcore_linear_scan",
+        cost_estimate=_cost_linear_sequential(
+            bsz=bsz, length=length, sp=sp, ia=_isz(a), ib=_isz(b2), ih=_isz(h02), iout=_isz(b)
+        ),
     )(a, b2, h02)
     return out[:, :, :s].reshape(b.shape)
 
@@ -417,6 +546,22 @@ def _selective_kernel_call(u, dt, A, Bg, Cg, h0, keep, chunk: int, interpret: bo
         interpret=interpret,
         compiler_params=_compiler_params(interpret, warps, stages),
         name="jaxcore_selective_scan",
+        cost_estimate=_cost_selective_sequential(
+            bsz=bsz,
+            lp=lp,
+            dim=dim,
+            npad=npad,
+            bd=bd,
+            nc=nc,
+            iu=_isz(u),
+            idt=_isz(dt),
+            ia=_isz(A),
+            ib=_isz(Bg),
+            ic=_isz(Cg),
+            ih=_isz(h0),
+            ik=_isz(keep),
+            iacc=_isz(u),
+        ),
     )(u, dt, A, Bg, Cg, h0, keep)
     return y, h_t[..., :n], starts[..., :n]
 
@@ -587,6 +732,12 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     in_args = [u, dl, A, Bg, Cg, *extra]
     in_specs = [seq, seq, a_spec, b_spec, c_spec, *extra_specs]
 
+    nsub = tc // sub if save else 1
+    cost = lambda phase: _cost_selective_chunked(
+        phase, u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, u.dtype, bd=bd, tc=tc, nc=nc, nsub=nsub,
+        softplus=softplus, save=save, keep_ypre=keep_ypre,
+    )  # fmt: skip
+
     if nc > 1:  # phase 1: chunks 0..nc-2 from a zero state -> end state and decay product
 
         def local(*refs):
@@ -615,9 +766,9 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             interpret=interpret,
             compiler_params=params,
             name="jaxcore_selective_scan_chunk_ends",
+            cost_estimate=cost(1),
         )(*in_args)
 
-    nsub = tc // sub if save else 1
     step_len = sub if save else tc
 
     def rerun(*refs):  # phase 3: from the true start states; y fused
@@ -685,6 +836,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         interpret=interpret,
         compiler_params=params,
         name="jaxcore_selective_scan_chunked",
+        cost_estimate=cost(3),
     )(*in_args, h0, *((ends, decays) if nc > 1 else ()))
     y, h_t, *rest = outs
     ypre = rest.pop(0) if keep_ypre else None

@@ -56,6 +56,81 @@ def _block_steps(sub: int, cap: int) -> int:
     return s
 
 
+def _cost_bwd(phase: int, u, dl, A, Bg, Cg, Dv, z, bias, keep, gy, subs, *, bd, tc, nc, sub, S,
+              softplus: bool):  # fmt: skip
+    """pl.CostEstimate of backward phase 1 (grid B x D/bd x (nc-1)) or 3 (grid B x D/bd x nc);
+    units and conventions as ``_pallas._cost_selective_chunked`` (selects, compares, casts not
+    counted; every issued load and store counted; padded steps past L counted).
+
+    A fetch reads delta (bd), keep (1) and, as asked, u (bd) and B (npad) ("ub"), gy, z (bd)
+    and C (npad) ("rev"); per channel: + delta_bias 1 flop, softplus 1 flop + 2 exp/log1p;
+    with "rev": silu gate (sigmoid: -z, 1 +, / and 1 exp; gy' 2; gy silu'(z) 5 flops) and
+    softplus' (3 flops, 1 exp), the last two only in phase 3 (phase 1 does not use them: dead
+    code to the compiler). Phase 1, tc reverse steps per program (no prefetch): lam =
+    gy' C + mu, dt A, exp2, mu = da lam per lane (4 flops, 1 exp2), + dt per channel; then
+    per lane sum * A, exp2 once; writes two (bd, npad) blocks. Phase 3 per program: the fold
+    over nc - 1 slots (2 flops per lane-slot, all computed; slots after c loaded), nsub saved
+    states read, per sub-chunk the recompute of the blocks before each block (S nb (nb - 1) / 2
+    "ub" fetches and forward steps, nb = sub / S), then tc "ub"+"rev" fetches, forward steps
+    (4 flops + 1 exp2 per lane, 1 per channel) and reverse steps (per lane: lam 2, sum lam B 2,
+    w 2, sum w A 2, dA 2, dB 2, dC 2, mu 1 = 15, + 2 for y' with z; per channel: dt u, lb u +,
+    lb dt: 4, D: 4, softplus': 1, delta_bias: 1, z: 1 (+ 2 with D)); writes every output once
+    (the reverse steps' rows, the per-program partials, d h0 by chunk 0). Both phases scale A
+    by log2(e) once per program (1 per lane) and read A (and D, delta_bias) once per program.
+    """
+    bsz, length, dim = u.shape
+    npad = A.shape[1]
+    iacc = P._isz(subs)
+    nblk = dim // bd
+    lanes = bd * npad
+    has_d, has_z, has_bias = Dv is not None, z is not None, bias is not None
+
+    def fetch(ub: bool, rev: bool, grads: bool = True):  # (flops, transcendentals, bytes)
+        fl = bd * (has_bias + (1 if softplus else 0))
+        tr = bd * (2 if softplus else 0)
+        nb_ = bd * P._isz(dl) + P._isz(keep)
+        if ub:
+            nb_ += bd * P._isz(u) + npad * P._isz(Bg)
+        if rev:
+            nb_ += bd * (P._isz(gy) + P._isz(z)) + npad * P._isz(Cg)
+            fl += bd * (10 * has_z + (3 if softplus else 0)) if grads else bd * 5 * has_z
+            tr += bd * (has_z + (1 if softplus else 0)) if grads else bd * has_z
+        return fl, tr, nb_
+
+    def total(*terms):  # terms: (count, (flops, transcendentals, bytes)) per program
+        return tuple(sum(n * t[i] for n, t in terms) for i in range(3))
+
+    fixed = (lanes, 0, lanes * P._isz(A) + bd * P._isz(bias))
+    if phase == 1:
+        step = (4 * lanes + bd, lanes, 0)
+        end = (lanes, lanes, 2 * lanes * iacc)
+        per = total((1, fixed), (tc, fetch(False, True, grads=False)), (tc, step), (1, end))
+        programs = bsz * nblk * (nc - 1)
+        return P._estimate(*(programs * v for v in per))
+    nsub, nb = tc // sub, sub // S
+    advance = (4 * lanes + bd, lanes, 0)
+    rev_fl = lanes * (15 + 2 * has_z) + bd * (4 + 4 * has_d + (1 if softplus else 0) + has_bias)
+    rev_fl += bd * has_z * (1 + 2 * has_d)
+    recompute = nsub * S * nb * (nb - 1) // 2
+    start = (2 * lanes * (nc - 1), 0, bd * P._isz(Dv) + lanes * iacc * (nsub + 1))  # + gh
+    per = total(
+        (1, fixed),
+        (1, start),
+        (recompute, fetch(True, False)),
+        (recompute, advance),
+        (tc, fetch(True, True)),
+        (tc, advance),
+        (tc, (rev_fl, 0, 0)),
+    )
+    programs = bsz * nblk * nc
+    flops, trans, nbytes = (programs * v for v in per)
+    nbytes += bsz * dim * npad * iacc * nc * (nc - 1)  # fold loads: slots after each chunk
+    rows = bsz * length * dim * (P._isz(u) + P._isz(dl) + P._isz(z))  # du, d delta, dz
+    nbytes += rows + 2 * bsz * length * nblk * npad * iacc  # dB, dC partials
+    nbytes += bsz * dim * iacc * (npad * (nc + 1) + nc * (has_d + has_bias))  # dA, dh0, dD, db
+    return P._estimate(flops, trans, nbytes)
+
+
 def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, softplus, tc, nc,
                        sub, interpret):  # fmt: skip
     """Gradients of the chunked selective scan on padded-N operands.
@@ -81,6 +156,10 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, sof
     ragged = nc * tc != length
     has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
     params = P._compiler_params(interpret, warps, 1)
+    cost = lambda phase: _cost_bwd(
+        phase, u, dl, A, Bg, Cg, Dv, z, bias, keep, gy, subs, bd=bd, tc=tc, nc=nc, sub=sub, S=S,
+        softplus=softplus,
+    )  # fmt: skip
 
     seq = pl.BlockSpec((None, length, bd), lambda i, j, c: (i, 0, j))
     b_spec = pl.BlockSpec((None, length, None, npad), lambda i, j, c: (i, 0, (j * bd) // pg_b, 0))
@@ -193,6 +272,7 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, sof
             interpret=interpret,
             compiler_params=params,
             name="jaxcore_selective_scan_bwd_chunk_carries",
+            cost_estimate=cost(1),
         )(*in_args)
 
     def grads(*refs):  # phase 3 (phase 2 in its prologue)
@@ -325,6 +405,7 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, sof
         interpret=interpret,
         compiler_params=params,
         name="jaxcore_selective_scan_bwd",
+        cost_estimate=cost(3),
     )(*in_args, subs, gh, *((ends, decays) if nc > 1 else ()))
     gu, gdl, gbp, gcp, gap, gh0, *rest = outs
     gz = rest.pop(0) if has_z else None

@@ -117,6 +117,87 @@ def _log_decays(dt_ref, head, a, rows, off):
     return dt, off + jnp.cumsum(da), off + jnp.sum(da)
 
 
+# pl.CostEstimate of each kernel: whole-grid totals from the static (padded) shapes the kernels
+# compute on (Lp, Pp, Np: padded work counted). flops: float arithmetic per element (a
+# multiply-add = 2, a dot 2 M N K, a sum over n values n adds; selects, compares, casts and
+# index math not counted); transcendentals: exp evaluated; bytes: every load and store the
+# programs issue to HBM (data read by several programs counted each time).
+
+
+def _isz(v: Any) -> int:
+    """Bytes per element of ``v`` (0 for None)."""
+    return 0 if v is None else int(jnp.dtype(v.dtype).itemsize)
+
+
+def _estimate(flops: float, transcendentals: float, bytes_accessed: float) -> Any:
+    return pl.CostEstimate(
+        flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed)
+    )
+
+
+def _cost_chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc) -> Any:
+    """Phase 1, per (head, chunk, batch) program over the Q steps of its chunk: the total log
+    decay (dt a and its sum: 2 flops per step, dt read once), then per block of bk rows dt read
+    again, its log decay (dt a, cumsum, + offset, block sum: 4 per step), w = exp(last - cum) dt
+    (2 flops + 1 exp per step), x w (Pp per step), the (Pp, bk) @ (bk, Np) dot (2 Pp Np per
+    step) and its accumulation (Pp Np per block); reads x (Pp), B (Np), seg (int32) per step, A
+    and seg's last entry per program; writes the (Pp, Np) state and the log decay (acc)."""
+    bsz, lp, heads, pp = x.shape
+    npad = b.shape[3]
+    nc, bk = lp // cfg.q, min(cfg.bm, cfg.q)
+    flops = lp * (8 + pp + 2 * pp * npad) + (lp // bk) * pp * npad
+    nbytes = lp * (2 * _isz(dt) + pp * _isz(x) + npad * _isz(b) + _isz(seg))
+    nbytes += nc * (_isz(a) + _isz(seg) + (pp * npad + 1) * jnp.dtype(acc).itemsize)
+    bh = bsz * heads
+    return _estimate(bh * flops, bh * lp, bh * nbytes)
+
+
+def _cost_pass_states(states, log_decay, h0, bf: int, depth: int, mm) -> Any:
+    """Phase 2, per (state block, head, batch) program: nc steps h = d h + s (2 flops per state
+    element) and nc + depth fetches (the ring loads ``depth`` chunks past the end, clamped) of
+    a (bf,) state block and one log decay, exponentiated (1 exp per fetch); reads h0 (if
+    given), writes every chunk's start state (in ``mm``) and the final state (acc)."""
+    bsz, heads, nc, f = states.shape
+    fetches = bsz * heads * (f // bf) * (nc + depth)
+    nbytes = fetches * (bf * _isz(states) + _isz(log_decay))
+    nbytes += bsz * heads * f * (_isz(h0) + nc * jnp.dtype(mm).itemsize + _isz(states))
+    return _estimate(2 * bsz * heads * nc * f, fetches, nbytes)
+
+
+def _cost_outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg) -> Any:
+    """Phase 3, per (row block m, head block, chunk, batch) program (bm rows, hb heads): per
+    head, the offset (dt a, masked sum over the chunk: 2 Q flops, dt read), the rows' log decay
+    (4 per row), exp (1 per row), the (bm, Np) @ (Np, Pp) read-out of the start state and its
+    scaling (2 bm Pp Np + bm Pp), D x (2 bm Pp, x rows re-read); then m + 1 column blocks k <= m
+    (causal: nm (nm + 1) / 2 per chunk, not nm^2): C B_k^T (2 bm^2 Np, once for the hb
+    heads), per head the columns' log decay (4 bm), the decay (cum_i - cum_j: bm^2, exp: bm^2
+    transcendentals), w = cb decay dt (2 bm^2), w @ x_k (2 bm^2 Pp) and its accumulation
+    (bm Pp). Reads C rows, the start states, seg; per column block B_k, x_k, dt, seg; writes
+    y (bm, hb, Pp) in x's dtype."""
+    bsz, lp, heads, pp = x.shape
+    npad = b.shape[3]
+    q, bm = cfg.q, min(cfg.bm, cfg.q)
+    nc, nm = lp // q, q // bm
+    tri = nm * (nm + 1) // 2  # column blocks visited per (head block, chunk, batch)
+    has_d = d is not None
+    dsize = 0 if d is None else (1 if d.ndim == 1 else pp)
+    # per (chunk, batch) and head: nm row blocks and ``tri`` column blocks
+    flops = nm * (2 * q + 4 * bm + bm * pp * (1 + 2 * npad + 2 * has_d))
+    flops += tri * (4 * bm + 3 * bm * bm + 2 * bm * bm * pp + bm * pp)
+    trans = nm * bm + tri * bm * bm
+    nbytes = nm * (_isz(a) + (q + bm) * _isz(dt) + pp * npad * _isz(starts) + bm * pp * _isz(x))
+    nbytes += nm * (dsize * _isz(d) + has_d * bm * pp * _isz(x))
+    nbytes += tri * bm * (_isz(dt) + pp * _isz(x))
+    per_head_block = nm * bm * (npad * _isz(c) + _isz(seg)) + tri * bm * (
+        npad * _isz(b) + _isz(seg)
+    )
+    # C B_k^T is computed once per head block
+    flops_hb = tri * 2 * bm * bm * npad
+    groups = bsz * nc * (heads // cfg.hb)
+    total = lambda per_head, per_hb: bsz * nc * heads * per_head + groups * per_hb
+    return _estimate(total(flops, flops_hb), total(trans, 0), total(nbytes, per_head_block))
+
+
 def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm):
     """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt (B, Lp, H), a (H,), seg (B, nc, Q) or
     None -> (chunk states (B, H, nc, Pp, Np), chunk log decays (B, H, nc), -inf where a reset
@@ -178,6 +259,7 @@ def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm):
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
         name="jaxcore_ssd_chunk_states",
+        cost_estimate=_cost_chunk_states(x, b, dt, a, seg, cfg, acc),
     )(*args)
 
 
@@ -225,6 +307,7 @@ def _pass_states(states, log_decay, h0, cfg: _Cfg, acc, mm):
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.pass_warps, 1),
         name="jaxcore_ssd_state_passing",
+        cost_estimate=_cost_pass_states(states, log_decay, h0, bf, depth, mm),
     )(states, log_decay, *([h0] if has_h0 else []))
 
 
@@ -323,6 +406,7 @@ def _outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg, acc, mm):
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
         name="jaxcore_ssd_outputs",
+        cost_estimate=_cost_outputs(x, b, c, dt, a, starts, d, seg, cfg),
     )(*args)
 
 
