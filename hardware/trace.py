@@ -443,8 +443,10 @@ class _Tracer:
             "xla_call",
             "named_call",
             "custom_vmap_call",
+            "linear_call",
         ):
             sub = p.get("jaxpr", p.get("call_jaxpr", p.get("fun_jaxpr", p.get("call"))))
+            sub = p.get("callee") if sub is None else sub  # linear_call: its forward map
             if sub is None:
                 self._unknown(eqn, here, count, "higher-order primitive without a jaxpr param")
                 return no_names

@@ -156,9 +156,23 @@ class FloatFormat:
         return self.signed and self.specials != "fnuz" and self.zero
 
     def __str__(self) -> str:
+        """The preset name, else ``[u]e<E>m<M>[fn|fnuz]`` plus a suffix for each other field
+        that differs from its default (so two different formats never print alike)."""
         if self.name:
             return self.name
-        return f"e{self.exponent_bits}m{self.mantissa_bits}"
+        e = self.exponent_bits
+        out = f"{'' if self.signed else 'u'}e{e}m{self.mantissa_bits}"
+        out += {"ieee": "", "fn": "fn", "fnuz": "fnuz", "none": "_finite"}[self.specials]
+        default_overflow = {"ieee": "inf", "fn": "nan", "fnuz": "nan", "none": "saturate"}
+        if self.overflow != default_overflow[self.specials]:
+            out += f"_{self.overflow}"
+        if not self.subnormals:
+            out += "_nosub"
+        if not self.zero:
+            out += "_nozero"
+        if self.bias != 2 ** (e - 1) - 1:
+            out += f"_bias{self.bias}"
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

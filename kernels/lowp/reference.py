@@ -79,6 +79,8 @@ def round_fraction(
         mode in ("toward_zero", "odd") or (mode == "up" and neg) or (mode == "down" and not neg)
     )
     if isinstance(fmt, FloatFormat):
+        if not fmt.signed and neg and v != 0:  # before overflow: a huge negative is NaN too
+            return "nan"
         mx = fmt.max_exact
         if res > mx:
             if to_max or fmt.overflow == "saturate":

@@ -88,6 +88,7 @@ FORMATS = [
     lowp.FloatFormat(9, 10),
     lowp.FloatFormat(11, 23),
     lowp.FloatFormat(2, 0, specials="none"),
+    lowp.FloatFormat(5, 2, signed=False),  # a huge negative is NaN, not -inf
     lowp.IntFormat(8),
     lowp.IntFormat(4, signed=False),
     lowp.FixedFormat(3, 4),
