@@ -518,7 +518,9 @@ def dot_general(
     why, kmax = _accumulator_limits(grid)
     if why is not None:
         raise ValueError(
-            f"accumulate_format: exact emulation in float32 needs {why} ({accumulate_format})"
+            f"accumulate_format: exact emulation in float32 needs {why} ({accumulate_format}); "
+            "for float32 or int32 accumulation pass accumulate_format=None (<= 8-bit IntFormat "
+            "operands then accumulate exactly in int32, others in float32)"
         )
     l3, r3, out_shape = _to_bmkn(lq, rq, dn)
     K = l3.shape[2]
