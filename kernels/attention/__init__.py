@@ -22,12 +22,16 @@ from ._api import dot_product_attention
 from ._decode import decode_attention
 from ._linear import linear_attention
 from ._merge import merge
+from ._paged import gather_pages, paged_decode_attention, paged_kv_write
 from ._xla import dot_product_attention_bwd
 
 __all__ = [
     "decode_attention",
     "dot_product_attention",
     "dot_product_attention_bwd",
+    "gather_pages",
     "linear_attention",
     "merge",
+    "paged_decode_attention",
+    "paged_kv_write",
 ]

@@ -1,0 +1,346 @@
+"""Paged KV caches: decode attention through block tables into one shared page pool, and writes.
+
+Layout (vLLM PagedAttention / FlashInfer / JAX ragged paged attention): every sequence's cache
+lives in fixed-size pages of one pool, ``key_pages`` (P, page_size, K, H) and ``value_pages``
+(P, page_size, K, Hv); ``block_tables[b, j]`` is the pool index of sequence b's logical page j,
+so cache position ``p`` of sequence b is ``pool[block_tables[b, p // page_size], p % page_size]``.
+Table entries at or past a sequence's length are never used (they may hold garbage or -1: they
+are clamped into the pool and masked), and pool entries at positions >= ``cache_lengths[b]``
+never influence sequence b's result, not even when they hold inf or NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcore import backend, checks
+
+from ._common import compute_dtype, soft_cap
+from ._decode import decode_attention
+
+FAMILY = "attention_paged_decode"
+backend.register_family(
+    FAMILY,
+    ("reference", "xla"),
+    "xla",
+    doc="paged_decode_attention: flash decoding through block tables into a page pool",
+)
+
+# Default split: about this many cache positions per loop step.
+_SPLIT_POSITIONS = 512
+
+
+def _is_int(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.integer)
+
+
+def _check_pool(key_pages, value_pages, block_tables, b: int, h: int) -> None:
+    checks.check_rank(key_pages, 4, "key_pages")
+    checks.check_rank(value_pages, 4, "value_pages")
+    checks.check_shape(key_pages, (None, None, None, h), "key_pages")
+    p, ps, kh, _ = key_pages.shape
+    checks.check_shape(value_pages, (p, ps, kh, None), "value_pages")
+    if p == 0 or ps == 0 or kh == 0:
+        raise ValueError(
+            f"key_pages: expected at least one page, page slot and head (P, page_size, K > 0), "
+            f"got shape {key_pages.shape}"
+        )
+    checks.check_rank(block_tables, 2, "block_tables")
+    checks.check_shape(block_tables, (b, None), "block_tables")
+    if block_tables.shape[1] == 0:
+        raise ValueError(
+            f"block_tables: expected at least one page per sequence (B, max_pages > 0), got shape "
+            f"{block_tables.shape}"
+        )
+    if not _is_int(block_tables):
+        raise ValueError(f"block_tables: expected an integer dtype, got {block_tables.dtype}")
+    for nm, x in (("key_pages", key_pages), ("value_pages", value_pages)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{nm}: expected a floating dtype, got {x.dtype}")
+    if key_pages.dtype != value_pages.dtype:
+        raise ValueError(
+            f"value_pages: expected the key_pages dtype {key_pages.dtype}, got {value_pages.dtype}"
+        )
+
+
+def _check(query, key_pages, value_pages, block_tables, cache_lengths) -> None:
+    checks.check_rank(query, 4, "query")
+    b, _, n, h = query.shape
+    if not jnp.issubdtype(query.dtype, jnp.floating):
+        raise ValueError(f"query: expected a floating dtype, got {query.dtype}")
+    _check_pool(key_pages, value_pages, block_tables, b, h)
+    kh = key_pages.shape[2]
+    if n % kh:
+        raise ValueError(
+            f"key_pages: expected a number of heads dividing the query's {n} heads, got shape "
+            f"{key_pages.shape} ({kh} heads)"
+        )
+    if key_pages.dtype != query.dtype:
+        raise ValueError(
+            f"key_pages: expected the query dtype {query.dtype}, got {key_pages.dtype}"
+        )
+    checks.check_shape(cache_lengths, (b,), "cache_lengths")
+    if not _is_int(cache_lengths):
+        raise ValueError(f"cache_lengths: expected an integer dtype, got {cache_lengths.dtype}")
+
+
+def gather_pages(pages: Any, block_tables: Any) -> jax.Array:
+    """The contiguous cache (B, max_pages * page_size, K, D) of a pool (P, page_size, K, D).
+
+    Table entries outside [0, P) are clamped (their positions must be masked by the caller).
+    """
+    pages, block_tables = jnp.asarray(pages), jnp.asarray(block_tables)
+    checks.check_rank(pages, 4, "pages")
+    checks.check_rank(block_tables, 2, "block_tables")
+    if not _is_int(block_tables):
+        raise ValueError(f"block_tables: expected an integer dtype, got {block_tables.dtype}")
+    p, ps, kh, d = pages.shape
+    b, m = block_tables.shape
+    idx = jnp.clip(block_tables.astype(jnp.int32), 0, p - 1)
+    return jnp.take(pages, idx, axis=0, mode="clip").reshape(b, m * ps, kh, d)
+
+
+def _mask_positions(cache: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Zero cache entries at positions >= lengths (so garbage, even NaN, never leaks)."""
+    pos = jnp.arange(cache.shape[1], dtype=jnp.int32)
+    valid = pos[None, :] < lengths[:, None]
+    return jnp.where(valid[:, :, None, None], cache, jnp.zeros((), cache.dtype))
+
+
+def _xla_group(q, key_pages, value_pages, tables, lengths, *, tq, page_size, capacity, cap, window):
+    """Online-softmax loop over splits for one group of sequences.
+
+    q (Bg, Tq, K, G, H) scaled, compute dtype; tables (Bg, ns, pps) clamped; lengths (Bg,).
+    Positions >= ``capacity`` (max_pages * page_size: the padded pages) are masked.
+    Returns o (Bg, K, G, Tq, Hv) normalised and lse (Bg, K, G, Tq).
+    """
+    bg, _, kh, g, h = q.shape
+    hv = value_pages.shape[-1]
+    ns, pps = tables.shape[1], tables.shape[2]
+    c = pps * page_size
+    cdt = q.dtype
+    qpos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]  # (Bg, Tq)
+    valid_len = jnp.minimum(lengths, capacity)
+    # the first position any query of the sequence can see (window); -inf-like without window
+    first = (lengths - tq - window) if window is not None else jnp.full_like(lengths, -(2**30))
+
+    def attend(carry, start, tab):
+        mx, l, acc = carry
+        kpos = start + jnp.arange(c, dtype=jnp.int32)  # (c,)
+        valid = kpos[None, :] < valid_len[:, None]  # (Bg, c)
+        k = jnp.take(key_pages, tab, axis=0, mode="clip").reshape(bg, c, kh, h)
+        v = jnp.take(value_pages, tab, axis=0, mode="clip").reshape(bg, c, kh, hv)
+        zero = jnp.zeros((), cdt)
+        k = jnp.where(valid[:, :, None, None], k.astype(cdt), zero)
+        v = jnp.where(valid[:, :, None, None], v.astype(cdt), zero)
+        s = soft_cap(jnp.einsum("btkgh,bckh->bkgtc", q, k), cap)
+        qp = qpos[:, None, None, :, None]
+        kp = kpos[None, None, None, None, :]
+        vis = valid[:, None, None, None, :] & (kp <= qp)
+        if window is not None:
+            vis = vis & (kp >= qp - window)
+        s = jnp.where(vis, s, -jnp.inf)
+        m_new = jnp.maximum(mx, jax.lax.stop_gradient(jnp.max(s, -1)))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(mx - m_safe)  # mx = -inf (nothing seen yet) gives 0
+        p = jnp.exp(s - m_safe[..., None])
+        l = l * alpha + jnp.sum(p, -1)
+        acc = acc * alpha[..., None] + jnp.einsum("bkgtc,bckh->bkgth", p, v)
+        return m_new, l, acc
+
+    @jax.checkpoint
+    def step(carry, xs):
+        j, tab = xs  # tab (Bg, pps)
+        start = j * c
+        # skip the split when no sequence of the group has a visible key in it
+        need = jnp.any((start < valid_len) & (start + c > first))
+        carry = jax.lax.cond(need, lambda cr: attend(cr, start, tab), lambda cr: cr, carry)
+        return carry, None
+
+    init = (
+        jnp.full((bg, kh, g, tq), -jnp.inf, cdt),
+        jnp.zeros((bg, kh, g, tq), cdt),
+        jnp.zeros((bg, kh, g, tq, hv), cdt),
+    )
+    xs = (jnp.arange(ns, dtype=jnp.int32), jnp.moveaxis(tables, 1, 0))
+    (mx, l, acc), _ = jax.lax.scan(step, init, xs)
+    ok = l > 0
+    safe = jnp.where(ok, l, 1.0)
+    o = jnp.where(ok[..., None], acc / safe[..., None], 0.0)
+    m_safe = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    lse = jnp.where(ok, m_safe + jnp.log(safe), -jnp.inf)
+    return o, lse
+
+
+def paged_decode_attention(
+    query: Any,
+    key_pages: Any,
+    value_pages: Any,
+    block_tables: Any,
+    cache_lengths: Any,
+    *,
+    pages_per_split: int | None = None,
+    sequences_per_step: int | None = None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    local_window_size: int | None = None,
+    return_lse: bool = False,
+    implementation: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention of Tq new tokens against a paged KV cache (flash decoding through block tables).
+
+    Same semantics as :func:`decode_attention` on the gathered contiguous cache
+    ``gather_pages(key_pages, block_tables)`` (positions >= ``cache_lengths`` zeroed).
+
+    Args:
+      query: (B, Tq, N, H): token t sits at position ``cache_lengths - Tq + t`` and sees cache
+        positions up to its own (causal); its key/value are already written to the pool.
+      key_pages: (P, page_size, K, H) pool shared by all sequences, N % K == 0, query dtype.
+      value_pages: (P, page_size, K, Hv).
+      block_tables: int (B, max_pages): pool index of each sequence's logical page j; entries
+        at or past the sequence's length are ignored (clamped into [0, P) and masked).
+      cache_lengths: int (B,): valid cache positions per sequence (<= max_pages * page_size;
+        positions past the table's capacity do not exist).
+      pages_per_split: logical pages gathered and attended per loop step (default: about 512
+        positions). Only one split's pages are gathered at a time.
+      sequences_per_step: "xla": sequences attended together in one loop step (default: all B).
+        Smaller groups loop over the batch too, and skip each group's splits past its longest
+        sequence (1: exact per-sequence skipping). Must divide B.
+      scale: logit scale (default 1/sqrt(H)).
+      logits_soft_cap: optional ``cap * tanh(logits / cap)``.
+      local_window_size: optional left window w: position p sees [p - w, p].
+      return_lse: also return the float32 (float64 under x64 inputs) log-sum-exp (B, Tq, N).
+      implementation: None (the platform default, "xla"), "reference" or "xla".
+
+    Returns:
+      (B, Tq, N, Hv) in the query dtype (and lse); a row with no visible key gives zeros
+      (lse -inf).
+    """
+    query, key_pages, value_pages = (jnp.asarray(x) for x in (query, key_pages, value_pages))
+    block_tables, cache_lengths = jnp.asarray(block_tables), jnp.asarray(cache_lengths)
+    _check(query, key_pages, value_pages, block_tables, cache_lengths)
+    impl = backend.resolve_implementation(FAMILY, implementation)
+    b, tq, n, h = query.shape
+    npool, ps, kh, hv = value_pages.shape
+    m = block_tables.shape[1]
+    g = n // kh
+    if local_window_size is not None:
+        if not isinstance(local_window_size, int | np.integer) or local_window_size < 0:
+            raise ValueError(
+                f"local_window_size: expected a non-negative int (left window), got "
+                f"{local_window_size!r}"
+            )
+        local_window_size = int(local_window_size)
+    if logits_soft_cap is not None:
+        checks.check_positive(logits_soft_cap, "logits_soft_cap")
+        logits_soft_cap = float(logits_soft_cap)
+    if pages_per_split is None:
+        pages_per_split = max(1, _SPLIT_POSITIONS // ps)
+    checks.check_positive(pages_per_split, "pages_per_split")
+    pages_per_split = min(int(pages_per_split), m)
+    if sequences_per_step is None:
+        sequences_per_step = b
+    checks.check_positive(sequences_per_step, "sequences_per_step")
+    if b % sequences_per_step:
+        raise ValueError(
+            f"sequences_per_step: expected a divisor of the batch size {b}, "
+            f"got {sequences_per_step}"
+        )
+    lengths = cache_lengths.astype(jnp.int32)
+    scale = float(1.0 / np.sqrt(h)) if scale is None else float(scale)
+
+    if impl == "reference":
+        kc = _mask_positions(gather_pages(key_pages, block_tables), lengths)
+        vc = _mask_positions(gather_pages(value_pages, block_tables), lengths)
+        return decode_attention(
+            query,
+            kc,
+            vc,
+            lengths,
+            scale=scale,
+            logits_soft_cap=logits_soft_cap,
+            local_window_size=local_window_size,
+            return_lse=return_lse,
+            implementation="reference",
+        )
+
+    cdt = compute_dtype(query.dtype)
+    ns = -(-m // pages_per_split)
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, npool - 1)
+    tables = jnp.pad(tables, ((0, 0), (0, ns * pages_per_split - m)))
+    tables = tables.reshape(b, ns, pages_per_split)
+    q = (query.astype(cdt) * jnp.asarray(scale, cdt)).reshape(b, tq, kh, g, h)
+    kw = dict(tq=tq, page_size=ps, capacity=m * ps, cap=logits_soft_cap, window=local_window_size)
+    if sequences_per_step == b:
+        o, lse = _xla_group(q, key_pages, value_pages, tables, lengths, **kw)
+    else:
+        ng, gs = b // sequences_per_step, sequences_per_step
+
+        def group(xs):
+            return _xla_group(xs[0], key_pages, value_pages, xs[1], xs[2], **kw)
+
+        grouped = (
+            q.reshape(ng, gs, *q.shape[1:]),
+            tables.reshape(ng, gs, ns, pages_per_split),
+            lengths.reshape(ng, gs),
+        )
+        o, lse = jax.lax.map(group, grouped)
+        o, lse = o.reshape(b, *o.shape[2:]), lse.reshape(b, *lse.shape[2:])
+    o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, tq, n, hv).astype(query.dtype)
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, tq, n)
+    return (o, lse) if return_lse else o
+
+
+def paged_kv_write(
+    key_pages: Any,
+    value_pages: Any,
+    block_tables: Any,
+    positions: Any,
+    new_keys: Any,
+    new_values: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Write new keys/values at logical cache positions through the block tables (functional).
+
+    Args:
+      key_pages: (P, page_size, K, H) pool; value_pages: (P, page_size, K, Hv).
+      block_tables: int (B, max_pages).
+      positions: int (B, Tn): logical cache position of each new token.
+      new_keys: (B, Tn, K, H), new_values: (B, Tn, K, Hv), in the pools' dtype.
+
+    Returns:
+      The updated (key_pages, value_pages). Writes whose position is outside
+      [0, max_pages * page_size) or whose table entry is outside [0, P) are dropped. Two writes to
+      the same pool slot (within the call) leave one of them, unspecified which.
+    """
+    key_pages, value_pages = jnp.asarray(key_pages), jnp.asarray(value_pages)
+    block_tables, positions = jnp.asarray(block_tables), jnp.asarray(positions)
+    new_keys, new_values = jnp.asarray(new_keys), jnp.asarray(new_values)
+    checks.check_rank(new_keys, 4, "new_keys")
+    b, tn, kh, h = new_keys.shape
+    _check_pool(key_pages, value_pages, block_tables, b, h)
+    npool, ps, _, hv = value_pages.shape
+    checks.check_shape(new_keys, (b, tn, key_pages.shape[2], h), "new_keys")
+    checks.check_shape(new_values, (b, tn, kh, hv), "new_values")
+    checks.check_shape(positions, (b, tn), "positions")
+    if not _is_int(positions):
+        raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+    for nm, x in (("new_keys", new_keys), ("new_values", new_values)):
+        if x.dtype != key_pages.dtype:
+            raise ValueError(f"{nm}: expected the pool dtype {key_pages.dtype}, got {x.dtype}")
+    m = block_tables.shape[1]
+    pos = positions.astype(jnp.int32)
+    logical = pos // ps
+    ok = (pos >= 0) & (logical < m)
+    page = jnp.take_along_axis(
+        block_tables.astype(jnp.int32), jnp.clip(logical, 0, m - 1), axis=1, mode="clip"
+    )
+    ok = ok & (page >= 0) & (page < npool)
+    page = jnp.where(ok, page, npool)  # out of bounds: dropped by the scatter
+    slot = jnp.where(ok, pos % ps, 0)
+    key_pages = key_pages.at[page, slot].set(new_keys, mode="drop")
+    value_pages = value_pages.at[page, slot].set(new_values, mode="drop")
+    return key_pages, value_pages
