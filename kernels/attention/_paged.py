@@ -161,10 +161,16 @@ def _xla_group(q, key_pages, value_pages, tables, lengths, *, tq, page_size, cap
         carry = jax.lax.cond(need, lambda cr: attend(cr, start, tab), lambda cr: cr, carry)
         return carry, None
 
+    # a zero that varies over every shard_map axis any input varies over, so the loop carry
+    # has the type of the loop body's output (zeros_like keeps the varying manual axes)
+    zero = sum(
+        jnp.zeros_like(x.reshape(-1)[0]).astype(cdt)
+        for x in (q, key_pages, value_pages, tables, lengths)
+    )
     init = (
-        jnp.full((bg, kh, g, tq), -jnp.inf, cdt),
-        jnp.zeros((bg, kh, g, tq), cdt),
-        jnp.zeros((bg, kh, g, tq, hv), cdt),
+        jnp.full((bg, kh, g, tq), -jnp.inf, cdt) + zero,
+        jnp.zeros((bg, kh, g, tq), cdt) + zero,
+        jnp.zeros((bg, kh, g, tq, hv), cdt) + zero,
     )
     xs = (jnp.arange(ns, dtype=jnp.int32), jnp.moveaxis(tables, 1, 0))
     (mx, l, acc), _ = jax.lax.scan(step, init, xs)
