@@ -86,7 +86,7 @@ def check(bench: Bench, on_gpu: bool, family: str = "pallas", backward: str | No
     """Compiled kernel vs reference; returns True when every case is within tolerance.
 
     ``backward``: the Mosaic kernel's backward ("triton" / "mosaic", _mosaic.MOSAIC_BACKWARD);
-    "mosaic" checks two bf16 cases only (causal GQA ragged, and key lengths).
+    "mosaic" checks three bf16 cases only (causal GQA ragged, key lengths, packed segments).
     """
     impl = family if on_gpu else f"{family}_interpret"
     rng = np.random.default_rng(0)
@@ -121,7 +121,7 @@ def check(bench: Bench, on_gpu: bool, family: str = "pallas", backward: str | No
         ]
     )
     if backward == "mosaic":
-        cases, dtypes = [MOSAIC_CASES[0], MOSAIC_CASES[4]], (jnp.bfloat16,)
+        cases, dtypes = [MOSAIC_CASES[i] for i in (0, 4, 5)], (jnp.bfloat16,)
     b = 2
     if not on_gpu and family == "mosaic":  # the Mosaic GPU interpreter is slow: one tiny case
         cases = [dict(t=128, s=96, n=2, k=1, h=64, hv=64, kw=dict(is_causal=True))]

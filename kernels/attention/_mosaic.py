@@ -21,10 +21,10 @@ after the FlashAttention-3 design:
 
 The backward (:data:`MOSAIC_BACKWARD`, read at trace time) is the Triton kernel's
 (``_pallas._backward``, the default until measured) or the Mosaic GPU kernels of
-``_mosaic_bwd.py`` (not with segment ids: those take the Triton backward), both from the
-saved output and lse. Inputs are bf16 / f16; supported options are scale, is_causal,
-local_window_size, logits_soft_cap, GQA, key_value_seq_lengths, segment_ids and any T / S
-(padded here); bias and mask raise a ValueError (use implementation="pallas").
+``_mosaic_bwd.py``, both from the saved output and lse. Inputs are bf16 / f16; supported
+options are scale, is_causal, local_window_size, logits_soft_cap, GQA, key_value_seq_lengths,
+segment_ids and any T / S (padded here); bias and mask raise a ValueError (use
+implementation="pallas").
 
 Segment ids (packed sequences): the query rows' ids arrive with the Q tile and each key block's
 ids with its K block (TMA copies on the same barriers, two arrivals each); every block is then
@@ -468,7 +468,7 @@ def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg, rng):
     val = lambda x: None if x is None else x.value  # noqa: E731
     seg = (qseg.value, kseg.value, rng.value) if cfg.has_segments else None
     out, lse = _forward(cfg, q.value, k.value, v.value, val(lens), seg)
-    return (out, lse), (q.value, k.value, v.value, val(qseg), val(kseg), out, lse)
+    return (out, lse), (q.value, k.value, v.value, val(lens), val(qseg), val(kseg), out, lse)
 
 
 # Which kernels differentiate implementation="mosaic" (read at trace time): "triton" (the Triton
@@ -479,7 +479,7 @@ BACKWARDS = ("triton", "mosaic")
 
 
 def _flash_bwd(cfg, pcfg, res, cts):
-    q, k, v, qseg, kseg, out, lse = res
+    q, k, v, lens, qseg, kseg, out, lse = res
     do, dlse = cts
     if isinstance(do, SymbolicZero):
         do = jnp.zeros(out.shape, out.dtype)
@@ -487,12 +487,11 @@ def _flash_bwd(cfg, pcfg, res, cts):
         dlse = jnp.zeros(lse.shape, lse.dtype)
     if MOSAIC_BACKWARD not in BACKWARDS:
         raise ValueError(f"MOSAIC_BACKWARD: expected one of {BACKWARDS}, got {MOSAIC_BACKWARD!r}")
-    if MOSAIC_BACKWARD == "mosaic" and not cfg.has_segments:  # (no segment ids there yet)
+    if MOSAIC_BACKWARD == "mosaic":
         from . import _mosaic_bwd
 
-        # key lengths come back from the folded segment ids (valid keys are a prefix: id 0)
-        lens = jnp.sum(kseg == 0, axis=1, dtype=jnp.int32) if cfg.has_lengths else None
-        dq, dk, dv = _mosaic_bwd.backward(cfg, q, k, v, lens, out, lse, do, dlse)
+        seg = (qseg, kseg) if cfg.has_segments else None
+        dq, dk, dv = _mosaic_bwd.backward(cfg, q, k, v, lens, out, lse, do, dlse, seg=seg)
         return dq, dk, dv, None, None, None, None
     pcfg = dataclasses.replace(pcfg, bias_grad=False)
     dq, dk, dv, _ = _pallas._backward(pcfg, q, k, v, qseg, kseg, None, None, out, lse, do, dlse)
@@ -537,21 +536,26 @@ def _check_interpreter_threads() -> None:
         )
 
 
-def _segment_ranges(qseg, kseg, valid, rows: int, bk: int) -> jax.Array:
-    """(B, Tp // rows, 2) int32 key-block range [lo, hi) per tile of ``rows`` queries.
+def _segment_ranges(
+    tile_ids, block_ids, block_valid, rows: int, bk: int, tile_valid=None
+) -> jax.Array:
+    """(B, n_tiles, 2) int32 block range [lo, hi) per tile of ``rows`` ids.
 
-    A block is needed if the id ranges [min, max] of the tile's queries and of the block's
-    valid keys overlap; [lo, hi) spans the first to the last such block (the blocks between
-    are masked in the kernel), (0, 0) if none. Packed sequences (ids non-decreasing along
-    the sequence) give exactly the blocks of the tile's own sequences.
+    Tiles are this kernel's own rows (queries in the forward and dQ, keys in dK/dV), blocks the
+    other side's steps. A block is needed if the id ranges [min, max] of the tile's (valid) ids
+    and of the block's valid ids overlap; [lo, hi) spans the first to the last such block (the
+    blocks between are masked in the kernel), (0, 0) if none. Packed sequences (ids
+    non-decreasing along the sequence) give exactly the blocks of the tile's own sequences.
     """
-    b, tp = qseg.shape
+    b, tp = tile_ids.shape
     big = jnp.iinfo(jnp.int32).max
-    qt = qseg.reshape(b, tp // rows, rows)
-    qmin, qmax = qt.min(-1), qt.max(-1)  # (B, tiles)
-    kb = kseg.reshape(b, -1, bk)
-    vb = valid.reshape(b, -1, bk)
-    kmin = jnp.where(vb, kb, big).min(-1)  # (B, blocks); no valid key: empty range
+    qt = tile_ids.reshape(b, tp // rows, rows)
+    tv = jnp.ones(qt.shape, bool) if tile_valid is None else tile_valid.reshape(qt.shape)
+    qmin = jnp.where(tv, qt, big).min(-1)  # (B, tiles); no valid row: empty range
+    qmax = jnp.where(tv, qt, -big).max(-1)
+    kb = block_ids.reshape(b, -1, bk)
+    vb = block_valid.reshape(kb.shape)
+    kmin = jnp.where(vb, kb, big).min(-1)  # (B, blocks)
     kmax = jnp.where(vb, kb, -big).max(-1)
     hit = (kmax[:, None, :] >= qmin[:, :, None]) & (kmin[:, None, :] <= qmax[:, :, None])
     nb = hit.shape[-1]

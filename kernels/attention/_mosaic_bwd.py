@@ -54,6 +54,7 @@ class BwdConfig:
     stages_dq: int = 2
     stages_dkdv: int = 2
     has_lengths: bool = False
+    has_segments: bool = False  # folded segment ids and per-tile block ranges as inputs
     interpret: bool = False
 
 
@@ -165,8 +166,13 @@ def _tiled():
 # ------------------------------------------------------------------------------------ dK / dV
 
 
-def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
-    """dK (B, Sp, K, Hp), dV (B, Sp, K, Hvp); Sp a multiple of 128, Tp of block_q."""
+def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
+    """dK (B, Sp, K, Hp), dV (B, Sp, K, Hvp); Sp a multiple of 128, Tp of block_q.
+
+    ``seg`` (with ``cfg.has_segments``): (qseg (B, Tp), kseg (B, Sp), ranges (B, Sp // 128, 2))
+    int32: a key sees a query only with the same id; key tile i walks query blocks
+    [ranges[i, 0], ranges[i, 1]) at most.
+    """
     b, tp, n, hp = q.shape
     sp, kh, hvp = k.shape[1], k.shape[2], v.shape[3]
     g, bq, stages = cfg.groups, cfg.block_q, cfg.stages_dkdv
@@ -176,17 +182,25 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
     laid_out, iota, row_vec, probs, d_logits = _helpers(cfg, (ROWS, bq))
     wgmma_layout = plgpu.Layout.WGMMA
 
-    def body(q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, dk_ref, dv_ref, smem, bars):
-        k_smem, v_smem, q_ring, do_ring, st_ring = smem
+    segs = cfg.has_segments
+
+    def body(q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, seg_refs, dk_ref, dv_ref, smem, bars):
+        k_smem, v_smem, q_ring, do_ring, st_ring, *seg_smem = smem
+        kseg_smem, qseg_ring = seg_smem if segs else (None, None)
+        qseg_ref, kseg_ref, rng_ref = seg_refs if segs else (None, None, None)
         k_loaded, v_loaded, q_loaded, do_loaded, st_loaded, consumed = bars
         bi = lax.axis_index("batch")
         kvh = lax.axis_index("heads")
         wg = lax.axis_index("wg")
-        base = lax.axis_index("k_seq") * _i32(2 * ROWS)
+        tile = lax.axis_index("k_seq")
+        base = tile * _i32(2 * ROWS)
         s_end = _i32(min(cfg.spec.s, sp))
         if len_ref is not None:
             s_end = jnp.minimum(jnp.maximum(len_ref[bi], _i32(0)), s_end)
         lo, hi = _q_steps(cfg, base, 2 * ROWS, s_end)
+        if segs:  # only the query blocks whose ids can meet this key tile's
+            lo = jnp.maximum(lo, rng_ref[bi, tile, 0])
+            hi = jnp.maximum(jnp.minimum(hi, rng_ref[bi, tile, 1]), lo)
         nsteps = hi - lo
         total = nsteps * _i32(g)
 
@@ -197,10 +211,16 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
             kt, vt = k_smem.at[wg], v_smem.at[wg]
             rows = (bi, pl.ds(r0, ROWS), kvh)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], kt, k_loaded.at[wg])
+            if segs:  # this warpgroup's key ids, a second arrival on the K barrier
+                ks_smem = kseg_smem.at[wg]
+                plgpu.copy_gmem_to_smem(kseg_ref.at[bi, pl.ds(r0, ROWS)], ks_smem, k_loaded.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], vt, v_loaded.at[wg])
             plgpu.barrier_wait(k_loaded.at[wg])
             plgpu.barrier_wait(v_loaded.at[wg])
+            kseg_own = _mosaic.vec(ks_smem, 0, cfg.interpret) if segs else None
             flo, fhi = _full_q_steps(cfg, r0, lo, hi, s_end)
+            if segs:  # every block is masked (segment ids are data)
+                flo = fhi = lo
 
             def step(i, carry, hh, masked: bool):
                 dk, dv = carry
@@ -208,13 +228,17 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
                 qs, dos, st = q_ring.at[slot], do_ring.at[slot], st_ring.at[slot]
                 plgpu.barrier_wait(q_loaded.at[slot])
                 plgpu.barrier_wait(st_loaded.at[slot])
+                qseg_blk = _mosaic.vec(qseg_ring.at[slot], 1, cfg.interpret) if segs else None
 
                 st_ = _mosaic.mm_nt(kt, qs, (ROWS, bq), cfg.interpret)
                 pt, th = probs(st_, row_vec(st.at[0], 0), 1)
                 if masked:
                     kpos = iota(0) + r0
                     qpos = iota(1) + i * _i32(bq)
-                    pt = jnp.where(_mosaic.visible(qpos, kpos, s_end, left, right), pt, 0.0)
+                    vis = _mosaic.visible(qpos, kpos, s_end, left, right)
+                    if segs:
+                        vis = jnp.logical_and(vis, _same(kseg_own, qseg_blk, (ROWS, bq)))
+                    pt = jnp.where(vis, pt, 0.0)
                 pt16 = pt.astype(dtype)
                 plgpu.barrier_wait(do_loaded.at[slot])
 
@@ -264,6 +288,9 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
                 if wait:
                     plgpu.barrier_wait(consumed.at[slot])
                 plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_loaded.at[slot])
+                if segs:  # the block's query ids, a second arrival on the Q barrier
+                    qseg_rows = qseg_ref.at[bi, pl.ds(i * _i32(bq), bq)]
+                    plgpu.copy_gmem_to_smem(qseg_rows, qseg_ring.at[slot], q_loaded.at[slot])
                 plgpu.copy_gmem_to_smem(
                     st_ref.at[bi, head, :, pl.ds(i * _i32(bq), bq)],
                     st_ring.at[slot],
@@ -275,6 +302,8 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
 
     def entry(q_ref, k_ref, v_ref, do_ref, st_ref, *refs):
         len_ref = refs[0] if cfg.has_lengths else None
+        nl = int(cfg.has_lengths)
+        seg_refs = refs[nl : nl + 3] if segs else None
         dk_ref, dv_ref = refs[-2:]
         scratch = [
             plgpu.SMEM((2, ROWS, hp), dtype, transforms=_tiled()),
@@ -283,17 +312,20 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
             plgpu.SMEM((stages, bq, hvp), dtype, transforms=_tiled()),
             plgpu.SMEM((stages, 2, bq), jnp.float32),
         ]
+        if segs:
+            scratch += [plgpu.SMEM((2, ROWS), jnp.int32), plgpu.SMEM((stages, bq), jnp.int32)]
+        arrivals = 2 if segs else 1
         bars = (
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=2),
             plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         )
         pl.run_scoped(
             lambda smem, bars: body(
-                q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, dk_ref, dv_ref, smem, bars
+                q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, seg_refs, dk_ref, dv_ref, smem, bars
             ),
             scratch,
             bars,
@@ -312,14 +344,22 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params(cfg),
-    )(q, k, v, do, stats, *(() if lens is None else (lens,)))
+    )(q, k, v, do, stats, *(() if lens is None else (lens,)), *(() if seg is None else seg))
+
+
+def _same(a, b, shape):
+    """Id equality (shape) of a vector along dim 0 and one along dim 1."""
+    return lax.broadcast_in_dim(a, shape, [0]) == lax.broadcast_in_dim(b, shape, [1])
 
 
 # ------------------------------------------------------------------------------------------ dQ
 
 
-def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
-    """dQ (B, Tp, N, Hp); Tp a multiple of 2 * block_q, Sp of block_k."""
+def _dq(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
+    """dQ (B, Tp, N, Hp); Tp a multiple of 2 * block_q, Sp of block_k.
+
+    ``seg``: (qseg, kseg, ranges (B, Tp // (2 * block_q), 2)) as the forward's.
+    """
     b, tp, n, hp = q.shape
     sp, hvp = k.shape[1], v.shape[3]
     bq, bk, stages = cfg.block_q, cfg.block_k, cfg.stages_dq
@@ -329,8 +369,12 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
     laid_out, iota, row_vec, probs, d_logits = _helpers(cfg, (bq, bk))
     wgmma_layout = plgpu.Layout.WGMMA
 
-    def body(q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, dq_ref, smem, bars):
-        q_smem, do_smem, st_smem, k_ring, v_ring = smem
+    segs = cfg.has_segments
+
+    def body(q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, seg_refs, dq_ref, smem, bars):
+        q_smem, do_smem, st_smem, k_ring, v_ring, *seg_smem = smem
+        qseg_smem, kseg_ring = seg_smem if segs else (None, None)
+        qseg_ref, kseg_ref, rng_ref = seg_refs if segs else (None, None, None)
         q_loaded, do_loaded, st_loaded, k_loaded, v_loaded, consumed = bars
         bi = lax.axis_index("batch")
         head = lax.axis_index("heads")
@@ -341,6 +385,9 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
         if len_ref is not None:
             s_end = jnp.minimum(jnp.maximum(len_ref[bi], _i32(0)), s_end)
         lo, hi = _mosaic._steps(cfg, base, 2 * bq, s_end)
+        if segs:  # only the key blocks whose ids can meet this query tile's
+            lo = jnp.maximum(lo, rng_ref[bi, tile, 0])
+            hi = jnp.maximum(jnp.minimum(hi, rng_ref[bi, tile, 1]), lo)
         nsteps = hi - lo
 
         @pl.when(wg < 2)
@@ -350,6 +397,9 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
             qt, dot_, stt = q_smem.at[wg], do_smem.at[wg], st_smem.at[wg]
             rows = (bi, pl.ds(r0, bq), head)
             plgpu.copy_gmem_to_smem(q_ref.at[rows], qt, q_loaded.at[wg])
+            if segs:  # this warpgroup's query ids, a second arrival on the Q barrier
+                qs_smem = qseg_smem.at[wg]
+                plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(r0, bq)], qs_smem, q_loaded.at[wg])
             plgpu.copy_gmem_to_smem(do_ref.at[rows], dot_, do_loaded.at[wg])
             plgpu.copy_gmem_to_smem(st_ref.at[bi, head, :, pl.ds(r0, bq)], stt, st_loaded.at[wg])
             plgpu.barrier_wait(q_loaded.at[wg])
@@ -357,19 +407,26 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
             plgpu.barrier_wait(st_loaded.at[wg])
             lse2 = row_vec(stt.at[0], 1)
             delta = row_vec(stt.at[1], 1)
+            qseg_own = _mosaic.vec(qs_smem, 0, cfg.interpret) if segs else None
             flo, fhi = _mosaic._full_steps(cfg, r0, lo, hi, s_end)
+            if segs:  # every block is masked (segment ids are data)
+                flo = fhi = lo
 
             def step(j, dq, masked: bool):
                 slot = lax.rem(j - lo, _i32(stages))
                 ks, vs = k_ring.at[slot], v_ring.at[slot]
                 plgpu.barrier_wait(k_loaded.at[slot])
+                kseg_blk = _mosaic.vec(kseg_ring.at[slot], 1, cfg.interpret) if segs else None
 
                 s = _mosaic.mm_nt(qt, ks, (bq, bk), cfg.interpret)
                 p, th = probs(s, lse2, 0)
                 if masked:
                     qpos = iota(0) + r0
                     kpos = iota(1) + j * _i32(bk)
-                    p = jnp.where(_mosaic.visible(qpos, kpos, s_end, left, right), p, 0.0)
+                    vis = _mosaic.visible(qpos, kpos, s_end, left, right)
+                    if segs:
+                        vis = jnp.logical_and(vis, _same(qseg_own, kseg_blk, (bq, bk)))
+                    p = jnp.where(vis, p, 0.0)
                 plgpu.barrier_wait(v_loaded.at[slot])
 
                 dp = _mosaic.mm_nt(dot_, vs, (bq, bk), cfg.interpret)
@@ -399,12 +456,17 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
                 if wait:
                     plgpu.barrier_wait(consumed.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_ring.at[slot], k_loaded.at[slot])
+                if segs:  # the block's key ids, a second arrival on the K barrier
+                    kseg_rows = kseg_ref.at[bi, pl.ds((lo + i) * _i32(bk), bk)]
+                    plgpu.copy_gmem_to_smem(kseg_rows, kseg_ring.at[slot], k_loaded.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_ring.at[slot], v_loaded.at[slot])
 
             _mosaic.producer_ring(nsteps, stages, load, (consumed,))
 
     def entry(q_ref, k_ref, v_ref, do_ref, st_ref, *refs):
         len_ref = refs[0] if cfg.has_lengths else None
+        nl = int(cfg.has_lengths)
+        seg_refs = refs[nl : nl + 3] if segs else None
         dq_ref = refs[-1]
         scratch = [
             plgpu.SMEM((2, bq, hp), dtype, transforms=_tiled()),
@@ -413,17 +475,20 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
             plgpu.SMEM((stages, bk, hp), dtype, transforms=_tiled()),
             plgpu.SMEM((stages, bk, hvp), dtype, transforms=_tiled()),
         ]
+        if segs:
+            scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
+        arrivals = 2 if segs else 1
         bars = (
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=2),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         )
         pl.run_scoped(
             lambda smem, bars: body(
-                q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, dq_ref, smem, bars
+                q_ref, k_ref, v_ref, do_ref, st_ref, len_ref, seg_refs, dq_ref, smem, bars
             ),
             scratch,
             bars,
@@ -439,7 +504,7 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params(cfg),
-    )(q, k, v, do, stats, *(() if lens is None else (lens,)))
+    )(q, k, v, do, stats, *(() if lens is None else (lens,)), *(() if seg is None else seg))
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -456,13 +521,16 @@ def backward(
     do: jax.Array,
     dlse: jax.Array,
     blocks: dict | None = None,
+    seg: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of ``_mosaic._forward`` w.r.t. q, k, v (padded shapes, as the forward's).
 
     q (B, Tp, N, Hp), k (B, Sp, K, Hp), v (B, Sp, K, Hvp), out / do (B, Tp, N, Hvp), lse / dlse
     (B, N, Tp) f32 (natural log; -inf for fully masked rows), lens (B,) int32 key lengths or None.
     Tp is a multiple of 128; Sp is padded here to a multiple of 128. ``blocks`` overrides
-    :func:`default_config`.
+    :func:`default_config`. ``seg``: the forward's folded (qseg (B, Tp), kseg (B, Sp)) int32
+    segment ids (keys that no query may see carry an id below every query's); each kernel then
+    masks by id equality and walks only the blocks whose id ranges meet its tile's.
     """
     b, tp, n, hp = q.shape
     sp, hvp = k.shape[1], v.shape[3]
@@ -487,6 +555,7 @@ def backward(
         spec=mcfg.spec,
         groups=mcfg.groups,
         has_lengths=lens is not None,
+        has_segments=seg is not None,
         interpret=mcfg.interpret,
         **opts,
     )
@@ -495,6 +564,20 @@ def backward(
     if sp2 != sp:  # the extra keys are past spec.s: masked
         pad = ((0, 0), (0, sp2 - sp), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    seg_dq = seg_kv = None
+    if seg is not None:
+        qseg, kseg = (x.astype(jnp.int32) for x in seg)
+        low = jnp.min(qseg)
+        kseg = jnp.pad(kseg, ((0, 0), (0, sp2 - sp)), constant_values=low - 1)
+        kvalid = kseg >= low  # lower ids are the forward's "never seen" keys
+        kpos = jnp.arange(sp2, dtype=jnp.int32)[None, :]
+        kvalid = kvalid & (kpos < mcfg.spec.s)
+        if lens is not None:
+            kvalid = kvalid & (kpos < lens[:, None])
+        qvalid = jnp.broadcast_to(jnp.arange(tp)[None, :] < mcfg.spec.t, qseg.shape)
+        rq = _mosaic._segment_ranges(qseg, kseg, kvalid, 2 * ROWS, cfg.block_k, qvalid)
+        rk = _mosaic._segment_ranges(kseg, qseg, qvalid, 2 * ROWS, cfg.block_q, kvalid)
+        seg_dq, seg_kv = (qseg, kseg, rq), (qseg, kseg, rk)
 
     dead = lse == -jnp.inf  # fully masked rows: P = exp2(z - 1e30) = 0 exactly
     f32 = jnp.float32
@@ -506,6 +589,6 @@ def backward(
     if lens is not None:
         lens = lens.astype(jnp.int32)
 
-    dq = _dq(cfg, q, k, v, do, stats, lens)
-    dk, dv = _dkdv(cfg, q, k, v, do, stats, lens)
+    dq = _dq(cfg, q, k, v, do, stats, lens, seg_dq)
+    dk, dv = _dkdv(cfg, q, k, v, do, stats, lens, seg_kv)
     return dq, dk[:, :sp], dv[:, :sp]

@@ -82,10 +82,39 @@ def test_key_value_lengths_and_fully_masked_rows(mosaic_backward):
     assert float(jnp.max(jnp.abs(dk[1, :77].astype(jnp.float32)))) > 0.0
 
 
+def _packed(b: int, t: int, cuts) -> jnp.ndarray:
+    ids = np.zeros((b, t), np.int32)
+    for i, cs in enumerate(cuts):
+        for c in cs:
+            ids[i, c:] += 1
+    return jnp.asarray(ids)
+
+
+def test_segment_ids_with_lengths_and_gqa(mosaic_backward):
+    # packed sequences (one of a single token, one spanning several blocks) + causal, GQA 2:1
+    # and key lengths; keys past a length and rows that see nothing get zero gradients
+    q, k, v = _inputs(2, 200, 200, 2, 1, 64, 64, seed=11)
+    seg = _packed(2, 200, [(60, 61, 150), (130,)])
+    lens = jnp.array([180, 200], jnp.int32)
+    kw = dict(is_causal=True, segment_ids=seg, key_value_seq_lengths=lens)
+    dq, dk, dv = _grads(kw, q, k, v)
+    for g in (dk[0, 180:], dv[0, 180:]):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), 0.0)
+
+
+def test_segment_ids_window_non_monotone(mosaic_backward):
+    # ids that are not sorted (a block range with masked blocks in between) and a window
+    q, k, v = _inputs(1, 160, 160, 1, 1, 64, 64, seed=12)
+    seg = jnp.asarray(np.tile(np.repeat(np.array([0, 1, 0, 2], np.int32), 40), (1, 1)))
+    _grads(dict(local_window_size=(90, 30), segment_ids=seg), q, k, v)
+
+
 def _lowered_grad(shape, kw, dtype=jnp.bfloat16):
     b, t, s, n, k, h, hv = shape
     kw = dict(kw)
     lens = jnp.array([s, s // 3], jnp.int32)[:b] if kw.pop("kvlen", False) else None
+    if kw.pop("seg", False):
+        kw["segment_ids"] = _packed(b, t, [(t // 3, t // 2)] * b)
 
     def loss(q, k, v):
         inp = normalize(q, k, v, key_value_seq_lengths=lens, **kw)
@@ -103,6 +132,7 @@ LOWER = [
     ((1, 256, 256, 4, 1, 256, 256), dict(is_causal=True, logits_soft_cap=30.0)),
     ((2, 300, 500, 8, 8, 128, 128), dict(local_window_size=(100, 20), kvlen=True)),
     ((1, 256, 256, 4, 4, 32, 96), {}),
+    ((2, 1024, 1024, 8, 2, 128, 128), dict(is_causal=True, seg=True, kvlen=True)),
 ]
 
 
