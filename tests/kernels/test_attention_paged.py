@@ -314,3 +314,30 @@ def test_argument_errors():
         paged_kv_write(kp, vp, tables, pos.astype(jnp.float32), new, new)
     with pytest.raises(ValueError, match=r"new_keys: expected the pool dtype float32"):
         paged_kv_write(kp, vp, tables, pos, new.astype(jnp.bfloat16), new)
+
+
+@pytest.mark.parametrize("sps", [1, 2])
+def test_forward_memory_is_one_split(sps):
+    """Compiled temporaries stay far below one gathered cache (only a split is gathered)."""
+    b, m, ps, kh, h = 2, 64, 16, 2, 32
+    kp = jnp.zeros((b * m, ps, kh, h), jnp.float32)
+    q = jnp.zeros((b, 1, 4, h), jnp.float32)
+    tables = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
+    lengths = jnp.array([1000, 500], jnp.int32)
+    gathered = b * m * ps * kh * h * 4  # bytes of one contiguous K cache
+
+    def temp(impl):
+        f = lambda q, kp: paged_decode_attention(
+            q,
+            kp,
+            kp,
+            tables,
+            lengths,
+            pages_per_split=4,
+            sequences_per_step=sps,
+            implementation=impl,
+        )
+        return jax.jit(f).lower(q, kp).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp("reference") >= gathered  # the measure sees a gathered cache when there is one
+    assert temp("xla") < gathered // 4
