@@ -11,6 +11,8 @@ never influence sequence b's result, not even when they hold inf or NaN.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -111,40 +113,77 @@ def _mask_positions(cache: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.where(valid[:, :, None, None], cache, jnp.zeros((), cache.dtype))
 
 
-def _xla_group(q, key_pages, value_pages, tables, lengths, *, tq, page_size, capacity, cap, window):
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static configuration of the "xla" loops (hashable: a custom_vjp nondiff argument)."""
+
+    tq: int
+    page_size: int
+    capacity: int  # max_pages * page_size: positions past it (padded pages) are masked
+    cap: float | None
+    window: int | None
+    group: int  # sequences per loop step
+
+
+def _vzero(dtype, *xs):
+    """A zero of ``dtype`` that varies over every shard_map axis any of ``xs`` varies over, so
+    loop carries and cond branches have the type of the loop body's output."""
+    return sum(jnp.zeros_like(x.reshape(-1)[0]).astype(dtype) for x in xs)
+
+
+def _needed(start, c, lengths, cfg: _Cfg):
+    """Whether any sequence of the group can see a position of the split [start, start + c)."""
+    valid_len = jnp.minimum(lengths, cfg.capacity)
+    if cfg.window is None:
+        return jnp.any(start < valid_len)
+    first = lengths - cfg.tq - cfg.window  # the first position any of the queries can see
+    return jnp.any((start < valid_len) & (start + c > first))
+
+
+def _split(q, key_pages, value_pages, tab, start, lengths, cfg: _Cfg):
+    """Gather one split (pages ``tab`` (Bg, pps)) and score it.
+
+    Returns k (Bg, c, K, H), v (Bg, c, K, Hv) in q's dtype, zeroed at positions >= the length,
+    capped logits s (Bg, K, G, Tq, c) and the visibility mask of the same shape.
+    """
+    bg, _, kh, _, h = q.shape
+    hv = value_pages.shape[-1]
+    c = tab.shape[1] * cfg.page_size
+    cdt = q.dtype
+    kpos = start + jnp.arange(c, dtype=jnp.int32)  # (c,)
+    valid = kpos[None, :] < jnp.minimum(lengths, cfg.capacity)[:, None]  # (Bg, c)
+    k = jnp.take(key_pages, tab, axis=0, mode="clip").reshape(bg, c, kh, h)
+    v = jnp.take(value_pages, tab, axis=0, mode="clip").reshape(bg, c, kh, hv)
+    zero = jnp.zeros((), cdt)
+    k = jnp.where(valid[:, :, None, None], k.astype(cdt), zero)
+    v = jnp.where(valid[:, :, None, None], v.astype(cdt), zero)
+    s = soft_cap(jnp.einsum("btkgh,bckh->bkgtc", q, k), cfg.cap)
+    qpos = lengths[:, None] - cfg.tq + jnp.arange(cfg.tq, dtype=jnp.int32)[None, :]
+    qp = qpos[:, None, None, :, None]
+    kp = kpos[None, None, None, None, :]
+    vis = valid[:, None, None, None, :] & (kp <= qp)
+    if cfg.window is not None:
+        vis = vis & (kp >= qp - cfg.window)
+    return k, v, s, vis
+
+
+def _fwd_group(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
     """Online-softmax loop over splits for one group of sequences.
 
     q (Bg, Tq, K, G, H) scaled, compute dtype; tables (Bg, ns, pps) clamped; lengths (Bg,).
-    Positions >= ``capacity`` (max_pages * page_size: the padded pages) are masked.
-    Returns o (Bg, K, G, Tq, Hv) normalised and lse (Bg, K, G, Tq).
+    Returns o (Bg, K, G, Tq, Hv) normalised and lse (Bg, K, G, Tq), both in q's dtype.
     """
-    bg, _, kh, g, h = q.shape
+    bg, tq, kh, g, _ = q.shape
     hv = value_pages.shape[-1]
     ns, pps = tables.shape[1], tables.shape[2]
-    c = pps * page_size
+    c = pps * cfg.page_size
     cdt = q.dtype
-    qpos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]  # (Bg, Tq)
-    valid_len = jnp.minimum(lengths, capacity)
-    # the first position any query of the sequence can see (window); -inf-like without window
-    first = (lengths - tq - window) if window is not None else jnp.full_like(lengths, -(2**30))
 
     def attend(carry, start, tab):
         mx, l, acc = carry
-        kpos = start + jnp.arange(c, dtype=jnp.int32)  # (c,)
-        valid = kpos[None, :] < valid_len[:, None]  # (Bg, c)
-        k = jnp.take(key_pages, tab, axis=0, mode="clip").reshape(bg, c, kh, h)
-        v = jnp.take(value_pages, tab, axis=0, mode="clip").reshape(bg, c, kh, hv)
-        zero = jnp.zeros((), cdt)
-        k = jnp.where(valid[:, :, None, None], k.astype(cdt), zero)
-        v = jnp.where(valid[:, :, None, None], v.astype(cdt), zero)
-        s = soft_cap(jnp.einsum("btkgh,bckh->bkgtc", q, k), cap)
-        qp = qpos[:, None, None, :, None]
-        kp = kpos[None, None, None, None, :]
-        vis = valid[:, None, None, None, :] & (kp <= qp)
-        if window is not None:
-            vis = vis & (kp >= qp - window)
+        _, v, s, vis = _split(q, key_pages, value_pages, tab, start, lengths, cfg)
         s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(mx, jax.lax.stop_gradient(jnp.max(s, -1)))
+        m_new = jnp.maximum(mx, jnp.max(s, -1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         alpha = jnp.exp(mx - m_safe)  # mx = -inf (nothing seen yet) gives 0
         p = jnp.exp(s - m_safe[..., None])
@@ -152,21 +191,15 @@ def _xla_group(q, key_pages, value_pages, tables, lengths, *, tq, page_size, cap
         acc = acc * alpha[..., None] + jnp.einsum("bkgtc,bckh->bkgth", p, v)
         return m_new, l, acc
 
-    @jax.checkpoint
     def step(carry, xs):
         j, tab = xs  # tab (Bg, pps)
         start = j * c
-        # skip the split when no sequence of the group has a visible key in it
-        need = jnp.any((start < valid_len) & (start + c > first))
+        # skip the split when no sequence of the group can see any of its positions
+        need = _needed(start, c, lengths, cfg)
         carry = jax.lax.cond(need, lambda cr: attend(cr, start, tab), lambda cr: cr, carry)
         return carry, None
 
-    # a zero that varies over every shard_map axis any input varies over, so the loop carry
-    # has the type of the loop body's output (zeros_like keeps the varying manual axes)
-    zero = sum(
-        jnp.zeros_like(x.reshape(-1)[0]).astype(cdt)
-        for x in (q, key_pages, value_pages, tables, lengths)
-    )
+    zero = _vzero(cdt, q, key_pages, value_pages, tables, lengths)
     init = (
         jnp.full((bg, kh, g, tq), -jnp.inf, cdt) + zero,
         jnp.zeros((bg, kh, g, tq), cdt) + zero,
@@ -180,6 +213,106 @@ def _xla_group(q, key_pages, value_pages, tables, lengths, *, tq, page_size, cap
     m_safe = jnp.where(jnp.isfinite(mx), mx, 0.0)
     lse = jnp.where(ok, m_safe + jnp.log(safe), -jnp.inf)
     return o, lse
+
+
+def _bwd_group(q, key_pages, value_pages, tables, lengths, o, lse, do, dlse, cfg: _Cfg):
+    """FlashAttention-2 backward over the splits of one group (scores recomputed per split).
+
+    Returns dq (Bg, Tq, K, G, H) (w.r.t. the scaled q) and per-split page gradients
+    dk (ns, Bg, pps, page_size, K, H), dv (ns, Bg, pps, page_size, K, Hv), zero where skipped.
+    """
+    bg, tq, kh, g, h = q.shape
+    hv = value_pages.shape[-1]
+    ns, pps = tables.shape[1], tables.shape[2]
+    ps = cfg.page_size
+    c = pps * ps
+    cdt = q.dtype
+    dvec = jnp.sum(do * o, -1)  # (Bg, K, G, Tq)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # lse = -inf: nothing visible, p = 0
+    zero = _vzero(cdt, q, key_pages, value_pages, tables, lengths, o, do, dlse)
+
+    def compute(dq, start, tab):
+        k, v, s, vis = _split(q, key_pages, value_pages, tab, start, lengths, cfg)
+        p = jnp.where(vis, jnp.exp(s - lse_safe[..., None]), 0.0)
+        dp = jnp.einsum("bkgth,bckh->bkgtc", do, v)
+        ds = p * (dp - dvec[..., None] + dlse[..., None])
+        if cfg.cap is not None:  # d(cap tanh(x / cap)) / dx = 1 - tanh^2
+            ds = ds * (1.0 - jnp.square(s / cfg.cap))
+        dq = dq + jnp.einsum("bkgtc,bckh->btkgh", ds, k)
+        dk = jnp.einsum("bkgtc,btkgh->bckh", ds, q).reshape(bg, pps, ps, kh, h)
+        dv = jnp.einsum("bkgtc,bkgth->bckh", p, do).reshape(bg, pps, ps, kh, hv)
+        return dq, dk, dv
+
+    def skip(dq):
+        return (
+            dq,
+            jnp.zeros((bg, pps, ps, kh, h), cdt) + zero,
+            jnp.zeros((bg, pps, ps, kh, hv), cdt) + zero,
+        )
+
+    def step(dq, xs):
+        j, tab = xs
+        start = j * c
+        need = _needed(start, c, lengths, cfg)
+        dq, dk, dv = jax.lax.cond(need, lambda d: compute(d, start, tab), skip, dq)
+        return dq, (dk, dv)
+
+    xs = (jnp.arange(ns, dtype=jnp.int32), jnp.moveaxis(tables, 1, 0))
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, cdt) + zero, xs)
+    return dq, dk, dv
+
+
+def _over_groups(fn, cfg: _Cfg, batched, shared):
+    """``fn(*batched, *shared)`` for groups of ``cfg.group`` sequences (``lax.map`` over groups;
+    a single call when the group is the whole batch). Outputs keep a leading group axis."""
+    b = batched[0].shape[0]
+    if cfg.group == b:
+        return jax.tree.map(lambda x: x[None], fn(*batched, *shared))
+    ng = b // cfg.group
+    grouped = tuple(x.reshape(ng, cfg.group, *x.shape[1:]) for x in batched)
+    return jax.lax.map(lambda xs: fn(*xs, *shared), grouped)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _paged_xla(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
+    """o (B, K, G, Tq, Hv), lse (B, K, G, Tq) of scaled q (B, Tq, K, G, H) (compute dtype)."""
+    return _paged_xla_fwd(q, key_pages, value_pages, tables, lengths, cfg)[0]
+
+
+def _ungroup(x):
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _paged_xla_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
+    def fn(q, tables, lengths, key_pages, value_pages):
+        return _fwd_group(q, key_pages, value_pages, tables, lengths, cfg)
+
+    o, lse = _over_groups(fn, cfg, (q, tables, lengths), (key_pages, value_pages))
+    o, lse = _ungroup(o), _ungroup(lse)
+    return (o, lse), (q, key_pages, value_pages, tables, lengths, o, lse)
+
+
+def _paged_xla_bwd(cfg: _Cfg, res, cts):
+    q, key_pages, value_pages, tables, lengths, o, lse = res
+    do, dlse = (x.astype(q.dtype) for x in cts)
+
+    def fn(q, tables, lengths, o, lse, do, dlse, key_pages, value_pages):
+        return _bwd_group(q, key_pages, value_pages, tables, lengths, o, lse, do, dlse, cfg)
+
+    batched = (q, tables, lengths, o, lse, do, dlse)
+    dq, dk, dv = _over_groups(fn, cfg, batched, (key_pages, value_pages))
+    # dk: (groups, ns, group, pps, page_size, K, H); page indices laid out alike
+    b, ns, pps = tables.shape
+    idx = tables.reshape(b // cfg.group, cfg.group, ns, pps).transpose(0, 2, 1, 3).reshape(-1)
+    ps, kh = key_pages.shape[1], key_pages.shape[2]
+    # the transpose of the gather: one scatter-add into the pool (shared pages accumulate;
+    # clamped garbage entries carry zero gradients)
+    dkp = jnp.zeros(key_pages.shape, q.dtype).at[idx].add(dk.reshape(-1, ps, kh, dk.shape[-1]))
+    dvp = jnp.zeros(value_pages.shape, q.dtype).at[idx].add(dv.reshape(-1, ps, kh, dv.shape[-1]))
+    return _ungroup(dq), dkp.astype(key_pages.dtype), dvp.astype(value_pages.dtype), None, None
+
+
+_paged_xla.defvjp(_paged_xla_fwd, _paged_xla_bwd)
 
 
 def paged_decode_attention(
@@ -281,22 +414,15 @@ def paged_decode_attention(
     tables = jnp.pad(tables, ((0, 0), (0, ns * pages_per_split - m)))
     tables = tables.reshape(b, ns, pages_per_split)
     q = (query.astype(cdt) * jnp.asarray(scale, cdt)).reshape(b, tq, kh, g, h)
-    kw = dict(tq=tq, page_size=ps, capacity=m * ps, cap=logits_soft_cap, window=local_window_size)
-    if sequences_per_step == b:
-        o, lse = _xla_group(q, key_pages, value_pages, tables, lengths, **kw)
-    else:
-        ng, gs = b // sequences_per_step, sequences_per_step
-
-        def group(xs):
-            return _xla_group(xs[0], key_pages, value_pages, xs[1], xs[2], **kw)
-
-        grouped = (
-            q.reshape(ng, gs, *q.shape[1:]),
-            tables.reshape(ng, gs, ns, pages_per_split),
-            lengths.reshape(ng, gs),
-        )
-        o, lse = jax.lax.map(group, grouped)
-        o, lse = o.reshape(b, *o.shape[2:]), lse.reshape(b, *lse.shape[2:])
+    cfg = _Cfg(
+        tq=tq,
+        page_size=ps,
+        capacity=m * ps,
+        cap=logits_soft_cap,
+        window=local_window_size,
+        group=sequences_per_step,
+    )
+    o, lse = _paged_xla(q, key_pages, value_pages, tables, lengths, cfg)
     o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, tq, n, hv).astype(query.dtype)
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, tq, n)
     return (o, lse) if return_lse else o
