@@ -197,6 +197,13 @@ def test_jit_vmap_and_shard_map():
         )
     )
     assert_close(sharded(q, kp, vp, tables, lengths), want, scale=3)
+    # gradients: the replicated pool's cotangent is summed over the batch shards
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, tables, lengths)))
+    ref = lambda q, k, v, t, l: paged(q, k, v, t, l, implementation="reference")
+    got = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, kp, vp)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, kp, vp)
+    for name, g_, w in zip(("query", "key_pages", "value_pages"), got, want):
+        assert_close(g_, w, scale=5, err_msg=name)
 
 
 def test_kv_write_round_trip_and_decode_step():
