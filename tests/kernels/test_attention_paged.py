@@ -185,6 +185,13 @@ def test_jit_vmap_and_shard_map():
     assert_close(got[0], want, scale=3)
     want1 = paged(-q, kp, vp, tables[::-1], lengths[::-1], implementation="reference")
     assert_close(got[1], want1, scale=3)
+    # vmap of the gradient (custom_vjp backward, cond -> select under vmap)
+    gq = lambda impl: jax.grad(
+        lambda q, t, l: jnp.sum(jnp.sin(paged(q, kp, vp, t, l, implementation=impl)))
+    )
+    got = jax.jit(jax.vmap(gq("xla")))(qs, ts, ls)
+    for i in range(2):
+        assert_close(got[i], gq("reference")(qs[i], ts[i], ls[i]), scale=5)
     # shard_map over batch: tables, lengths and queries sharded, the pool replicated
     mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
     g = lambda q, k, v, t, l: paged(q, k, v, t, l, pages_per_split=2)
