@@ -31,7 +31,13 @@ _STATIC = (
 paged = jax.jit(paged_decode_attention, static_argnames=_STATIC)
 decode = jax.jit(
     decode_attention,
-    static_argnames=("logits_soft_cap", "local_window_size", "return_lse", "implementation"),
+    static_argnames=(
+        "scale",
+        "logits_soft_cap",
+        "local_window_size",
+        "return_lse",
+        "implementation",
+    ),
 )
 
 
@@ -86,11 +92,13 @@ def test_paged_equals_decode_and_reference(ps, m, tq, n, kh, h, hv, cap, window)
 
 def test_float64_reference(x64):
     q, kc, vc, kp, vp, tables = _paged(3, 2, 4, 2, 8, 8, 4, 5, dtype=jnp.float64, seed=3)
-    lengths = jnp.array([20, 9, 1], jnp.int32)
-    want = decode(q, kc, vc, lengths, local_window_size=4, implementation="reference")
-    got = paged(q, kp, vp, tables, lengths, pages_per_split=2, local_window_size=4)
-    assert got.dtype == jnp.float64
+    lengths = jnp.array([20, 9, 27], jnp.int32)  # 27 > capacity 20: only 20 positions exist
+    kw = dict(scale=0.3, local_window_size=4, return_lse=True)
+    want, want_lse = decode(q, kc, vc, lengths, implementation="reference", **kw)
+    got, lse = paged(q, kp, vp, tables, lengths, pages_per_split=2, **kw)
+    assert got.dtype == jnp.float64 and lse.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-12, atol=1e-12)
 
 
 def test_bfloat16():
