@@ -27,7 +27,7 @@ from ._decode import decode_attention
 FAMILY = "attention_paged_decode"
 backend.register_family(
     FAMILY,
-    ("reference", "xla"),
+    ("reference", "xla", "pallas", "pallas_interpret"),
     "xla",
     doc="paged_decode_attention: flash decoding through block tables into a page pool",
 )
@@ -123,6 +123,7 @@ class _Cfg:
     cap: float | None
     window: int | None
     group: int  # sequences per loop step
+    kernel: str = "xla"  # forward: "xla" (scan), "pallas" or "pallas_interpret"
 
 
 def _vzero(dtype, *xs):
@@ -262,6 +263,123 @@ def _bwd_group(q, key_pages, value_pages, tables, lengths, o, lse, do, dlse, cfg
     return dq, dk, dv
 
 
+_BIG = 1e30  # finite "minus infinity" for running maxima (Triton-safe)
+
+
+def _pow2_at_least(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _pallas_kernel(len_ref, tab_ref, q_ref, kp_ref, vp_ref, o_ref, lse_ref, *, cfg, g, m, npool):
+    """One (sequence, KV head) program: walk the sequence's pages through its block table.
+
+    q_ref (R, H): rows r = t * G + g (padded rows have t >= Tq and see nothing); the pool refs
+    are whole (P, page_size, K, *) arrays read one page at a time.
+    """
+    from jax.experimental import pallas as pl
+
+    b, kh = pl.program_id(0), pl.program_id(1)
+    ps = cfg.page_size
+    length = len_ref[b]
+    valid_len = jnp.minimum(length, cfg.capacity)
+    q = q_ref[...]
+    rows = q.shape[0]
+    t = jax.lax.div(jnp.arange(rows, dtype=jnp.int32), np.int32(g))
+    qpos = jnp.where(t < cfg.tq, length - cfg.tq + t, -(2**30))
+    acc_dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    hi = jax.lax.div(valid_len + (ps - 1), np.int32(ps))
+    lo = 0
+    if cfg.window is not None:
+        lo = jax.lax.div(jnp.maximum(length - cfg.tq - cfg.window, 0), np.int32(ps))
+
+    def dot(a, bb, dims):
+        prec = jax.lax.Precision.HIGHEST if a.dtype != jnp.bfloat16 else None
+        return jax.lax.dot_general(
+            a, bb, (dims, ((), ())), preferred_element_type=acc_dt, precision=prec
+        )
+
+    def body(j, carry):
+        acc, mx, l = carry
+        page = jnp.clip(tab_ref[b, j], 0, npool - 1)
+        kpos = j * ps + jnp.arange(ps, dtype=jnp.int32)
+        valid = kpos < valid_len
+        k = kp_ref[page, :, kh, :]  # (page_size, H)
+        v = jnp.where(valid[:, None], vp_ref[page, :, kh, :], 0)  # garbage (NaN) never leaks
+        s = soft_cap(dot(q, k, ((1,), (1,))), cfg.cap)  # (R, page_size)
+        vis = valid[None, :] & (kpos[None, :] <= qpos[:, None])
+        if cfg.window is not None:
+            vis = vis & (kpos[None, :] >= qpos[:, None] - cfg.window)
+        s = jnp.where(vis, s, -_BIG)
+        m_new = jnp.maximum(mx, jnp.max(s, axis=1))
+        p = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(mx - m_new)
+        l = alpha * l + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, ((1,), (0,)))
+        return acc, m_new, l
+
+    hv = o_ref.shape[-1]
+    init = (
+        jnp.zeros((rows, hv), acc_dt),
+        jnp.full((rows,), -_BIG, acc_dt),
+        jnp.zeros((rows,), acc_dt),
+    )
+    acc, mx, l = jax.lax.fori_loop(lo, hi, body, init)
+    ok = l > 0
+    o_ref[...] = (acc / jnp.where(ok, l, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(ok, mx + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf).astype(
+        lse_ref.dtype
+    )
+
+
+def _pallas_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
+    """The Pallas forward: o (B, K, G, Tq, Hv), lse (B, K, G, Tq) in q's dtype (compute dtype).
+
+    q (B, Tq, K, G, H) scaled; the pages are read in their own dtype (bf16 dots accumulate in
+    float32); tables (B, ns, pps) clamped (the padding past max_pages is never visited).
+    """
+    from jax.experimental import pallas as pl
+
+    b, tq, kh, g, h = q.shape
+    npool, ps, _, hv = value_pages.shape
+    interpret = cfg.kernel == "pallas_interpret"
+    rows = _pow2_at_least(tq * g)
+    qr = jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(b, kh, tq * g, h)
+    qr = jnp.pad(qr.astype(key_pages.dtype), ((0, 0), (0, 0), (0, rows - tq * g), (0, 0)))
+    tab = tables.reshape(b, -1)
+    full = pl.BlockSpec()
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    kernel = functools.partial(_pallas_kernel, cfg=cfg, g=g, m=tab.shape[1], npool=npool)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(b, kh),
+        in_specs=[
+            full,
+            full,
+            pl.BlockSpec((None, None, rows, h), lambda i, j: (i, j, 0, 0)),
+            full,
+            full,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, rows, hv), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, rows), lambda i, j: (i, j, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, kh, rows, hv), q.dtype),
+            jax.ShapeDtypeStruct((b, kh, rows), q.dtype),
+        ],
+        compiler_params=params,
+        interpret=interpret,
+        name="jaxcore_paged_decode_fwd",
+    )(lengths, tab, qr, key_pages, value_pages)
+    o = o[:, :, : tq * g].reshape(b, kh, tq, g, hv).transpose(0, 1, 3, 2, 4)
+    lse = lse[:, :, : tq * g].reshape(b, kh, tq, g).transpose(0, 1, 3, 2)
+    return o, lse
+
+
 def _over_groups(fn, cfg: _Cfg, batched, shared):
     """``fn(*batched, *shared)`` for groups of ``cfg.group`` sequences (``lax.map`` over groups;
     a single call when the group is the whole batch). Outputs keep a leading group axis."""
@@ -287,8 +405,11 @@ def _paged_xla_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
     def fn(q, tables, lengths, key_pages, value_pages):
         return _fwd_group(q, key_pages, value_pages, tables, lengths, cfg)
 
-    o, lse = _over_groups(fn, cfg, (q, tables, lengths), (key_pages, value_pages))
-    o, lse = _ungroup(o), _ungroup(lse)
+    if cfg.kernel == "xla":
+        o, lse = _over_groups(fn, cfg, (q, tables, lengths), (key_pages, value_pages))
+        o, lse = _ungroup(o), _ungroup(lse)
+    else:
+        o, lse = _pallas_fwd(q, key_pages, value_pages, tables, lengths, cfg)
     return (o, lse), (q, key_pages, value_pages, tables, lengths, o, lse)
 
 
@@ -373,7 +494,10 @@ def paged_decode_attention(
       logits_soft_cap: optional ``cap * tanh(logits / cap)``.
       local_window_size: optional left window w: position p sees [p - w, p].
       return_lse: also return the float32 (float64 under x64 inputs) log-sum-exp (B, Tq, N).
-      implementation: None (the platform default, "xla"), "reference" or "xla".
+      implementation: None (the platform default, "xla"), "reference", "xla", "pallas" (a
+        Triton Pallas forward, one program per (sequence, KV head) walking its block table;
+        page_size, H and Hv powers of two >= 16; backward as "xla") or "pallas_interpret"
+        (the same kernel in the Pallas interpreter, any shapes).
 
     Returns:
       (B, Tq, N, Hv) in the query dtype (and lse); a row with no visible key gives zeros
@@ -427,6 +551,13 @@ def paged_decode_attention(
             implementation="reference",
         )
 
+    if impl == "pallas":  # Triton tiles: every dot dimension a power of two >= 16
+        for nm, size in (("key_pages (page_size)", ps), ("key_pages (H)", h), ("value_pages", hv)):
+            if size < 16 or size & (size - 1):
+                raise ValueError(
+                    f"{nm}: implementation='pallas' expected a power of two >= 16, got {size}; "
+                    "use implementation='xla'"
+                )
     cdt = compute_dtype(query.dtype)
     ns = -(-m // pages_per_split)
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, npool - 1)
@@ -440,6 +571,7 @@ def paged_decode_attention(
         cap=logits_soft_cap,
         window=local_window_size,
         group=sequences_per_step,
+        kernel=impl,
     )
     o, lse = _paged_xla(q, key_pages, value_pages, tables, lengths, cfg)
     o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, tq, n, hv).astype(query.dtype)

@@ -88,6 +88,9 @@ def test_paged_equals_decode_and_reference(ps, m, tq, n, kh, h, hv, cap, window)
         assert_close(lse, want_lse, scale=3, err_msg=msg)
         assert np.all(np.asarray(got[0]) == 0) and np.all(np.asarray(lse[0]) == -np.inf)
         assert not np.any(np.isnan(np.asarray(got)))
+    got, lse = paged(q, kp, vp, tables, lengths, implementation="pallas_interpret", **kw)
+    assert_close(got, want, scale=3, err_msg="pallas_interpret")
+    assert_close(lse, want_lse, scale=3, err_msg="pallas_interpret")
 
 
 def test_float64_reference(x64):
@@ -132,7 +135,7 @@ def test_garbage_tables_and_nonfinite_pool_never_leak():
     )
     kp_bad = jnp.where(used[..., None, None], kp, jnp.nan)
     vp_bad = jnp.where(used[..., None, None], vp, jnp.inf)
-    for impl in ("reference", "xla"):
+    for impl in ("reference", "xla", "pallas_interpret"):
         got = paged(q, kp_bad, vp_bad, bad_tables, lengths, pages_per_split=2, implementation=impl)
         assert_close(got, want, scale=3, err_msg=impl)
         grads = jax.grad(
@@ -284,9 +287,66 @@ _jit_decode = jax.jit(
 )
 
 
+def test_bfloat16_pallas_interpret_and_grad():
+    q, kc, vc, kp, vp, tables = _paged(2, 1, 8, 2, 16, 16, 16, 3, dtype=jnp.bfloat16, seed=5)
+    lengths = jnp.array([48, 23], jnp.int32)
+    got = paged(q, kp, vp, tables, lengths, implementation="pallas_interpret")
+    up = lambda x: x.astype(jnp.float32)
+    want = decode(up(q), up(kc), up(vc), lengths, implementation="reference")
+    assert_close(got, want, dtype=jnp.bfloat16)
+    # the Pallas forward's backward is the "xla" one (same custom_vjp)
+    loss = lambda impl: (
+        lambda q: jnp.sum(up(paged(q, kp, vp, tables, lengths, implementation=impl)) ** 2)
+    )
+    assert_close(jax.grad(loss("pallas_interpret"))(q), jax.grad(loss("xla"))(q), scale=2)
+
+
+def _pallas_lowered(b, tq, n, kh, h, hv, ps, m, dtype, cap=None, window=None):
+    """StableHLO text of the compiled ("pallas", not interpreted) forward lowered for CUDA."""
+    from jaxcore.kernels.attention import _paged as impl_mod
+
+    g = n // kh
+    cfg = impl_mod._Cfg(
+        tq=tq, page_size=ps, capacity=m * ps, cap=cap, window=window, group=b, kernel="pallas"
+    )
+    sds = jax.ShapeDtypeStruct
+    args = (
+        sds((b, tq, kh, g, h), jnp.float32),
+        sds((b * m, ps, kh, h), dtype),
+        sds((b * m, ps, kh, hv), dtype),
+        sds((b, m, 1), jnp.int32),
+        sds((b,), jnp.int32),
+    )
+    f = lambda *a: impl_mod._pallas_fwd(*a, cfg)
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, cap, window",
+    [
+        ((8, 1, 32, 8, 128, 128, 16, 512), jnp.bfloat16, None, None),  # the benchmark shape
+        ((2, 4, 8, 2, 64, 32, 32, 8), jnp.float32, 30.0, 100),
+    ],
+)
+def test_pallas_lowers_for_cuda(shape, dtype, cap, window):
+    text = _pallas_lowered(*shape, dtype, cap=cap, window=window)
+    assert "triton" in text and "jaxcore_paged_decode_fwd" in text
+
+
+def test_pallas_refused_off_gpu_or_for_small_tiles():
+    q, kc, vc, kp, vp, tables = _paged(1, 1, 2, 1, 8, 8, 4, 2)
+    msg = (
+        r"implementation='pallas' needs a GPU or TPU"
+        if backend.platform() == "cpu"
+        else r"key_pages \(page_size\): implementation='pallas' expected a power of two >= 16"
+    )
+    with pytest.raises(ValueError, match=msg):
+        paged_decode_attention(q, kp, vp, tables, jnp.array([3]), implementation="pallas")
+
+
 def test_registered_family():
     fam = backend.families()["attention_paged_decode"]
-    assert fam.implementations == ("reference", "xla")
+    assert fam.implementations == ("reference", "xla", "pallas", "pallas_interpret")
     assert backend.resolve_implementation("attention_paged_decode", None) == "xla"
 
 
@@ -324,8 +384,8 @@ def test_argument_errors():
         f(q, kp, vp, tables, lengths, local_window_size=-1)
     with pytest.raises(ValueError, match=r"logits_soft_cap: expected a positive number"):
         f(q, kp, vp, tables, lengths, logits_soft_cap=0.0)
-    with pytest.raises(ValueError, match=r"implementation='pallas' is not an implementation"):
-        f(q, kp, vp, tables, lengths, implementation="pallas")
+    with pytest.raises(ValueError, match=r"implementation='mosaic' is not an implementation"):
+        f(q, kp, vp, tables, lengths, implementation="mosaic")
     pos = jnp.zeros((2, 1), jnp.int32)
     new = jnp.zeros((2, 1, 2, 8), jnp.float32)
     with pytest.raises(ValueError, match=r"new_values: expected shape \(2, 1, 2, 8\)"):
