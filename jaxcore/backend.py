@@ -102,3 +102,75 @@ def resolve_implementation(
             f"use '{implementation}_interpret' to run the same kernel on CPU"
         )
     return implementation
+
+
+def _manual_axis_param() -> str | None:
+    """The ``jax.ShapeDtypeStruct`` keyword that says which manual (shard_map) mesh axes an
+    array varies over: ``manual_axis_type`` (jax 0.10), ``vma`` (older), or None."""
+    import inspect
+
+    params = inspect.signature(jax.ShapeDtypeStruct.__init__).parameters
+    for name in ("manual_axis_type", "vma"):
+        if name in params:
+            return name
+    return None
+
+
+_MANUAL_AXIS_PARAM = _manual_axis_param()
+
+
+def kernel_out_struct(shape, dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
+    """A kernel output type (``pallas_call`` ``out_shape``) that varies over every manual mesh
+    axis any of ``like`` varies over, so the kernel runs inside ``jax.shard_map`` with
+    ``check_vma=True`` (outside shard_map this is a plain ShapeDtypeStruct)."""
+    name = _MANUAL_AXIS_PARAM
+    if name is None or not like:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    avals = [jax.typeof(x) for x in like]
+    if name == "manual_axis_type":
+        mats = [getattr(a, "mat", None) for a in avals]
+        mats = [m for m in mats if m is not None]
+        if not mats:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        varying = frozenset().union(*(m.varying for m in mats))
+        mat = mats[0].update(varying=varying, unreduced=frozenset(), reduced=frozenset())
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    vma = frozenset().union(*(getattr(a, "vma", frozenset()) or frozenset() for a in avals))
+    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+
+
+def pallas_call(kernel, *, out_shape, **kwargs):
+    """``jax.experimental.pallas.pallas_call`` whose output types take the inputs' varying mesh
+    axes (:func:`kernel_out_struct`), so a compiled kernel runs inside ``jax.shard_map`` with
+    ``check_vma=True``. (JAX's Pallas *interpreter* still needs ``check_vma=False`` there.)"""
+    from jax.experimental import pallas as pl
+
+    def run(*args):
+        shapes = jax.tree.map(lambda sd: kernel_out_struct(sd.shape, sd.dtype, *args), out_shape)
+        return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
+
+    return run
+
+
+def vma(x: jax.Array) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def vary_as(g: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent typed like its primal under ``shard_map`` (what a ``custom_vjp`` backward
+    must return with ``check_vma=True``): summed over the mesh axes it varies over and the
+    primal does not (the transpose of the implicit broadcast of a replicated input), marked
+    varying over those the primal varies over and it does not."""
+    from jax import lax
+
+    extra, missing = vma(g) - vma(primal), vma(primal) - vma(g)
+    if extra:
+        g = lax.psum(g, tuple(sorted(extra, key=str)))
+    if missing:
+        g = lax.pcast(g, tuple(sorted(missing, key=str)), to="varying")
+    return g

@@ -49,7 +49,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcore import checks
+from jaxcore import backend, checks
 
 Array = Any
 AxisName = Any  # a mesh axis name or a tuple of them
@@ -156,21 +156,12 @@ class _RingConfig:
     implementation: str | None
 
 
-def _vma(x: Array) -> set:
-    """The mesh axes ``x`` varies over inside shard_map (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    if mat is not None and hasattr(mat, "varying"):
-        return set(mat.varying)
-    return set(getattr(aval, "vma", ()) or ())
-
-
 def _vary_like(x: Array, *refs: Array) -> Array:
     """``x`` marked device-varying over every mesh axis the ``refs`` vary over (check_vma)."""
     axes: set = set()
     for r in refs:
-        axes |= _vma(r)
-    axes -= _vma(x)
+        axes |= backend.vma(r)
+    axes -= backend.vma(x)
     return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying") if axes else x
 
 
@@ -190,8 +181,6 @@ _BLOCKS = (64, 128)
 
 
 def _resolved(implementation: str | None) -> str:
-    from jaxcore import backend
-
     return backend.resolve_implementation("attention", implementation)
 
 
@@ -303,11 +292,17 @@ def _grad_branches(cfg: _RingConfig):
     """
     blocks = _BLOCKS
 
+    impl = _resolved(cfg.implementation)
+
     def bwd(q, k, v, qs, ks, delta, lse, dout, causal):
-        from jaxcore.kernels.attention import _common, _xla
+        from jaxcore.kernels.attention import _common, _pallas, _xla
 
         seg = None if qs is None else (qs, ks)
         inp = _common.normalize(q, k, v, scale=cfg.scale, is_causal=causal, segment_ids=seg)
+        if impl.startswith(("pallas", "mosaic")):  # the Triton backward kernels (GPU / interpret)
+            return _pallas.attention_bwd_pallas(
+                inp, lse, dout, delta, interpret=impl.endswith("_interpret")
+            )
         return _xla.attention_bwd_xla(
             inp, None, lse, dout, delta=delta, block_q=blocks[0], block_k=blocks[1]
         )

@@ -492,10 +492,17 @@ def _flash_bwd(cfg, pcfg, res, cts):
 
         seg = (qseg, kseg) if cfg.has_segments else None
         dq, dk, dv = _mosaic_bwd.backward(cfg, q, k, v, lens, out, lse, do, dlse, seg=seg)
-        return dq, dk, dv, None, None, None, None
+        return (*_typed((dq, dk, dv), (q, k, v)), None, None, None, None)
     pcfg = dataclasses.replace(pcfg, bias_grad=False)
     dq, dk, dv, _ = _pallas._backward(pcfg, q, k, v, qseg, kseg, None, None, out, lse, do, dlse)
-    return dq, dk, dv, None, None, None, None
+    return (*_typed((dq, dk, dv), (q, k, v)), None, None, None, None)
+
+
+def _typed(grads, primals):
+    """Gradients typed as their primals under shard_map (check_vma=True)."""
+    from jaxcore import backend
+
+    return tuple(backend.vary_as(g, p) for g, p in zip(grads, primals, strict=True))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)

@@ -32,6 +32,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 
+from jaxcore import backend
+
 from ._common import Inputs, MaskSpec
 
 _BIG = 1e30  # finite "minus infinity" for running maxima (Triton-safe)
@@ -357,8 +359,13 @@ def _call(
     bwd: bool,
     cost: pl.CostEstimate | None = None,
 ):
-    """``pallas_call`` over the grid (programs, B, N) with this call's compiler params."""
-    return pl.pallas_call(
+    """``pallas_call`` over the grid (programs, B, N) with this call's compiler params.
+
+    The outputs vary over the manual mesh axes of the inputs (runs inside ``jax.shard_map``
+    with ``check_vma=True``).
+    """
+
+    return backend.pallas_call(
         kernel,
         grid=(programs, d.b, d.n),
         in_specs=in_specs,
@@ -632,16 +639,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg, nk):
             lax.fori_loop(hi, nk, clear, 0)
 
 
-def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse):
+def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse, delta=None):
+    """Gradients from the saved output and lse (padded shapes, lse (B, N, Tp)); ``delta``
+    (B, N, Tp) = rowsum(do * out) - dlse precomputed (then ``out`` and ``dlse`` are unused)."""
     d = _dims(q, k, v)
     g = cfg.groups
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     nq, nk = d.tp // bq, d.sp // bk
     dead = lse == -jnp.inf  # (B, N, Tp): fully masked rows get zero gradients
     cdt = lse.dtype
-    delta = jnp.sum(do.astype(cdt) * out.astype(cdt), axis=-1)  # (B, Tp, N)
-    delta = jnp.swapaxes(delta, 1, 2).astype(lse.dtype) - dlse
-    delta = jnp.where(dead, 0.0, delta)
+    if delta is None:
+        delta = jnp.sum(do.astype(cdt) * out.astype(cdt), axis=-1)  # (B, Tp, N)
+        delta = jnp.swapaxes(delta, 1, 2).astype(lse.dtype) - dlse
+    delta = jnp.where(dead, 0.0, delta.astype(cdt))
     lse_s = jnp.where(dead, _BIG, lse)
     do = jnp.where(jnp.swapaxes(dead, 1, 2)[..., None], jnp.zeros((), do.dtype), do)
 
@@ -741,6 +751,10 @@ def _flash_bwd(cfg, res, cts):
         dlse = jnp.zeros(lse.shape, lse.dtype)
     cfg = dataclasses.replace(cfg, bias_grad=bias_grad is not None)
     dq, dk, dv, dbias = _backward(cfg, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse)
+    # under shard_map: a replicated input (e.g. a bias shared by the shards) gets its gradient
+    # summed over them, typed as its primal
+    dq, dk, dv = (backend.vary_as(g, p) for g, p in ((dq, q), (dk, k), (dv, v)))
+    dbias = None if dbias is None else backend.vary_as(dbias, bias)
     return dq, dk, dv, None, None, dbias, None
 
 
@@ -782,13 +796,8 @@ def _pad_bnts(x: jax.Array | None, tp: int, sp: int, fill) -> jax.Array | None:
     return x
 
 
-def attention_pallas(
-    inp: Inputs, *, interpret: bool, blocks: dict | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Pallas flash attention. Returns (out (B, T, N, Hv), lse (B, T, N) f32).
-
-    ``blocks`` overrides fields of :func:`default_blocks` (and ``split_loops``).
-    """
+def _prepare(inp: Inputs, interpret: bool, blocks: dict | None):
+    """Padded q, k, v, folded segment ids, bias / mask and the static config of one call."""
     spec = inp.spec
     q, k, v = inp.query, inp.key, inp.value
     b, t, n, h = q.shape
@@ -836,7 +845,54 @@ def attention_pallas(
         interpret=interpret,
         **opts,
     )
+    return cfg, (qp, kp, vp, qseg, kseg, bias, mask)
+
+
+def attention_pallas(
+    inp: Inputs, *, interpret: bool, blocks: dict | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Pallas flash attention. Returns (out (B, T, N, Hv), lse (B, T, N) f32).
+
+    ``blocks`` overrides fields of :func:`default_blocks` (and ``split_loops``).
+    """
+    t, hv = inp.query.shape[1], inp.value.shape[-1]
+    cfg, (qp, kp, vp, qseg, kseg, bias, mask) = _prepare(inp, interpret, blocks)
     out, lse = _flash(cfg, qp, kp, vp, qseg, kseg, bias, mask)
     out = out[:, :t, :, :hv]
     lse = jnp.swapaxes(lse, 1, 2)[:, :t]
     return out, lse
+
+
+def attention_bwd_pallas(
+    inp: Inputs,
+    lse: jax.Array,
+    dout: jax.Array,
+    delta: jax.Array,
+    *,
+    interpret: bool,
+    blocks: dict | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The Pallas FlashAttention-2 backward kernels from an lse and ``delta`` that need not
+    come from these keys (ring attention: the merged lse and rowsum(dout * out) - dlse of the
+    whole ring), like ``_xla.attention_bwd_xla(..., delta=...)``.
+
+    lse, delta (B, T, N) f32; dout (B, T, N, Hv). Returns (dq, dk, dv) in the input dtypes.
+    Bias gradients are not returned.
+    """
+    q, k, v = inp.query, inp.key, inp.value
+    t, s, h, hv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+    cfg, (qp, kp, vp, qseg, kseg, bias, mask) = _prepare(inp, interpret, blocks)
+    tp, hvp = qp.shape[1], vp.shape[-1]
+    f32 = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+
+    def rows(x, fill):  # (B, T, N) -> (B, N, Tp)
+        x = jnp.swapaxes(jnp.asarray(x).astype(f32), 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, tp - t)), constant_values=fill)
+
+    do = jnp.pad(jnp.asarray(dout).astype(q.dtype), ((0, 0), (0, tp - t), (0, 0), (0, hvp - hv)))
+    cfg = dataclasses.replace(cfg, bias_grad=False)
+    dq, dk, dv, _ = _backward(
+        cfg, qp, kp, vp, qseg, kseg, bias, mask, None, rows(lse, -jnp.inf), do, None,
+        delta=rows(delta, 0.0),
+    )  # fmt: skip
+    return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :hv]

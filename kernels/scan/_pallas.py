@@ -41,6 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
 
+from jaxcore import backend
+
 Array = Any
 
 BLOCK = 128  # channels per program (a power of two, as Triton needs)
@@ -335,7 +337,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
             plgpu.store(e_ref.at[pl.ds(cols, bs)], h.astype(e_ref.dtype), mask=cmask)
             plgpu.store(p_ref.at[pl.ds(cols, bs)], p.astype(p_ref.dtype), mask=cmask)
 
-        ends, prods = pl.pallas_call(
+        ends, prods = backend.pallas_call(
             local,
             out_shape=(jax.ShapeDtypeStruct((bsz, nc - 1, s), acc),) * 2,
             grid=(bsz, nb, nc - 1),
@@ -375,7 +377,7 @@ def _linear_chunked(a: Array, b: Array, h0: Array, *, interpret: bool) -> Array:
     if nc > 1:
         ep_args = [ends, prods]
         ep_specs = [pl.BlockSpec((None, nc - 1, s), lambda i, j, c: (i, 0, 0))] * 2
-    out = pl.pallas_call(
+    out = backend.pallas_call(
         rerun,
         out_shape=jax.ShapeDtypeStruct((bsz, length, s), b.dtype),
         grid=(bsz, nb, nc),
@@ -444,7 +446,7 @@ def _linear_sequential(a: Array, b: Array, h0: Array, *, interpret: bool) -> Arr
         lax.fori_loop(0, length, body, h0_ref[...].astype(acc))
 
     seq_spec = pl.BlockSpec((None, length, bs), lambda i, j: (i, 0, j))
-    out = pl.pallas_call(
+    out = backend.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, length, sp), b.dtype),
         grid=(bsz, sp // bs),
@@ -525,7 +527,7 @@ def _selective_kernel_call(u, dt, A, Bg, Cg, h0, keep, chunk: int, interpret: bo
     b_spec = pl.BlockSpec((None, lp, None, npad), lambda i, j: (i, 0, (j * bd) // pg_b, 0))
     c_spec = pl.BlockSpec((None, lp, None, npad), lambda i, j: (i, 0, (j * bd) // pg_c, 0))
     state = pl.BlockSpec((None, bd, npad), lambda i, j: (i, j, 0))
-    y, h_t, starts = pl.pallas_call(
+    y, h_t, starts = backend.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((bsz, lp, dim), acc),
@@ -757,7 +759,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             decay = jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
             p_ref[...] = decay.astype(p_ref.dtype)
 
-        ends, decays = pl.pallas_call(
+        ends, decays = backend.pallas_call(
             local,
             out_shape=(jax.ShapeDtypeStruct((bsz, nc - 1, dim, npad), acc),) * 2,
             grid=(bsz, dim // bd, nc - 1),
@@ -827,7 +829,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     if save:
         out_shape.append(jax.ShapeDtypeStruct((bsz, nc * nsub, dim, npad), acc))
         out_specs.append(pl.BlockSpec((None, nsub, bd, npad), lambda i, j, c: (i, c, j, 0)))
-    outs = pl.pallas_call(
+    outs = backend.pallas_call(
         rerun,
         out_shape=tuple(out_shape),
         grid=(bsz, dim // bd, nc),
@@ -869,13 +871,19 @@ def _selective_fused(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
 
 def _selective_fused_fwd(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
     y, h_t, ypre, subs = _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save=True)
-    return (y, h_t), (u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs)
+    return (y, h_t), (u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs, h0)
 
 
 def _selective_fused_bwd(cfg, res, cts):
-    if cfg[7] == "pallas":
-        return _selective_fused_bwd_pallas(cfg, res, cts)
-    return _selective_fused_bwd_xla(cfg, res, cts)
+    bwd = _selective_fused_bwd_pallas if cfg[7] == "pallas" else _selective_fused_bwd_xla
+    grads = bwd(cfg, res[:11], cts)
+    u, dl, A, Bm, Cm, Dv, z, bias, keep, _, _, h0 = res
+    primals = (u, dl, A, Bm, Cm, Dv, z, bias, h0, keep)
+    # under shard_map: replicated inputs (A, D, bias, ...) get their gradients summed over
+    # the shards, typed as their primals (check_vma=True)
+    return tuple(
+        None if g is None else backend.vary_as(g, p) for g, p in zip(grads, primals, strict=True)
+    )
 
 
 def _selective_fused_bwd_pallas(cfg, res, cts):

@@ -43,6 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxcore import backend
+
 from . import _pallas as P
 
 Array = Any
@@ -263,7 +265,7 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, sof
             p = jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
             p_ref[...] = p.astype(p_ref.dtype)
 
-        ends, decays = pl.pallas_call(
+        ends, decays = backend.pallas_call(
             local,
             out_shape=(jax.ShapeDtypeStruct((bsz, nc - 1, dim, npad), acc),) * 2,
             grid=(bsz, nblk, nc - 1),
@@ -396,7 +398,7 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, sof
             out_shape.append(sds((bsz, nc, dim), acc))
             out_specs.append(chunk_vec)
     sub_spec = pl.BlockSpec((None, nsub, bd, npad), lambda i, j, c: (i, c, j, 0))
-    outs = pl.pallas_call(
+    outs = backend.pallas_call(
         grads,
         out_shape=tuple(out_shape),
         grid=(bsz, nblk, nc),

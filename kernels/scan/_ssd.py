@@ -259,28 +259,7 @@ def _core_lin(t, nz, resid, tangents):
 def _core_lin_t(t, nz, resid, cts):
     """Transpose of :func:`_core_lin`: the hand-written backward."""
     grads = _core_bwd(t, resid[2], cts)
-    return [_vary_as(gv, p) for z, gv, p in zip(nz, grads, resid[0]) if z]
-
-
-def _vma(v: Array) -> frozenset:
-    """Mesh axes ``v`` varies over inside ``shard_map`` (empty outside)."""
-    aval = jax.typeof(v)
-    mat = getattr(aval, "mat", None)
-    if mat is not None and hasattr(mat, "varying"):
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()) or ())
-
-
-def _vary_as(g: Array, primal: Array) -> Array:
-    """A cotangent typed like its primal under ``shard_map``: summed over the mesh axes it varies
-    over and the primal does not (the transpose of the implicit broadcast), marked varying over
-    those the primal varies over."""
-    extra, missing = _vma(g) - _vma(primal), _vma(primal) - _vma(g)
-    if extra:
-        g = lax.psum(g, tuple(sorted(extra, key=str)))
-    if missing:
-        g = lax.pcast(g, tuple(sorted(missing, key=str)), to="varying")
-    return g
+    return [backend.vary_as(gv, p) for z, gv, p in zip(nz, grads, resid[0]) if z]
 
 
 @partial(_core.defjvp, symbolic_zeros=True)

@@ -49,6 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxcore import backend
+
 from ._common import pad_time, reset_mask
 
 Array = Any
@@ -244,7 +246,7 @@ def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm):
     if has_seg:
         in_specs.append(pl.BlockSpec((None, None, q), lambda h, c, i: (i, c, 0)))
         args.append(seg)
-    return pl.pallas_call(
+    return backend.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((bsz, heads, nc, pp, npad), acc),
@@ -291,7 +293,7 @@ def _pass_states(states, log_decay, h0, cfg: _Cfg, acc, mm):
         ht_ref[...] = h.astype(ht_ref.dtype)
 
     vec = pl.BlockSpec((None, None, bf), lambda j, h, i: (i, h, j))
-    return pl.pallas_call(
+    return backend.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((bsz, heads, nc, f), mm),
@@ -397,7 +399,7 @@ def _outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg, acc, mm):
     if has_seg:
         in_specs.append(pl.BlockSpec((None, None, q), lambda m, h, c, i: (i, c, 0)))
         args.append(seg)
-    return pl.pallas_call(
+    return backend.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, lp, heads, pp), x.dtype),
         grid=(nm, heads // hb, nc, bsz),

@@ -67,6 +67,8 @@ def _check(fn, q, k, v, seg, causal):
         (4, True, True, 2, EXPLICIT, "reference"),
         (8, True, False, 4, AUTO, "reference"),
         (4, True, True, 2, AUTO, None),  # the default (chunked "xla") block kernel
+        (4, True, True, 2, AUTO, "pallas_interpret"),  # Pallas forward and backward kernels
+        (2, False, False, 4, AUTO, "pallas_interpret"),
     ],
 )
 def test_ring_matches_single_device(p, causal, segments, kv_heads, axis_type, impl):
@@ -83,6 +85,8 @@ def test_ring_matches_single_device(p, causal, segments, kv_heads, axis_type, im
             is_causal=causal,
             segment_ids=seg,
             implementation=impl,
+            # JAX's Pallas interpreter trips over varying-axis types inside shard_map
+            check_vma=impl != "pallas_interpret",
         )
 
     _check(fn, q, k, v, seg, causal)
@@ -279,3 +283,36 @@ def test_attention_bwd_from_saved_output(kw):
         assert_close(jnp.concatenate([lo[1], hi_q[1]], axis=1), want[1])
     with pytest.raises(ValueError, match="lse"):
         attention.dot_product_attention_bwd(q, k, v, o, lse[:, :5], do, **kw)
+
+
+def test_compiled_pallas_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
+    """The Triton kernels' output types carry the inputs' varying mesh axes, so on a GPU they run
+    inside jax.shard_map with check_vma=True: ring attention (Pallas forward and backward) and
+    a batch-sharded dot_product_attention, lowered for 'cuda' on this CPU."""
+    import re
+
+    from jaxcore import backend
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")  # resolve "pallas" as on a GPU
+    mesh = _mesh((4,), ("seq",), AUTO)
+    sds = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16)
+
+    def ring(q, k, v):
+        def loss(q, k, v):
+            out = par.sharded_ring_attention(
+                mesh, q, k, v, axis="seq", is_causal=True, implementation="pallas"
+            )
+            return out.astype(jnp.float32).sum()
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    def batch_sharded(q, k, v):
+        def local(q, k, v):
+            return attention.dot_product_attention(q, k, v, implementation="pallas")
+
+        spec = P("seq")
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+
+    for fn in (ring, batch_sharded):
+        txt = jax.jit(fn).trace(sds, sds, sds).lower(lowering_platforms=("cuda",)).as_text()
+        assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", txt), fn.__name__

@@ -195,8 +195,8 @@ def test_grad_under_vmap(pallas_bwd, monkeypatch):
 
 
 def test_shard_map_over_batch(pallas_bwd, monkeypatch):
-    """Batch-sharded under shard_map (check_vma=False, as for the other Pallas kernels): the
-    gradient of the replicated A is summed over the shards."""
+    """Batch-sharded under shard_map (interpret mode: check_vma=False, as JAX's Pallas
+    interpreter needs): the gradient of the replicated A is summed over the shards."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as Ps
 
@@ -244,4 +244,38 @@ def test_backward_lowers_to_triton_ir(monkeypatch):
         *(d[k] for k in names)
     ).mlir_module()
     assert text.count("xla.gpu.triton") == 4  # forward 2 phases, backward 2
+    assert "jaxcore_selective_scan_bwd" in text
+
+
+def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
+    """On a GPU the compiled forward and backward kernels run inside jax.shard_map with
+    check_vma=True (their output types take the inputs' varying mesh axes); lowered for 'cuda'
+    here. Only JAX's Pallas interpreter needs check_vma=False."""
+    import re
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as Ps
+
+    from jaxcore import backend
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", "pallas")
+    d, _ = inputs("time", "time", jnp.bfloat16, length=64, dim=64, n=16, resets=False)
+    names = NAMES[:5]
+    mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2])
+    specs = (Ps("batch"), Ps("batch"), Ps(), Ps("batch"), Ps("batch"))
+
+    def local(*a):
+        return selective_scan(*a, delta_softplus=True, chunk_size=16, implementation="pallas")
+
+    sm = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=Ps("batch"))
+    loss = lambda *a: jnp.sum(sm(*a).astype(jnp.float32))  # noqa: E731
+    args = [
+        jax.ShapeDtypeStruct(d[k].shape, d[k].dtype, sharding=NamedSharding(mesh, sp))
+        for k, sp in zip(names, specs)
+    ]
+    lowered = jax.jit(jax.grad(loss, tuple(range(5)))).trace(*args)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    # a forward and a backward Triton kernel (one chunk: the one-phase forms)
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) >= 2
     assert "jaxcore_selective_scan_bwd" in text

@@ -204,8 +204,8 @@ def test_lowers_to_triton_ir(monkeypatch):
 
 
 def test_shard_map_over_batch_with_gradients():
-    """Under shard_map with check_vma=False (pallas_call's outputs carry no varying-axes type,
-    as for the other Pallas kernels in the tree)."""
+    """Under shard_map, in interpret mode with check_vma=False (JAX's Pallas interpreter trips
+    over varying-axis types; the compiled kernels do not: next test)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P_
 
@@ -223,3 +223,26 @@ def test_shard_map_over_batch_with_gradients():
     want = jax.grad(loss(f("reference")), tuple(range(5)))(*args)
     for a, b, name in zip(got, want, names):
         assert_close(a, b, scale=100, err_msg=name)
+
+
+def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
+    """The three forward kernels' output types take the inputs' varying mesh axes, so on a GPU
+    they run inside jax.shard_map with check_vma=True (lowered for 'cuda' here)."""
+    import re
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P_
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    d = make(jnp.bfloat16, bsz=2, length=64)
+    names = ("x", "dt", "A", "B", "C")
+    mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2])
+    specs = (P_("batch"), P_("batch"), P_(), P_("batch"), P_("batch"))
+    f = lambda *a: ssd(*a, chunk_size=16, implementation="pallas")  # noqa: E731
+    sm = jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P_("batch"))
+    args = [
+        jax.ShapeDtypeStruct(d[k].shape, d[k].dtype, sharding=NamedSharding(mesh, s))
+        for k, s in zip(names, specs)
+    ]
+    text = jax.jit(sm).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
