@@ -325,3 +325,25 @@ def test_gpu_default_rule():
     assert gpu_default(with_bias, h100, prefer_mosaic=True) == "pallas"
     f32 = normalize(*_f32(q, k, v))
     assert gpu_default(f32, h100, prefer_mosaic=True) == "pallas"
+
+
+@pytest.mark.parametrize("backward", ["triton", "mosaic"])
+def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch, backward):
+    """Batch-sharded inside jax.shard_map (check_vma=True): forward and both backwards lower for
+    'cuda', their gradients typed as the primals."""
+    from jax.sharding import PartitionSpec as P
+    from jaxcore.kernels.attention import _mosaic
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", backward)
+    mesh = jax.make_mesh((4,), ("b",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    sds = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16)
+
+    def local(q, k, v):
+        return dot_product_attention(q, k, v, is_causal=True, implementation="mosaic")
+
+    sm = jax.shard_map(local, mesh=mesh, in_specs=(P("b"),) * 3, out_specs=P("b"))
+    grad = jax.grad(lambda *a: sm(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    txt = jax.jit(grad).trace(sds, sds, sds).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(\w+)", txt)
+    assert calls.count("mosaic_gpu_v2") == (3 if backward == "mosaic" else 1), calls
