@@ -270,15 +270,16 @@ def _pow2_at_least(x: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, int(x) - 1).bit_length())
 
 
-def _pallas_kernel(len_ref, tab_ref, q_ref, kp_ref, vp_ref, o_ref, lse_ref, *, cfg, g, m, npool):
-    """One (sequence, KV head) program: walk the sequence's pages through its block table.
+def _pallas_kernel(len_ref, tab_ref, q_ref, kp_ref, vp_ref, o_ref, lse_ref, *, cfg, g, pps, npool):
+    """One (sequence, KV head, split) program: walk the split's pages through the block table
+    (flash decoding: the splits' partial outputs and lse's are merged afterwards).
 
     q_ref (R, H): rows r = t * G + g (padded rows have t >= Tq and see nothing); the pool refs
     are whole (P, page_size, K, *) arrays read one page at a time.
     """
     from jax.experimental import pallas as pl
 
-    b, kh = pl.program_id(0), pl.program_id(1)
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ps = cfg.page_size
     length = len_ref[b]
     valid_len = jnp.minimum(length, cfg.capacity)
@@ -291,6 +292,9 @@ def _pallas_kernel(len_ref, tab_ref, q_ref, kp_ref, vp_ref, o_ref, lse_ref, *, c
     lo = 0
     if cfg.window is not None:
         lo = jax.lax.div(jnp.maximum(length - cfg.tq - cfg.window, 0), np.int32(ps))
+    # this program's split of the table: pages [split * pps, (split + 1) * pps)
+    lo = jnp.maximum(lo, split * pps)
+    hi = jnp.minimum(hi, (split + 1) * pps)
 
     def dot(a, bb, dims):
         prec = jax.lax.Precision.HIGHEST if a.dtype != jnp.bfloat16 else None
@@ -352,29 +356,39 @@ def _pallas_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
         from jax.experimental.pallas import triton as pltriton
 
         params = pltriton.CompilerParams(num_warps=4, num_stages=2)
-    kernel = functools.partial(_pallas_kernel, cfg=cfg, g=g, m=tab.shape[1], npool=npool)
+    ns, pps = tables.shape[1], tables.shape[2]
+    kernel = functools.partial(_pallas_kernel, cfg=cfg, g=g, pps=pps, npool=npool)
     o, lse = pl.pallas_call(
         kernel,
-        grid=(b, kh),
+        grid=(b, kh, ns),
         in_specs=[
             full,
             full,
-            pl.BlockSpec((None, None, rows, h), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, rows, h), lambda i, j, _: (i, j, 0, 0)),
             full,
             full,
         ],
         out_specs=[
-            pl.BlockSpec((None, None, rows, hv), lambda i, j: (i, j, 0, 0)),
-            pl.BlockSpec((None, None, rows), lambda i, j: (i, j, 0)),
+            pl.BlockSpec((None, None, None, rows, hv), lambda i, j, sp: (i, j, sp, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, j, sp: (i, j, sp, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, kh, rows, hv), q.dtype),
-            jax.ShapeDtypeStruct((b, kh, rows), q.dtype),
+            jax.ShapeDtypeStruct((b, kh, ns, rows, hv), q.dtype),
+            jax.ShapeDtypeStruct((b, kh, ns, rows), q.dtype),
         ],
         compiler_params=params,
         interpret=interpret,
         name="jaxcore_paged_decode_fwd",
     )(lengths, tab, qr, key_pages, value_pages)
+    # merge the splits (exact log-sum-exp; empty splits have lse -inf and o 0)
+    mx = jnp.max(lse, axis=2)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    w = jnp.exp(lse - mx[:, :, None])
+    tot = jnp.sum(w, axis=2)
+    ok = tot > 0
+    safe = jnp.where(ok, tot, 1.0)
+    o = jnp.sum(w[..., None] * o, axis=2) / safe[..., None]
+    lse = jnp.where(ok, mx + jnp.log(safe), -jnp.inf)
     o = o[:, :, : tq * g].reshape(b, kh, tq, g, hv).transpose(0, 1, 3, 2, 4)
     lse = lse[:, :, : tq * g].reshape(b, kh, tq, g).transpose(0, 1, 3, 2)
     return o, lse

@@ -88,7 +88,9 @@ def test_paged_equals_decode_and_reference(ps, m, tq, n, kh, h, hv, cap, window)
         assert_close(lse, want_lse, scale=3, err_msg=msg)
         assert np.all(np.asarray(got[0]) == 0) and np.all(np.asarray(lse[0]) == -np.inf)
         assert not np.any(np.isnan(np.asarray(got)))
-    got, lse = paged(q, kp, vp, tables, lengths, implementation="pallas_interpret", **kw)
+    got, lse = paged(
+        q, kp, vp, tables, lengths, pages_per_split=2, implementation="pallas_interpret", **kw
+    )
     assert_close(got, want, scale=3, err_msg="pallas_interpret")
     assert_close(lse, want_lse, scale=3, err_msg="pallas_interpret")
 
@@ -301,7 +303,7 @@ def test_bfloat16_pallas_interpret_and_grad():
     assert_close(jax.grad(loss("pallas_interpret"))(q), jax.grad(loss("xla"))(q), scale=2)
 
 
-def _pallas_lowered(b, tq, n, kh, h, hv, ps, m, dtype, cap=None, window=None):
+def _pallas_lowered(b, tq, n, kh, h, hv, ps, m, pps, dtype, cap=None, window=None):
     """StableHLO text of the compiled ("pallas", not interpreted) forward lowered for CUDA."""
     from jaxcore.kernels.attention import _paged as impl_mod
 
@@ -314,7 +316,7 @@ def _pallas_lowered(b, tq, n, kh, h, hv, ps, m, dtype, cap=None, window=None):
         sds((b, tq, kh, g, h), jnp.float32),
         sds((b * m, ps, kh, h), dtype),
         sds((b * m, ps, kh, hv), dtype),
-        sds((b, m, 1), jnp.int32),
+        sds((b, m // pps, pps), jnp.int32),  # (B, splits, pages per split)
         sds((b,), jnp.int32),
     )
     f = lambda *a: impl_mod._pallas_fwd(*a, cfg)
@@ -324,8 +326,8 @@ def _pallas_lowered(b, tq, n, kh, h, hv, ps, m, dtype, cap=None, window=None):
 @pytest.mark.parametrize(
     "shape, dtype, cap, window",
     [
-        ((8, 1, 32, 8, 128, 128, 16, 512), jnp.bfloat16, None, None),  # the benchmark shape
-        ((2, 4, 8, 2, 64, 32, 32, 8), jnp.float32, 30.0, 100),
+        ((8, 1, 32, 8, 128, 128, 16, 512, 32), jnp.bfloat16, None, None),  # benchmark shape
+        ((2, 4, 8, 2, 64, 32, 32, 8, 4), jnp.float32, 30.0, 100),
     ],
 )
 def test_pallas_lowers_for_cuda(shape, dtype, cap, window):
