@@ -10,6 +10,7 @@ alternating:
     ``key_value_seq_lengths``.
 Ours: the default (on CPU one sequence per loop step with per-sequence split skipping, ~512
 positions per split) and ``sequences_per_step=B`` (all sequences per step, the GPU default).
+On a GPU it also times ``implementation="pallas"`` (the Triton kernel; not run here yet).
 Outputs are checked against the first peer before timing. ``--quick``: B=2, max 1024.
 """
 
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from harness import Bench
 from jaxcore.kernels.attention import decode_attention, gather_pages, paged_decode_attention
+
+from jaxcore import backend
 
 
 def _inputs(b: int, n: int, kh: int, h: int, ps: int, max_len: int, dtype, seed: int = 0):
@@ -54,6 +57,9 @@ def main() -> None:
             q, kp, vp, t, l, sequences_per_step=t.shape[0]
         )
     )
+    ours_pallas = jax.jit(
+        lambda q, kp, vp, t, l: paged_decode_attention(q, kp, vp, t, l, implementation="pallas")
+    )
     take_decode = jax.jit(
         lambda q, kp, vp, t, l: decode_attention(
             q, gather_pages(kp, t), gather_pages(vp, t), l, implementation="xla"
@@ -75,7 +81,10 @@ def main() -> None:
         args_ = (q, kp, vp, tables, lengths)
         want = np.asarray(take_decode(*args_), np.float32)
         tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-        for name, f in (("ours", ours), ("ours all", ours_all), ("jax.nn", take_jaxnn)):
+        checked = [("ours", ours), ("ours all", ours_all), ("jax.nn", take_jaxnn)]
+        if backend.platform() == "gpu":
+            checked.append(("ours pallas", ours_pallas))
+        for name, f in checked:
             got = np.asarray(f(*args_), np.float32)
             err = float(np.max(np.abs(got - want)))
             if not err <= tol:
@@ -85,7 +94,10 @@ def main() -> None:
         )
         # K and V bytes of the valid cache positions read once: the memory-bound floor
         kv_bytes = 2 * int(lengths.sum()) * kh * h * jnp.dtype(dtype).itemsize
-        for oname, of in (("default", ours), ("sequences_per_step=B", ours_all)):
+        variants = [("default", ours), ("sequences_per_step=B", ours_all)]
+        if backend.platform() == "gpu":  # the Triton kernel (never timed on CPU: GPU only)
+            variants.append(("pallas", ours_pallas))
+        for oname, of in variants:
             for pname, pf in (("take+decode_attention", take_decode), ("take+jax.nn", take_jaxnn)):
                 rec = bench.compare(
                     f"paged decode {dt} ours {oname}",
