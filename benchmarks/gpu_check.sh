@@ -3,8 +3,8 @@
 # benchmarks (155 + 135 s; each script prints JSON lines as it goes, so a timeout keeps what ran):
 # installs jaxcore without dependencies, then each GPU benchmark, each of which also checks the
 # compiled kernels against the reference before timing. Output: stdout, plus one log per script
-# in $OUT. The parallel-solver benchmark (its targets were met on an H200 in session 1) runs only
-# with GPU_CHECK_ALL=1 (40 s more).
+# in $OUT. The parallel-solver benchmark (its targets were met on an H200 in session 1) and the
+# paged-decode benchmark run only with GPU_CHECK_ALL=1 (100 s more).
 #   bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -28,5 +28,8 @@ run() {  # run NAME TIMEOUT_S ARGS...: one benchmark, bounded, failures recorded
 }
 run gpu_attention 155 --reps 3
 run gpu_scan 135
-if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then run gpu_fixed_point 40; fi
+if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then
+  run gpu_fixed_point 40
+  run bench_paged_decode 60 --reps 5  # first figures of the paged-decode Pallas kernel
+fi
 exit $status

@@ -12,10 +12,13 @@
 * :func:`merge` - exact combination of attention over disjoint key sets (split-KV decoding,
   shared prefixes, ring attention).
 * :func:`decode_attention` - flash-decoding of a few new tokens against a KV cache.
+* :func:`paged_decode_attention` - the same against a paged KV cache (a shared pool of pages
+  and per-sequence block tables, as in vLLM); :func:`paged_kv_write` writes new tokens
+  through the tables, :func:`gather_pages` gives the contiguous view.
 * :func:`linear_attention` - causal linear attention (chunked form, optional decay).
 
 Families registered with :mod:`jaxcore.backend`: "attention", "attention_decode",
-"linear_attention".
+"attention_paged_decode", "linear_attention".
 """
 
 from ._api import dot_product_attention

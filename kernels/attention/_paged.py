@@ -358,7 +358,7 @@ def _pallas_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
         params = pltriton.CompilerParams(num_warps=4, num_stages=2)
     ns, pps = tables.shape[1], tables.shape[2]
     kernel = functools.partial(_pallas_kernel, cfg=cfg, g=g, pps=pps, npool=npool)
-    o, lse = pl.pallas_call(
+    o, lse = backend.pallas_call(
         kernel,
         grid=(b, kh, ns),
         in_specs=[
@@ -444,26 +444,9 @@ def _paged_xla_bwd(cfg: _Cfg, res, cts):
     # clamped garbage entries carry zero gradients)
     dkp = jnp.zeros(key_pages.shape, q.dtype).at[idx].add(dk.reshape(-1, ps, kh, dk.shape[-1]))
     dvp = jnp.zeros(value_pages.shape, q.dtype).at[idx].add(dv.reshape(-1, ps, kh, dv.shape[-1]))
-    dkp = _sum_to_vma(dkp.astype(key_pages.dtype), key_pages)
-    dvp = _sum_to_vma(dvp.astype(value_pages.dtype), value_pages)
-    return _sum_to_vma(_ungroup(dq), q), dkp, dvp, None, None
-
-
-def _varying(x) -> frozenset:
-    """The shard_map manual axes ``x`` varies over (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))  # older jax
-
-
-def _sum_to_vma(ct, primal):
-    """Inside shard_map, psum a cotangent over the manual axes it varies over but its primal
-    does not (e.g. a replicated page pool read by batch-sharded queries): the transpose of
-    the implicit broadcast."""
-    extra = _varying(ct) - _varying(primal)
-    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+    dkp = backend.vary_as(dkp.astype(key_pages.dtype), key_pages)
+    dvp = backend.vary_as(dvp.astype(value_pages.dtype), value_pages)
+    return backend.vary_as(_ungroup(dq), q), dkp, dvp, None, None
 
 
 _paged_xla.defvjp(_paged_xla_fwd, _paged_xla_bwd)
