@@ -122,21 +122,23 @@ _MANUAL_AXIS_PARAM = _manual_axis_param()
 def kernel_out_struct(shape, dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
     """A kernel output type (``pallas_call`` ``out_shape``) that varies over every manual mesh
     axis any of ``like`` varies over, so the kernel runs inside ``jax.shard_map`` with
-    ``check_vma=True`` (outside shard_map this is a plain ShapeDtypeStruct)."""
+    ``check_vma=True``. Outside shard_map (nothing varies) it is a plain ShapeDtypeStruct, and
+    so it is wherever this JAX spells the varying-axes type differently (then JAX itself asks
+    for ``check_vma=False`` inside shard_map): never an error of its own."""
+    plain = jax.ShapeDtypeStruct(shape, dtype)
     name = _MANUAL_AXIS_PARAM
     if name is None or not like:
-        return jax.ShapeDtypeStruct(shape, dtype)
-    avals = [jax.typeof(x) for x in like]
-    if name == "manual_axis_type":
-        mats = [getattr(a, "mat", None) for a in avals]
-        mats = [m for m in mats if m is not None]
-        if not mats:
-            return jax.ShapeDtypeStruct(shape, dtype)
-        varying = frozenset().union(*(m.varying for m in mats))
-        mat = mats[0].update(varying=varying, unreduced=frozenset(), reduced=frozenset())
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
-    vma = frozenset().union(*(getattr(a, "vma", frozenset()) or frozenset() for a in avals))
-    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+        return plain
+    try:
+        varying = frozenset().union(*(vma(x) for x in like))
+        if not varying:
+            return plain
+        if name == "manual_axis_type":
+            mat = next(m for x in like if (m := getattr(jax.typeof(x), "mat", None)) is not None)
+            return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(mat)(varying=varying))
+        return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+    except Exception:  # another JAX's internals: leave the type to JAX
+        return plain
 
 
 def pallas_call(kernel, *, out_shape, **kwargs):
