@@ -236,6 +236,26 @@ def vec(ref, dim: int, interpret: bool) -> jax.Array:
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
 
+def optional_refs(refs, has_lengths: bool, has_segments: bool):
+    """(len_ref or None, (qseg, kseg, ranges) refs or None) from a kernel's trailing inputs."""
+    n = int(has_lengths)
+    return (refs[0] if has_lengths else None), (refs[n : n + 3] if has_segments else None)
+
+
+def segment_scratch(segs: bool, own_rows: int, ring_rows: int, stages: int) -> tuple[list, int]:
+    """(int32 id scratch: this CTA's own rows (2, own_rows) and the ring's (stages, ring_rows);
+    arrivals on the barriers the ids share with their tiles: 2 with segment ids, else 1)."""
+    if not segs:
+        return [], 1
+    return [plgpu.SMEM((2, own_rows), jnp.int32), plgpu.SMEM((stages, ring_rows), jnp.int32)], 2
+
+
+def narrow(lo, hi, rng_ref, bi, tile):
+    """[lo, hi) intersected with the tile's segment block range (empty stays empty)."""
+    lo = jnp.maximum(lo, rng_ref[bi, tile, 0])
+    return lo, jnp.maximum(jnp.minimum(hi, rng_ref[bi, tile, 1]), lo)
+
+
 def visible(qpos, kpos, s_end, left: int | None, right: int | None) -> jax.Array:
     """The mask: key before ``s_end`` and inside the window [q - left, q + right]."""
     vis = kpos < s_end
@@ -290,8 +310,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
             s_end = jnp.minimum(jnp.maximum(len_ref[bi], _i32(0)), s_end)
         lo, hi = _steps(cfg, base, 2 * bq, s_end)
         if segs:  # only the key blocks whose segment ids can meet this tile's
-            lo = jnp.maximum(lo, rng_ref[bi, tile, 0])
-            hi = jnp.maximum(jnp.minimum(hi, rng_ref[bi, tile, 1]), lo)
+            lo, hi = narrow(lo, hi, rng_ref, bi, tile)
         nsteps = hi - lo
 
         def sync():
@@ -409,8 +428,7 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
             producer_ring(nsteps, stages, load, (k_consumed, v_consumed))
 
     def entry(q_ref, k_ref, v_ref, *refs):
-        len_ref = refs[0] if cfg.has_lengths else None
-        seg_refs = refs[int(cfg.has_lengths) : int(cfg.has_lengths) + 3] if segs else None
+        len_ref, seg_refs = optional_refs(refs, cfg.has_lengths, segs)
         o_ref, lse_ref = refs[-2:]
         tiled = lambda h: (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # noqa: E731
         scratch = [
@@ -421,9 +439,8 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
         ]
         if hvp != hp:  # the output tile cannot reuse the query tile
             scratch.append(plgpu.SMEM((2, bq, hvp), dtype, transforms=tiled(hvp)))
-        if segs:
-            scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
-        arrivals = 2 if segs else 1  # K (Q) and, with segments, their segment ids
+        seg_scratch, arrivals = segment_scratch(segs, bq, bk, stages)  # ids ride with Q / K
+        scratch += seg_scratch
         pl.run_scoped(
             lambda *a: body(q_ref, k_ref, v_ref, len_ref, seg_refs, o_ref, lse_ref, *a),
             scratch,

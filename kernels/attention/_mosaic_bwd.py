@@ -199,8 +199,7 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
             s_end = jnp.minimum(jnp.maximum(len_ref[bi], _i32(0)), s_end)
         lo, hi = _q_steps(cfg, base, 2 * ROWS, s_end)
         if segs:  # only the query blocks whose ids can meet this key tile's
-            lo = jnp.maximum(lo, rng_ref[bi, tile, 0])
-            hi = jnp.maximum(jnp.minimum(hi, rng_ref[bi, tile, 1]), lo)
+            lo, hi = _mosaic.narrow(lo, hi, rng_ref, bi, tile)
         nsteps = hi - lo
         total = nsteps * _i32(g)
 
@@ -301,9 +300,7 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
             _mosaic.producer_ring(total, stages, load, (consumed,))
 
     def entry(q_ref, k_ref, v_ref, do_ref, st_ref, *refs):
-        len_ref = refs[0] if cfg.has_lengths else None
-        nl = int(cfg.has_lengths)
-        seg_refs = refs[nl : nl + 3] if segs else None
+        len_ref, seg_refs = _mosaic.optional_refs(refs, cfg.has_lengths, segs)
         dk_ref, dv_ref = refs[-2:]
         scratch = [
             plgpu.SMEM((2, ROWS, hp), dtype, transforms=_tiled()),
@@ -312,9 +309,8 @@ def _dkdv(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
             plgpu.SMEM((stages, bq, hvp), dtype, transforms=_tiled()),
             plgpu.SMEM((stages, 2, bq), jnp.float32),
         ]
-        if segs:
-            scratch += [plgpu.SMEM((2, ROWS), jnp.int32), plgpu.SMEM((stages, bq), jnp.int32)]
-        arrivals = 2 if segs else 1
+        seg_scratch, arrivals = _mosaic.segment_scratch(segs, ROWS, bq, stages)
+        scratch += seg_scratch
         bars = (
             plgpu.Barrier(num_arrivals=arrivals, num_barriers=2),
             plgpu.Barrier(num_barriers=2),
@@ -386,8 +382,7 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
             s_end = jnp.minimum(jnp.maximum(len_ref[bi], _i32(0)), s_end)
         lo, hi = _mosaic._steps(cfg, base, 2 * bq, s_end)
         if segs:  # only the key blocks whose ids can meet this query tile's
-            lo = jnp.maximum(lo, rng_ref[bi, tile, 0])
-            hi = jnp.maximum(jnp.minimum(hi, rng_ref[bi, tile, 1]), lo)
+            lo, hi = _mosaic.narrow(lo, hi, rng_ref, bi, tile)
         nsteps = hi - lo
 
         @pl.when(wg < 2)
@@ -464,9 +459,7 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
             _mosaic.producer_ring(nsteps, stages, load, (consumed,))
 
     def entry(q_ref, k_ref, v_ref, do_ref, st_ref, *refs):
-        len_ref = refs[0] if cfg.has_lengths else None
-        nl = int(cfg.has_lengths)
-        seg_refs = refs[nl : nl + 3] if segs else None
+        len_ref, seg_refs = _mosaic.optional_refs(refs, cfg.has_lengths, segs)
         dq_ref = refs[-1]
         scratch = [
             plgpu.SMEM((2, bq, hp), dtype, transforms=_tiled()),
@@ -475,9 +468,8 @@ def _dq(cfg: BwdConfig, q, k, v, do, stats, lens, seg=None):
             plgpu.SMEM((stages, bk, hp), dtype, transforms=_tiled()),
             plgpu.SMEM((stages, bk, hvp), dtype, transforms=_tiled()),
         ]
-        if segs:
-            scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
-        arrivals = 2 if segs else 1
+        seg_scratch, arrivals = _mosaic.segment_scratch(segs, bq, bk, stages)
+        scratch += seg_scratch
         bars = (
             plgpu.Barrier(num_arrivals=arrivals, num_barriers=2),
             plgpu.Barrier(num_barriers=2),
