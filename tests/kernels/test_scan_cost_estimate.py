@@ -356,7 +356,10 @@ def test_linear_flops_vs_xla():
     fn = lambda impl: lambda kw: linear_scan(kw["a"], kw["b"], implementation=impl)
     ours, xla = trace(fn(PI), kw), trace(fn("sequential"), kw)
     assert arith(xla) == 2 * 2 * 512 * 32
-    assert 1.0 <= sum(o.flops for o in custom(ours)) / arith(xla) <= 3.0
+    lanes = 2 * 32  # B x S, no padded lanes
+    phase1 = lanes * (3 * 64 + 1) * 7  # 7 earlier chunks: p = 1 once, then 3 flops per step
+    phase3 = lanes * 8 * (2 * 64 + 2 * 7)  # 8 chunks: fold 7 slots, then 2 flops per step
+    assert sum(o.flops for o in custom(ours)) == phase1 + phase3  # 2.43x the XLA scan
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
@@ -371,8 +374,11 @@ def test_selective_totals_vs_xla_chunked(small_chunks, monkeypatch, grad):
     kw = _selective_args(length=64, dim=32, n=16, groups=1)
     ours, xla = trace(_selective(PI, grad), kw), trace(_selective("chunked", grad), kw)
     assert len(custom(ours)) == (4 if grad else 2) and not custom(xla)
-    for ratio in (arith(ours) / arith(xla), trans(ours) / trans(xla)):
-        assert 1 / 3 <= ratio <= 3, ratio
+    # pinned at the ratios measured when every kernel's estimate was checked op by op against
+    # its body (tests above): a change on either side shows here
+    want = (1.0467, 1.4875) if grad else (1.6496, 2.0757)
+    got = (arith(ours) / arith(xla), trans(ours) / trans(xla))
+    np.testing.assert_allclose(got, want, rtol=2e-3)
 
 
 def test_ssd_totals_vs_xla():
@@ -385,5 +391,8 @@ def test_ssd_totals_vs_xla():
     assert len(custom(ours)) == 3
     for impl in ("chunked", "matmul"):
         xla = trace(_ssd(impl, chunk=128), kw)
-        for ratio in (arith(ours) / arith(xla), trans(ours) / trans(xla)):
-            assert 1 / 3 <= ratio <= 3, (impl, ratio)
+        # fewer exps than XLA (no masked-out upper triangle), about the same matmul flops;
+        # pinned at the measured ratios (see test_selective_totals_vs_xla_chunked)
+        got = (arith(ours) / arith(xla), trans(ours) / trans(xla))
+        want = (0.9833, 0.7540) if impl == "chunked" else (0.9853, 0.7540)
+        np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=impl)
