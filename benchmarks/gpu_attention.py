@@ -25,6 +25,8 @@ bias rows (3.).
 from __future__ import annotations
 
 import contextlib
+import sys
+import traceback
 
 import jax
 
@@ -35,7 +37,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import Bench, time_blocks  # noqa: E402
-from jaxcore.kernels.attention import _mosaic, dot_product_attention  # noqa: E402
+from jaxcore.kernels.attention import _mosaic, _pallas, dot_product_attention  # noqa: E402
 from jaxcore.kernels.attention._api import is_hopper  # noqa: E402
 from jaxcore.kernels.attention._common import normalize  # noqa: E402
 from jaxcore.kernels.attention._mosaic import attention_mosaic  # noqa: E402
@@ -71,6 +73,31 @@ def mosaic_backward(which: str | None):
         _mosaic.MOSAIC_BACKWARD = old
 
 
+@contextlib.contextmanager
+def pallas_blocks(extra: dict | None):
+    """Trace inside with ``extra`` added to the Triton kernel's default tiling (None: as is)."""
+    old = _pallas.default_blocks
+    if extra:
+        _pallas.default_blocks = lambda *a, **k: {**old(*a, **k), **extra}
+    try:
+        yield
+    finally:
+        _pallas.default_blocks = old
+
+
+_TRACEBACKS = [0]  # full tracebacks printed so far (the first few failures only)
+
+
+def report_failure(label: str, e: Exception) -> str:
+    """Print the first few failures' tracebacks to stderr (the log keeps them); the message."""
+    if _TRACEBACKS[0] < 2:
+        _TRACEBACKS[0] += 1
+        traceback.print_exc(file=sys.stderr)
+    msg = f"{type(e).__name__}: {str(e)[:600]}"
+    print(f"# {label} failed: {msg}")
+    return msg
+
+
 def hopper() -> bool:
     """True on an NVIDIA GPU of compute capability >= 9 (wgmma / TMA: the Mosaic kernel)."""
     return is_hopper(jax.devices()[0])
@@ -92,10 +119,12 @@ def check(
     family: str = "pallas",
     backward: str | None = None,
     first_only: bool = False,
+    blocks: dict | None = None,
 ) -> bool:
     """Compiled kernel vs reference; returns True when every case is within tolerance.
 
     ``first_only``: just the first case in the first dtype (a smoke check before timing).
+    ``blocks``: added to the Triton kernel's default tiling (e.g. ``split_loops=True``).
 
     ``backward``: the Mosaic kernel's backward ("triton" / "mosaic", _mosaic.MOSAIC_BACKWARD);
     "mosaic" checks three bf16 cases only (causal GQA ragged, key lengths, packed segments).
@@ -138,9 +167,9 @@ def check(
     if not on_gpu and family == "mosaic":  # the Mosaic GPU interpreter is slow: one tiny case
         cases = [dict(t=128, s=96, n=2, k=1, h=64, hv=64, kw=dict(is_causal=True))]
         dtypes, b = (jnp.bfloat16,), 1
-    # The second dtype on a few cases only (GPU time): Triton f32 on the bias/mask cases (the
-    # others ran on an H200 in session 1), Mosaic f16 on the first two.
-    second = cases[3:] if family == "pallas" else cases[:2]
+    # The second dtype on a few cases only (GPU time): Triton f32 on the H=128 window case and
+    # the bias/mask cases (tiles shrunk to fit shared memory), Mosaic f16 on the first two.
+    second = cases[1:2] + cases[3:] if family == "pallas" else cases[:2]
     runs = [(dtypes[0], c) for c in cases] + [(dt, c) for dt in dtypes[1:] for c in second]
     if first_only:
         runs = runs[:1]
@@ -178,16 +207,16 @@ def check(
             return f(q, k, v, bias)
 
         label = (
-            f"check {family}{'' if backward is None else f' ({backward} backward)'} "
+            f"check {family}{'' if backward is None else f' ({backward} backward)'}"
+            f"{'' if not blocks else f' {blocks}'} "
             f"{jnp.dtype(dt).name} T={c['t']} S={c['s']} "
             f"N={c['n']} K={c['k']} H={c['h']} Hv={c['hv']} {sorted(c['kw'])}"
         )
         try:
-            with mosaic_backward(backward):
+            with mosaic_backward(backward), pallas_blocks(blocks):
                 got = run(impl)
         except Exception as e:  # does not compile / run: report it, keep the other rows
-            msg = f"{type(e).__name__}: {str(e)[:600]}"
-            print(f"# {label} failed: {msg}")
+            msg = report_failure(label, e)
             bench.record({"case": label, "ok": False, "error": msg})
             ok_all = False
             continue
@@ -225,9 +254,8 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
     if hopper() or not on_gpu:
         configs = [
             ("mosaic", dict()),  # block_k=128, 2 stages, ping-pong
-            ("mosaic", dict(stages=3, block_k=64)),
-            ("mosaic", dict(stages=3)),
-            ("mosaic", dict(pingpong=False)),
+            ("mosaic", dict(stages=3, block_k=64)),  # (stages=3 at block_k=128 needs 232568
+            ("mosaic", dict(pingpong=False)),  # bytes of shared memory: 120 over an H200's)
         ] + configs
     if quick:
         configs = [configs[0], configs[-2]]
@@ -269,7 +297,7 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
             with mosaic_backward("mosaic" if kind.endswith("mosaic_bwd") else None):
                 tf, tfb = _time(f, (q, k, v), reps), _time(fb, (q, k, v), reps)
         except Exception as e:  # a tiling that does not compile: report, try the next
-            print(f"# {kind} config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+            report_failure(f"{kind} config {cfg}", e)
             continue
         case = f"{kind} bf16 B={b} N={n} H={h} T={t} causal {cfg}"
         rec = _speed_record(case, peer, tf, tfb, fwd_flops, bwd_flops)
@@ -330,7 +358,7 @@ def bias_speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         try:
             return _time(f, args, reps)
         except Exception as e:  # unsupported on this peer / backend: report, go on
-            print(f"# bias case failed: {type(e).__name__}: {str(e)[:300]}")
+            report_failure("bias case", e)
             return None
 
     for label, idx in (("grad q,k,v", 1), ("grad q,k,v,bias", 2)):
@@ -352,9 +380,19 @@ def bias_speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         bench.record(rec)
 
 
+PARTS = ("smoke", "speed", "mosaic", "mosaic_bwd", "pallas", "split", "bias")
+
+
 def main() -> None:
     bench = Bench("gpu_attention")
-    args = bench.parse()
+    args = bench.parse(
+        lambda p: p.add_argument(
+            "--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}"
+        )
+    )
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        raise SystemExit(f"--parts: unknown {sorted(parts - set(PARTS))}; expected {PARTS}")
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.quick:
         print("# no GPU: running --quick shapes in interpret mode")
@@ -363,14 +401,20 @@ def main() -> None:
     mosaic = hopper() or not on_gpu
     # Order for a bounded run (gpu_check.sh's timeout keeps what was printed): one smoke check,
     # then the headline timings vs cuDNN, then every correctness case, then the bias rows.
-    if mosaic:
+    if mosaic and "smoke" in parts:
         ok["mosaic (smoke)"] = check(bench, on_gpu, "mosaic", first_only=True)
-    speed(bench, on_gpu, args.quick)
-    if mosaic:
+    if "speed" in parts:
+        speed(bench, on_gpu, args.quick)
+    if mosaic and "mosaic" in parts:
         ok["mosaic"] = check(bench, on_gpu, "mosaic")
+    if mosaic and "mosaic_bwd" in parts:
         ok["mosaic (mosaic backward)"] = check(bench, on_gpu, "mosaic", backward="mosaic")
-    ok["pallas"] = check(bench, on_gpu, "pallas")
-    bias_speed(bench, on_gpu, args.quick)
+    if "pallas" in parts:
+        ok["pallas"] = check(bench, on_gpu, "pallas")
+    if "split" in parts:  # the Triton forward's three-loop variant (not yet the default)
+        ok["pallas split_loops"] = check(bench, on_gpu, "pallas", blocks=dict(split_loops=True))
+    if "bias" in parts:
+        bias_speed(bench, on_gpu, args.quick)
     bench.finish()
     bad = [kind for kind, good in ok.items() if not good]
     if bad:

@@ -120,7 +120,11 @@ def _steps(cfg: MosaicConfig, r0, rows: int, s_end):
     """
     left, right = _pallas._bounds(cfg.spec)
     bk = cfg.block_k
-    lo = _i32(0) if left is None else lax.div(jnp.maximum(r0 - _i32(left), _i32(0)), _i32(bk))
+    # min(r0, 0) == 0 but traced: a literal 0 here reaches the loops as a constant, which
+    # JAX 0.11's Mosaic GPU lowering rejects ("Shaped arrays must be represented by ir.Values").
+    lo = jnp.minimum(r0, _i32(0))
+    if left is not None:
+        lo = lax.div(jnp.maximum(r0 - _i32(left), _i32(0)), _i32(bk))
     end = s_end  # exclusive key end
     if right is not None:
         end = jnp.minimum(jnp.maximum(r0 + _i32(rows + right), _i32(0)), s_end)

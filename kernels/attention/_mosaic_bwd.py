@@ -90,7 +90,9 @@ def _q_steps(cfg: BwdConfig, k0, rows: int, s_end):
     """Query blocks [lo, hi) (of block_q rows) that some key of [k0, k0 + rows) is seen by."""
     left, right = _pallas._bounds(cfg.spec)
     bq = cfg.block_q
-    lo = _i32(0) if right is None else lax.div(jnp.maximum(k0 - _i32(right), _i32(0)), _i32(bq))
+    lo = jnp.minimum(k0, _i32(0))  # 0, traced (see _mosaic._steps)
+    if right is not None:
+        lo = lax.div(jnp.maximum(k0 - _i32(right), _i32(0)), _i32(bq))
     end = _i32(cfg.spec.t)  # query rows past T are padding (dO = 0): skipped
     if left is not None:
         end = jnp.minimum(jnp.maximum(k0 + _i32(rows + left), _i32(0)), end)

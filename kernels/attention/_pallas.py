@@ -777,6 +777,50 @@ def default_blocks(t: int, s: int, h: int, hv: int, interpret: bool) -> dict:
     )
 
 
+def smem_limit(device: Any = None) -> int:
+    """Shared memory one Triton program may use on ``device`` (default: the first), bytes."""
+    kind = str(getattr(device or jax.devices()[0], "device_kind", ""))
+    if any(x in kind for x in ("H100", "H200", "H800", "H20", "GH200", "B200", "B100")):
+        return 227 * 1024
+    if any(x in kind for x in ("A100", "A800", "A30")):
+        return 163 * 1024
+    return 99 * 1024
+
+
+def forward_smem(opts: dict, hp: int, hvp: int, itemsize: int, bias_tile, mask_tile) -> int:
+    """Shared-memory estimate (bytes) of the Triton forward with tiles ``opts``.
+
+    The query tile, (stages - 1) pipelined K / V / bias / mask tiles and one f32 logits
+    tile of layout scratch. ``bias_tile`` / ``mask_tile``: (rows, cols, itemsize), a
+    broadcast axis given as 0 (one row / column), or None. Matches the 294912 bytes that
+    Triton asked for on an H200 (bf16, H=128, 128x128 tiles, 3 stages, bias (1, N, T, S));
+    over-estimates the f32 bias + mask case (393216 vs 361472).
+    """
+    bq, bk, st = opts["block_q"], opts["block_k"], opts["num_stages"]
+    per_stage = bk * (hp + hvp) * itemsize
+    for tile in (bias_tile, mask_tile):
+        if tile is not None:
+            rows, cols, isz = tile
+            per_stage += (bq if rows else 1) * (bk if cols else 1) * isz
+    return bq * hp * itemsize + max(st - 1, 1) * per_stage + bq * bk * 4
+
+
+def fit_smem(opts: dict, limit: int, *sizes) -> dict:
+    """Fewer stages (down to 2), then smaller key blocks (down to 16), until
+    :func:`forward_smem` ``(opts, *sizes)`` fits in ``limit`` bytes; a copy of ``opts``."""
+    opts = dict(opts)
+    while forward_smem(opts, *sizes) > limit:
+        if opts["num_stages"] > 2:
+            opts["num_stages"] -= 1
+        elif opts["block_k"] > 16:
+            opts["block_k"] //= 2
+        elif opts["block_q"] > 16:
+            opts["block_q"] //= 2
+        else:
+            break
+    return opts
+
+
 def _check_blocks(opts: dict) -> None:
     for nm in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
         x = opts[nm]
@@ -803,6 +847,17 @@ def _prepare(inp: Inputs, interpret: bool, blocks: dict | None):
     b, t, n, h = q.shape
     s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
     opts = default_blocks(t, s, h, hv, interpret)
+    if not interpret:  # bias / mask tiles (and f32) can overflow shared memory: shrink to fit
+        tile = lambda x, isz: None if x is None else (x.shape[2] > 1, x.shape[3] > 1, isz)  # noqa: E731
+        opts = fit_smem(
+            opts,
+            smem_limit(),
+            _pow2_at_least(h),
+            _pow2_at_least(hv),
+            q.dtype.itemsize,
+            tile(inp.bias, 0 if inp.bias is None else inp.bias.dtype.itemsize),
+            tile(inp.mask, 1),
+        )
     if blocks:
         opts.update(blocks)
     _check_blocks(opts)

@@ -24,9 +24,10 @@ edges are handled with clamped indices and masked loads/stores (no padding copie
 
 Selective-scan gradients (:data:`SELECTIVE_BACKWARD`): the chunked forward saves the states
 entering every ``chunk_size`` steps; the backward is either the chunk-parallel Pallas reverse
-scan of ``_pallas_bwd.py`` (three phases like the forward) or the chunked XLA recompute (a
-``lax.scan`` over chunks; the default until the Pallas backward has been compiled and timed on
-a GPU: benchmarks/gpu_scan.py compares both in one run).
+scan of ``_pallas_bwd.py`` (three phases like the forward; the default when compiled: on an
+H200 forward+backward took 3.7 ms vs 231 ms with the XLA recompute, B=2 L=8192 D=1024 N=16
+bf16, session 5) or the chunked XLA recompute (a ``lax.scan`` over chunks; the default in
+interpret mode). benchmarks/gpu_scan.py compares both in one run.
 """
 
 from __future__ import annotations
@@ -63,24 +64,26 @@ KERNELS: tuple[str, ...] = ("auto", "sequential", "chunked")
 CHUNKED_CONFIG: tuple[int, int] = (2048, 64)
 
 # Chunked selective-scan tiling (max channels per program, warps, stages): one warp holds the
-# 16 x N state (8 values per thread at N=16) so the per-step overhead (loads, softplus, the
-# reduction over N) is shared by more state than with 4 warps. Not yet measured on a GPU:
-# benchmarks/gpu_scan.py sweeps it.
-SELECTIVE_CHUNKED_CONFIG: tuple[int, int, int] = (16, 1, 1)
+# 32 x N state (16 values per thread at N=16) so the per-step overhead (loads, softplus, the
+# reduction over N) is shared by more state than with 4 warps. Best of the sweep in
+# benchmarks/gpu_scan.py on an H200 (session 5, B=2 L=8192 D=1024 N=16 bf16): 0.57 ms vs
+# 0.96 ms (16, 1, 1), 1.03 ms (32, 2, 1), 1.28 ms (8, 1, 1), 1.97 ms (16, 4, 1).
+SELECTIVE_CHUNKED_CONFIG: tuple[int, int, int] = (32, 1, 1)
 
 # Backward of the chunked selective scan (read at trace time): "pallas" (the chunk-parallel
 # reverse kernels of _pallas_bwd.py), "xla" (the chunked XLA recompute: a lax.scan over chunks)
-# or "auto" (= "xla" for now: the Pallas backward has passed interpret-mode tests and the Triton
-# lowering but has never been compiled on a GPU, so the default GPU path keeps the backward that
-# was; switch "auto" to "pallas" with implementation="pallas" once gpu_scan.py shows it correct
-# and faster there. Tests select "pallas" explicitly).
+# or "auto" (= "pallas" when compiled: on an H200 its gradients matched the XLA backward's to
+# bf16 rounding and forward+backward ran 54-63x faster with half the temporary memory, session
+# 5; = "xla" in interpret mode, where the XLA recompute is much the faster. Tests select
+# "pallas" explicitly).
 SELECTIVE_BACKWARD: str = "auto"
 BACKWARDS: tuple[str, ...] = ("auto", "pallas", "xla")
 
 # Pallas selective-scan backward tiling: (max channels per program, warps, max steps per
 # unrolled block S; S is the largest power of two <= this dividing the saved-state interval).
-# Not yet measured on a GPU: benchmarks/gpu_scan.py sweeps it.
-SELECTIVE_BWD_CONFIG: tuple[int, int, int] = (16, 4, 16)
+# Best of benchmarks/gpu_scan.py's sweep on an H200 (session 5, forward+backward): 3.67 ms and
+# 118 MiB temporaries vs 4.28 ms / 182 MiB with (16, 4, 16), 3.84 ms (16, 1, 8), 4.03 (16, 2, 8).
+SELECTIVE_BWD_CONFIG: tuple[int, int, int] = (32, 4, 16)
 
 # Chunked linear-scan tiling (max channels per program, a power of two; warps). Not yet measured.
 LINEAR_CHUNKED_CONFIG: tuple[int, int] = (128, 4)
@@ -1009,6 +1012,6 @@ def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, ke
     cast = lambda v: None if v is None else jnp.asarray(v).astype(acc)
     backward = _check_backward(SELECTIVE_BACKWARD)
     if backward == "auto":
-        backward = "xla"  # until measured on a GPU (see SELECTIVE_BACKWARD)
+        backward = "xla" if interpret else "pallas"  # see SELECTIVE_BACKWARD
     cfg = (bool(softplus), lb, lc, chunk, tc, nc, bool(interpret), backward)
     return _selective_fused(u, delta, A, Bm, Cm, cast(D), z, cast(delta_bias), h0, keep, cfg)

@@ -15,9 +15,9 @@ Implementations:
 - "pallas" / "pallas_interpret": Pallas forward kernels (real A, time-varying or grouped B/C); by
   default the chunked three-phase kernel with delta_bias/softplus, D and silu(z) fused (see
   ``_pallas.py``; ``_pallas.SELECTIVE_KERNEL = "sequential"`` selects the older one-program-per-
-  channel-block kernel). Both also write the chunk-start states for the backward: the chunked
-  XLA recompute by default, or the Pallas reverse kernels of ``_pallas_bwd.py`` with
-  ``_pallas.SELECTIVE_BACKWARD = "pallas"`` (not yet the default: never run on a GPU).
+  channel-block kernel). Both also write the chunk-start states for the backward: the Pallas
+  reverse kernels of ``_pallas_bwd.py`` when compiled (``_pallas.SELECTIVE_BACKWARD``), the
+  chunked XLA recompute in interpret mode.
 """
 
 from __future__ import annotations

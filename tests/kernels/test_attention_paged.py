@@ -349,7 +349,23 @@ def test_pallas_refused_off_gpu_or_for_small_tiles():
 def test_registered_family():
     fam = backend.families()["attention_paged_decode"]
     assert fam.implementations == ("reference", "xla", "pallas", "pallas_interpret")
-    assert backend.resolve_implementation("attention_paged_decode", None) == "xla"
+    resolve = backend.resolve_implementation
+    assert resolve("attention_paged_decode", None, platform_name="cpu") == "xla"
+    assert resolve("attention_paged_decode", None, platform_name="gpu") == "pallas"
+
+
+def test_gpu_default_falls_back_to_xla_for_shapes_the_triton_tiles_cannot_hold(monkeypatch):
+    """On a GPU the default is the Triton kernel; page_size 8 (or H, Hv not a power of two
+    >= 16) would be refused by it, so the default (implementation=None) takes "xla" there,
+    while an explicit "pallas" still raises."""
+    q, kc, vc, kp, vp, tables = _paged(2, 1, 4, 2, 8, 8, 4, 3)
+    lengths = jnp.array([5, 12])
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    got = paged_decode_attention(q, kp, vp, tables, lengths, sequences_per_step=1)
+    want = paged_decode_attention(q, kp, vp, tables, lengths, implementation="reference")
+    assert_close(got, want, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"key_pages \(page_size\): implementation='pallas'"):
+        paged_decode_attention(q, kp, vp, tables, lengths, implementation="pallas")
 
 
 def test_argument_errors():

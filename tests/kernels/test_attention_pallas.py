@@ -288,3 +288,30 @@ def test_pallas_calls_carry_cost_estimates_for_hardware_trace():
     both = fwd_bwd("pallas_interpret")
     assert not both.unknown and both.by_kind().get("custom", 0) == 3
     assert 4.4 * mm <= both.flops <= 4.9 * mm  # 2 + 4 (dK/dV) + 3 (dQ) passes of 2 matmul-halves
+
+
+def test_smem_fit_matches_triton_requests_and_shrinks_to_the_limit():
+    """The forward's shared-memory model against what Triton asked for on an H200 (session 5:
+    bf16 H=128 128x128 tiles, 3 stages, bias (1, N, T, T): exactly 294912 bytes; f32 H=64 with a
+    bias (1, N, T, S) and a mask (B, 1, T, S): 361472, the model over-estimates it), and the
+    fitted tiles: one stage fewer, then halved key blocks, until the estimate fits."""
+    from jaxcore.kernels.attention._pallas import default_blocks, fit_smem, forward_smem
+
+    limit = 227 * 1024
+    bf16 = default_blocks(4096, 4096, 128, 128, False)
+    assert (bf16["block_q"], bf16["block_k"], bf16["num_stages"]) == (128, 128, 3)
+    bias = (True, True, 2)
+    assert forward_smem(bf16, 128, 128, 2, bias, None) == 294912
+    fit = fit_smem(bf16, limit, 128, 128, 2, bias, None)
+    assert (fit["block_q"], fit["block_k"], fit["num_stages"]) == (128, 128, 2)
+    assert forward_smem(fit, 128, 128, 2, bias, None) == 196608
+    # no bias: the measured default (ran on an H200 in sessions 1 and 5) is left as it is
+    assert fit_smem(bf16, limit, 128, 128, 2, None, None) == bf16
+    f32 = default_blocks(200, 136, 64, 64, False)
+    est = forward_smem(f32, 64, 64, 4, (True, True, 4), (True, True, 1))
+    assert est == 393216 and est >= 361472
+    fit = fit_smem(f32, limit, 64, 64, 4, (True, True, 4), (True, True, 1))
+    assert (fit["block_q"], fit["block_k"], fit["num_stages"]) == (128, 64, 2)
+    assert forward_smem(fit, 64, 64, 4, (True, True, 4), (True, True, 1)) == 139264
+    # a broadcast bias (1, 1, 1, S) costs one row of keys per stage
+    assert forward_smem(bf16, 128, 128, 2, (False, True, 2), None) == 229376 + 2 * 128 * 2
