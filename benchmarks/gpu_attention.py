@@ -5,20 +5,21 @@ check of the Mosaic kernel (one case), the speed rows (2.), the correctness case
 bias rows (3.).
 
 1. Correctness: the compiled kernels (forward, lse and gradients) against the float32 reference.
-   The Mosaic GPU kernel (Hopper only) on bf16/f16 problems with causal, window, GQA, ragged
-   T/S, soft cap, Hv != H, key lengths and packed segment ids; then three cases with its Mosaic
-   GPU backward (``_mosaic.MOSAIC_BACKWARD = "mosaic"``); then the Triton kernel on bf16/f32
-   problems with causal, window, GQA, segment ids, lengths, soft cap, bias (broadcast shapes,
-   with its gradient) and boolean mask.
+   The Mosaic GPU kernel (Hopper only; its default backward: Mosaic GPU up to head dim 128,
+   Triton beyond) on bf16/f16 problems with causal, window, GQA, ragged T/S, soft cap,
+   Hv != H, key lengths and packed segment ids; then the Triton kernel on bf16/f32 problems with
+   causal, window, GQA, segment ids, lengths, soft cap, bias (broadcast shapes, with its
+   gradient) and boolean mask, by default and with ``split_loops=True``.
 2. Speed: bf16, B=4, N=16, H=128, T=8192, causal; forward and forward+backward TFLOP/s of the
-   Mosaic GPU kernel (a few tilings with the Triton backward, and the default tiling with the
-   Mosaic GPU backward) and of the Triton kernel vs
+   Mosaic GPU kernel and of the Triton kernel (default and split loops) vs
    ``jax.nn.dot_product_attention(implementation="cudnn")`` in the same run.
    Useful causal FLOPs: forward 2 matmuls * 2*B*N*T*T*H / 2, backward 2.5x that.
 3. Speed with a bias: the same at T=4096 with a per-head bias (1, N, T, T) bf16 (relative
    position / ALiBi style), gradients w.r.t. q, k, v (and, in a second row, the bias too),
    against cuDNN with the same bias.
 
+``--parts`` picks a subset ({PARTS}); ``sweep`` adds the other Mosaic tilings and the Mosaic
+forward with the Triton backward, ``mosaic_bwd`` three cases with ``MOSAIC_BACKWARD="mosaic"``.
 ``--quick`` runs tiny shapes (on CPU the kernel runs in interpret mode, cuDNN is skipped).
 """
 
@@ -241,7 +242,7 @@ def check(
     return ok_all
 
 
-def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
+def speed(bench: Bench, on_gpu: bool, quick: bool, sweep: bool = False) -> None:
     b, n, h = (1, 2, 64) if quick else (4, 16, 128)
     t = 256 if quick else 8192
     dt = jnp.bfloat16
@@ -251,19 +252,19 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
     bwd_flops = 2.5 * fwd_flops
     # Mosaic GPU first (Hopper only; the Triton kernel was measured in session 1), then Triton.
     configs = [("pallas", dict()), ("pallas", dict(split_loops=True))]
-    if hopper() or not on_gpu:
-        configs = [
-            ("mosaic", dict()),  # block_k=128, 2 stages, ping-pong
+    if hopper() or not on_gpu:  # the default: block_k=128, 2 stages, ping-pong, Mosaic backward
+        configs = [("mosaic", dict())] + configs
+    if sweep and (hopper() or not on_gpu):  # measured in session 5 (BENCHMARKS.md)
+        configs += [
             ("mosaic", dict(stages=3, block_k=64)),  # (stages=3 at block_k=128 needs 232568
             ("mosaic", dict(pingpong=False)),  # bytes of shared memory: 120 over an H200's)
-        ] + configs
+            ("mosaic+triton_bwd", dict()),
+        ]
     if quick:
-        configs = [configs[0], configs[-2]]
-    if hopper():  # the default tiling with the Mosaic GPU backward
-        configs.append(("mosaic+mosaic_bwd", dict()))
+        configs = [configs[0], configs[-1]]
 
     def ours_fns(kind, cfg):
-        attend = attention_pallas if kind == "pallas" else attention_mosaic
+        attend = attention_pallas if kind.startswith("pallas") else attention_mosaic
 
         def fwd(q, k, v):
             return attend(normalize(q, k, v, is_causal=True), interpret=not on_gpu, blocks=cfg)[0]
@@ -294,7 +295,7 @@ def speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
     for kind, cfg in configs:
         try:
             f, fb = ours_fns(kind, cfg)
-            with mosaic_backward("mosaic" if kind.endswith("mosaic_bwd") else None):
+            with mosaic_backward("triton" if kind.endswith("triton_bwd") else None):
                 tf, tfb = _time(f, (q, k, v), reps), _time(fb, (q, k, v), reps)
         except Exception as e:  # a tiling that does not compile: report, try the next
             report_failure(f"{kind} config {cfg}", e)
@@ -380,19 +381,20 @@ def bias_speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         bench.record(rec)
 
 
-PARTS = ("smoke", "speed", "mosaic", "mosaic_bwd", "pallas", "split", "bias")
+PARTS = ("smoke", "speed", "mosaic", "pallas", "split", "bias")
+EXTRA = ("sweep", "mosaic_bwd")  # only when named: more Mosaic tilings; explicit-backward cases
 
 
 def main() -> None:
     bench = Bench("gpu_attention")
     args = bench.parse(
         lambda p: p.add_argument(
-            "--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}"
+            "--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS + EXTRA}"
         )
     )
     parts = set(args.parts.split(","))
-    if parts - set(PARTS):
-        raise SystemExit(f"--parts: unknown {sorted(parts - set(PARTS))}; expected {PARTS}")
+    if parts - set(PARTS + EXTRA):
+        raise SystemExit(f"--parts: unknown {sorted(parts - set(PARTS + EXTRA))}")
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.quick:
         print("# no GPU: running --quick shapes in interpret mode")
@@ -403,8 +405,8 @@ def main() -> None:
     # then the headline timings vs cuDNN, then every correctness case, then the bias rows.
     if mosaic and "smoke" in parts:
         ok["mosaic (smoke)"] = check(bench, on_gpu, "mosaic", first_only=True)
-    if "speed" in parts:
-        speed(bench, on_gpu, args.quick)
+    if "speed" in parts or "sweep" in parts:
+        speed(bench, on_gpu, args.quick, sweep="sweep" in parts)
     if mosaic and "mosaic" in parts:
         ok["mosaic"] = check(bench, on_gpu, "mosaic")
     if mosaic and "mosaic_bwd" in parts:

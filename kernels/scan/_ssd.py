@@ -9,9 +9,10 @@ times C B^T times x (the quadratic, attention-like part), the carried state read
 state the chunk leaves. Its derivative is a custom JVP whose tangent map is a ``linear_call``:
 ``jvp`` runs the JVP of that scan; ``grad`` transposes it with a hand-written reverse scan over
 chunks that recomputes the decay matrices, so reverse mode stores only the inputs and the state
-entering each chunk. "matmul" (default off CPU, where a loop of small kernels would be latency
-bound) computes all chunks at once (masked (T, T) matrices for every chunk, then a ``lax.scan``
-over the chunk states only) and is differentiated by JAX. "reference" is the obvious ``lax.scan``
+entering each chunk. "matmul" (the XLA default off CPU, where a loop of small kernels would be
+latency bound; on GPU the default is the Pallas forward of ``_ssd_pallas``) computes all chunks
+at once (masked (T, T) matrices for every chunk, then a ``lax.scan`` over the chunk states only)
+and is differentiated by JAX. "reference" is the obvious ``lax.scan``
 over steps, differentiated by JAX.
 L need not be a multiple of the chunk (padded with dt = 0, which leaves the state unchanged).
 """
@@ -40,16 +41,20 @@ FAMILY = "ssd"
 backend.register_family(
     FAMILY,
     ("reference", "sequential", "chunked", "matmul", "pallas", "pallas_interpret"),
-    {"cpu": "chunked", "*": "matmul"},
+    # GPU: the Pallas forward (10x "matmul"'s on an H200, session 5; differentiated calls run
+    # "matmul" forward and backward, see _ssd_pallas)
+    {"cpu": "chunked", "gpu": "pallas", "*": "matmul"},
     doc="Mamba-2 SSD (scalar A per head): chunked matmul form, Pallas kernels (forward) and a "
     "sequential reference.",
 )
 
 
 def default_chunk_size(platform: str | None = None) -> int:
-    """Chunk length used when ``chunk_size=None``: 32 on CPU (fastest of 32/64/128 for fwd and
-    fwd+bwd at Mamba-2 shapes, benchmarks/bench_scan.py), 64 elsewhere."""
-    return 32 if (platform or backend.platform()) == "cpu" else 64
+    """Chunk length of the XLA forms when ``chunk_size=None``: 32 on CPU (fastest of 32/64/128
+    for fwd and fwd+bwd at Mamba-2 shapes, benchmarks/bench_scan.py), 256 on GPU (an H200,
+    session 5, "matmul" at B=2 L=8192 H=16 P=64 N=64 bf16: forward 1.32 / 1.80 / 2.58 ms and
+    forward+backward 1.87 / 2.13 / 3.23 ms at 256 / 128 / 64), 64 elsewhere."""
+    return {"cpu": 32, "gpu": 256}.get(platform or backend.platform(), 64)
 
 
 def _group(v: Array, heads: int) -> Array:
@@ -388,14 +393,16 @@ def ssd(
       B, C: (batch, length, G, N) with G dividing H (head h uses group h // (H / G)), or
         (batch, length, N) shared by all heads.
       chunk_size: chunk length of the matmul form (L is padded internally); None picks
-        ``default_chunk_size()`` (32 on CPU, 64 elsewhere).
+        ``default_chunk_size()`` (32 on CPU, 256 on GPU, 64 elsewhere).
       D: (H,) or (H, P) skip connection.
       initial_state: (batch, H, P, N); return_final_state: also return the state after step L-1.
       segment_ids: (batch, length) ints; the state resets where the id changes.
-      implementation: None (the platform default: "chunked" on CPU, "matmul" elsewhere),
-        "chunked", "matmul", "reference", "sequential", "pallas" (GPU only: the Triton
-        kernels of ``_ssd_pallas``, chunk_size a power of two >= 16 or None for 256;
-        gradients from the platform's XLA implementation) or
+      implementation: None (the platform default: "chunked" on CPU, "pallas" on GPU where
+        it applies (chunk_size None or a power of two >= 16, not float64; else "matmul"),
+        "matmul" elsewhere), "chunked", "matmul", "reference", "sequential", "pallas" (GPU
+        only: the Triton kernels of ``_ssd_pallas``, chunk_size a power of two >= 16 or None
+        for ``_ssd_pallas.SSD_CONFIG[0]``; differentiated calls run the platform's XLA
+        implementation forward and backward) or
         "pallas_interpret" (the same kernels run by the Pallas interpreter, any backend).
 
     Returns:
@@ -404,6 +411,11 @@ def ssd(
     """
     impl = backend.resolve_implementation(FAMILY, implementation)
     x, dt, A, B, C = (jnp.asarray(v) for v in (x, dt, A, B, C))
+    if implementation is None and impl == "pallas":  # the GPU default, where the kernels apply
+        c = chunk_size
+        pow2 = isinstance(c, int) and c >= 16 and not c & (c - 1)
+        if (chunk_size is not None and not pow2) or x.dtype == jnp.float64:
+            impl = "matmul"
     checks.check_rank(x, 4, "x")
     bsz, length, heads, p = x.shape
     if length == 0:

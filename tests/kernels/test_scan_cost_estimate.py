@@ -168,19 +168,25 @@ def test_every_pallas_call_is_costed(small_chunks, monkeypatch, name):
         assert sum(o.bytes_read for o in ops) >= least
 
 
-def test_ssd_gradient_trace_costs_the_forward_kernels():
-    """The forward kernels are costed; the backward (jax.vjp of the XLA "chunked" ssd, whose
-    transposed map is a ``linear_call``) is costed through the linear_call's forward map."""
+def test_ssd_gradient_trace_costs_the_xla_form_it_runs():
+    """Differentiated, the Pallas ssd runs the XLA "chunked" ssd forward and backward (its custom
+    VJP's forward rule; the transposed map is a ``linear_call``, costed through its forward
+    map): no Pallas kernel, and the same cost as differentiating "chunked" directly."""
     kw = _ssd_args()
     del kw["segment_ids"]
 
-    def loss(d):
-        y, h = _ssd(PI)(d)
-        return jnp.sum(y) + jnp.sum(h)
+    def loss(impl):
+        def f(d):
+            y, h = _ssd(impl)(d)
+            return jnp.sum(y) + jnp.sum(h)
 
-    w = trace(jax.grad(loss), kw)
+        return f
+
+    w = trace(jax.grad(loss(PI)), kw)
     assert not w.unknown, w.unknown
-    assert len(custom(w)) == 3  # the forward; its backward is the XLA ssd's vjp
+    assert custom(w) == []
+    want = trace(jax.grad(loss("chunked")), kw)
+    assert (arith(w), trans(w)) == (arith(want), trans(want)) and arith(w) > 0
 
 
 # ---------------------------------------------------------------------------------------------

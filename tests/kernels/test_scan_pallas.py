@@ -255,6 +255,11 @@ def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     text = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), *(d[k] for k in names))
+    # chunked: two forward kernels and (compiled, SELECTIVE_BACKWARD="auto") the two Pallas
+    # backward kernels; sequential: one kernel, the XLA backward
+    assert text.count("xla.gpu.triton") == (4 if kernel == "chunked" else 1)
+    monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", "xla")
+    text = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), *(d[k] for k in names))
     assert text.count("xla.gpu.triton") == (2 if kernel == "chunked" else 1)
     a = jnp.full((2, 37, 200), 0.9, jnp.bfloat16)
     lin = lambda a, b: jnp.sum(linear_scan(a, b, implementation="pallas").astype(jnp.float32))

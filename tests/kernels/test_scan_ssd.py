@@ -213,9 +213,23 @@ def test_vmap_and_shard_map_match_reference():
 
 
 def test_defaults():
-    assert default_chunk_size("cpu") == 32 and default_chunk_size("gpu") == 64
+    assert default_chunk_size("cpu") == 32 and default_chunk_size("gpu") == 256
+    assert default_chunk_size("tpu") == 64
     fam = backend.families()["ssd"]
-    assert fam.default("cpu") == "chunked" and fam.default("gpu") == "matmul"
+    assert fam.default("cpu") == "chunked" and fam.default("gpu") == "pallas"
+    assert fam.default("tpu") == "matmul"
     d = make(jnp.float32)
     a = (d["x"], d["dt"], d["A"], d["B"], d["C"])
     assert_close(ssd(*a), ssd(*a, chunk_size=default_chunk_size()), scale=10)
+
+
+def test_gpu_default_falls_back_to_matmul_where_the_pallas_kernels_do_not_apply(monkeypatch):
+    """On a GPU the default is "pallas"; a chunk_size that is not a power of two >= 16 (or
+    float64 inputs) takes "matmul" instead of raising, while an explicit "pallas" raises."""
+    d = make(jnp.float32)
+    a = (d["x"], d["dt"], d["A"], d["B"], d["C"])
+    want = ssd(*a, implementation="reference")
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    assert_close(ssd(*a, chunk_size=24), want, scale=10)
+    with pytest.raises(ValueError, match="chunk_size: implementation='pallas' needs a power of two"):
+        ssd(*a, chunk_size=24, implementation="pallas")
