@@ -495,9 +495,9 @@ def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg, rng):
 # Which kernels differentiate implementation="mosaic" (read at trace time): "triton" (the Triton
 # backward of _pallas.py), "mosaic" (_mosaic_bwd.py, Hopper wgmma/TMA) or "auto" (= "mosaic"
 # compiled, for padded head dims up to 128, see _mosaic_bwd.fits; else "triton", also in
-# interpret mode, where the Mosaic GPU interpreter is much the slower; tests pick explicitly). On an H200 (session 5,
-# bf16 B=4 N=16 H=128 T=8192 causal) the Mosaic backward ran at 436 TFLOP/s, 0.84x cuDNN's 516;
-# the Triton one at 185 (0.36x).
+# interpret mode, where the Mosaic GPU interpreter is much the slower; tests pick explicitly).
+# On an H200 (session 5, bf16 B=4 N=16 H=128 T=8192 causal) the Mosaic backward ran at 436
+# TFLOP/s, 0.84x cuDNN's 516; the Triton one at 185 (0.36x).
 MOSAIC_BACKWARD = "auto"
 BACKWARDS = ("auto", "triton", "mosaic")
 
