@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU script (H100/H200, JAX with CUDA, no network). Bounded to under 5 minutes of
-# benchmarks (190 + 100 s; each script prints JSON lines as it goes, so a timeout keeps what ran):
+# benchmarks (190 + 90 s; each script prints JSON lines as it goes, so a timeout keeps what ran):
 # installs jaxcore without dependencies, then each GPU benchmark, each of which also checks the
 # compiled kernels against the reference before timing. Output: stdout, plus one log per script
 # in $OUT. The parallel-solver benchmark (its targets were met on an H200 in session 1) and the
@@ -27,7 +27,7 @@ run() {  # run NAME TIMEOUT_S ARGS...: one benchmark, bounded, failures recorded
   [ "$rc" = 0 ] || { echo "== $name FAILED rc=$rc"; status=1; }
 }
 run gpu_attention 190 --reps 3
-run gpu_scan 100
+run gpu_scan 90
 if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then
   run gpu_fixed_point 70  # 40 s cut it after 3 of its cases in session 5
   run bench_paged_decode 60 --reps 5  # first figures of the paged-decode Pallas kernel
