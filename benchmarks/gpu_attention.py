@@ -5,11 +5,11 @@ check of the Mosaic kernel (one case), the speed rows (2.), the correctness case
 bias rows (3.).
 
 1. Correctness: the compiled kernels (forward, lse and gradients) against the float32 reference.
-   The Mosaic GPU kernel (Hopper only; its default backward: Mosaic GPU up to head dim 128,
-   Triton beyond) on bf16/f16 problems with causal, window, GQA, ragged T/S, soft cap,
-   Hv != H, key lengths and packed segment ids; then the Triton kernel on bf16/f32 problems with
-   causal, window, GQA, segment ids, lengths, soft cap, bias (broadcast shapes, with its
-   gradient) and boolean mask, by default and with ``split_loops=True``.
+   The Mosaic GPU kernel (Hopper only) on bf16/f16 problems with causal, window, GQA, ragged
+   T/S, soft cap, Hv != H, key lengths and packed segment ids, with its default backward and
+   again with ``MOSAIC_BACKWARD="mosaic"`` on every case; then the Triton kernel on bf16/f32
+   problems with causal, window, GQA, segment ids, lengths, soft cap, bias (broadcast shapes,
+   with its gradient) and boolean mask (``--parts split``: also with ``split_loops=True``).
 2. Speed: bf16, B=4, N=16, H=128, T=8192, causal; forward and forward+backward TFLOP/s of the
    Mosaic GPU kernel and of the Triton kernel (default and split loops) vs
    ``jax.nn.dot_product_attention(implementation="cudnn")`` in the same run.
@@ -18,8 +18,9 @@ bias rows (3.).
    position / ALiBi style), gradients w.r.t. q, k, v (and, in a second row, the bias too),
    against cuDNN with the same bias.
 
-``--parts`` picks a subset ({PARTS}); ``sweep`` adds the other Mosaic tilings and the Mosaic
-forward with the Triton backward, ``mosaic_bwd`` three cases with ``MOSAIC_BACKWARD="mosaic"``.
+``--parts`` picks a subset (default: smoke, speed, mosaic, mosaic_bwd, pallas, bias); ``sweep``
+adds the other Mosaic tilings and the Mosaic forward with the Triton backward, ``split`` the
+Triton checks with ``split_loops=True``.
 ``--quick`` runs tiny shapes (on CPU the kernel runs in interpret mode, cuDNN is skipped).
 """
 
@@ -127,8 +128,10 @@ def check(
     ``first_only``: just the first case in the first dtype (a smoke check before timing).
     ``blocks``: added to the Triton kernel's default tiling (e.g. ``split_loops=True``).
 
-    ``backward``: the Mosaic kernel's backward ("triton" / "mosaic", _mosaic.MOSAIC_BACKWARD);
-    "mosaic" checks three bf16 cases only (causal GQA ragged, key lengths, packed segments).
+    ``backward``: the Mosaic kernel's backward ("triton" / "mosaic", _mosaic.MOSAIC_BACKWARD;
+    None: the default, "auto", which takes the Mosaic backward only where it has been checked
+    on a GPU, _mosaic_bwd.CHECKED); "mosaic" runs every case with it (the evidence for widening
+    CHECKED).
     """
     impl = family if on_gpu else f"{family}_interpret"
     rng = np.random.default_rng(0)
@@ -162,8 +165,6 @@ def check(
             ),
         ]
     )
-    if backward == "mosaic":
-        cases, dtypes = [MOSAIC_CASES[i] for i in (0, 4, 5)], (jnp.bfloat16,)
     b = 2
     if not on_gpu and family == "mosaic":  # the Mosaic GPU interpreter is slow: one tiny case
         cases = [dict(t=128, s=96, n=2, k=1, h=64, hv=64, kw=dict(is_causal=True))]
@@ -381,8 +382,8 @@ def bias_speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         bench.record(rec)
 
 
-PARTS = ("smoke", "speed", "mosaic", "pallas", "split", "bias")
-EXTRA = ("sweep", "mosaic_bwd")  # only when named: more Mosaic tilings; explicit-backward cases
+PARTS = ("smoke", "speed", "mosaic", "mosaic_bwd", "pallas", "bias")
+EXTRA = ("sweep", "split")  # only when named: more Mosaic tilings; Triton split_loops checks
 
 
 def main() -> None:

@@ -494,15 +494,16 @@ def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg, rng):
 
 # Which kernels differentiate implementation="mosaic" (read at trace time): "triton" (the Triton
 # backward of _pallas.py), "mosaic" (_mosaic_bwd.py, Hopper wgmma/TMA) or "auto" (= "mosaic"
-# compiled, for padded head dims up to 128, see _mosaic_bwd.fits; else "triton", also in
-# interpret mode, where the Mosaic GPU interpreter is much the slower; tests pick explicitly).
+# compiled, for the head dims and dtype it has been checked with on a GPU: _mosaic_bwd.CHECKED,
+# bf16 at H = Hv = 64 or 128; else "triton", also in interpret mode, where the Mosaic GPU
+# interpreter is much the slower; tests pick explicitly).
 # On an H200 (session 5, bf16 B=4 N=16 H=128 T=8192 causal) the Mosaic backward ran at 436
 # TFLOP/s, 0.84x cuDNN's 516; the Triton one at 185 (0.36x).
 MOSAIC_BACKWARD = "auto"
 BACKWARDS = ("auto", "triton", "mosaic")
 
 
-def backward_kind(hp: int, hvp: int, interpret: bool = False) -> str:
+def backward_kind(hp: int, hvp: int, dtype, interpret: bool = False) -> str:
     """The backward that MOSAIC_BACKWARD selects for padded head dims ``hp`` / ``hvp``."""
     if MOSAIC_BACKWARD not in BACKWARDS:
         raise ValueError(f"MOSAIC_BACKWARD: expected one of {BACKWARDS}, got {MOSAIC_BACKWARD!r}")
@@ -510,7 +511,7 @@ def backward_kind(hp: int, hvp: int, interpret: bool = False) -> str:
         return MOSAIC_BACKWARD
     from . import _mosaic_bwd
 
-    return "mosaic" if _mosaic_bwd.fits(hp, hvp) and not interpret else "triton"
+    return "mosaic" if _mosaic_bwd.checked(hp, hvp, dtype) and not interpret else "triton"
 
 
 def _flash_bwd(cfg, pcfg, res, cts):
@@ -520,7 +521,7 @@ def _flash_bwd(cfg, pcfg, res, cts):
         do = jnp.zeros(out.shape, out.dtype)
     if isinstance(dlse, SymbolicZero):
         dlse = jnp.zeros(lse.shape, lse.dtype)
-    if backward_kind(q.shape[3], v.shape[3], cfg.interpret) == "mosaic":
+    if backward_kind(q.shape[3], v.shape[3], q.dtype, cfg.interpret) == "mosaic":
         from . import _mosaic_bwd
 
         seg = (qseg, kseg) if cfg.has_segments else None

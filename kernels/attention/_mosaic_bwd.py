@@ -1,8 +1,8 @@
 """Hopper flash-attention backward in Mosaic GPU (Pallas ``plgpu``): wgmma, TMA, warp groups.
 
 The backward of ``_mosaic._forward`` (FlashAttention-2/3 formulation), from the saved output and
-float32 lse, selected by ``_mosaic.MOSAIC_BACKWARD`` (by default for head dims up to 128, see
-:func:`fits`). Two kernels, each with two compute
+float32 lse, selected by ``_mosaic.MOSAIC_BACKWARD`` (by default for the shapes checked on a GPU,
+see :func:`checked`). Two kernels, each with two compute
 warpgroups of 64 rows and one TMA producer warpgroup that feeds a ring of ``stages`` shared-memory
 slots ("loaded" barriers per slot; one "consumed" barrier with two arrivals per slot):
 
@@ -72,11 +72,17 @@ def smem_dkdv(block_q: int, stages: int, hp: int, hvp: int, itemsize: int = 2) -
     return own + ring + 64 * (4 * stages + 8)
 
 
-def fits(hp: int, hvp: int) -> bool:
-    """True for padded head dims up to 128 (checked and timed on an H200; at 256 the dK/dV
-    accumulators alone would take 256 registers a thread) whose tiles fit in shared memory."""
-    smem = max(smem_dq(64, 1, hp, hvp), smem_dkdv(ROWS, 1, hp, hvp))
-    return max(hp, hvp) <= 128 and smem <= _mosaic.SMEM_BYTES
+# (padded head dim, value head dim, dtype) combinations whose compiled Mosaic backward matched the
+# reference on a GPU (session 5, H200: causal GQA ragged at 64, key lengths and packed ids at 128).
+# MOSAIC_BACKWARD="auto" takes the Mosaic backward only for these; benchmarks/gpu_attention.py
+# --parts mosaic_bwd checks every case with it, the evidence for widening this set.
+CHECKED: frozenset = frozenset({(64, 64, "bfloat16"), (128, 128, "bfloat16")})
+
+
+def checked(hp: int, hvp: int, dtype) -> bool:
+    """True when the compiled backward has been checked on a GPU for these padded head dims and
+    this dtype (:data:`CHECKED`); their tiles also fit in shared memory with two stages."""
+    return (hp, hvp, jnp.dtype(dtype).name) in CHECKED
 
 
 def default_config(hp: int, hvp: int) -> dict:

@@ -144,9 +144,10 @@ def test_compiled_backward_lowers_for_cuda(mosaic_backward, case):
     assert calls.count("mosaic_gpu_v2") == 3 and "xla.gpu.triton" not in txt, calls
 
 
-def test_default_backward_when_compiled_is_mosaic_up_to_head_dim_128():
+def test_default_backward_when_compiled_is_mosaic_where_checked():
     """Lowered for cuda with the default MOSAIC_BACKWARD: forward and both backward kernels in
-    Mosaic GPU at H=64; at H=256 the forward in Mosaic GPU, the backward in Triton."""
+    Mosaic GPU at H=64 bf16 (checked on a GPU); at H=256 the forward in Mosaic GPU, the backward
+    in Triton."""
     txt = _lowered_grad((1, 256, 256, 2, 2, 64, 64), dict(is_causal=True))
     calls = re.findall(r"custom_call @(\w+)", txt)
     assert calls.count("mosaic_gpu_v2") == 3 and "xla.gpu.triton" not in txt, calls
@@ -174,14 +175,17 @@ def test_blocks_are_checked():
 
 
 def test_default_backward_choice(monkeypatch):
-    """MOSAIC_BACKWARD="auto" (the default): the Mosaic GPU backward compiled for padded head
-    dims up to 128 (checked and timed on an H200), the Triton one beyond that and in interpret
-    mode; an explicit setting is taken as is."""
+    """MOSAIC_BACKWARD="auto" (the default): the Mosaic GPU backward compiled for the head dims
+    and dtype checked on an H200 (bf16, H = Hv = 64 or 128), the Triton one for anything else
+    and in interpret mode; an explicit setting is taken as is."""
     assert _mosaic.MOSAIC_BACKWARD == "auto"
     kind = _mosaic.backward_kind
-    assert [kind(64, 64), kind(128, 128), kind(128, 64)] == ["mosaic"] * 3
-    assert [kind(256, 128), kind(128, 256), kind(128, 128, interpret=True)] == ["triton"] * 3
+    bf16, f16 = jnp.bfloat16, jnp.float16
+    assert [kind(64, 64, bf16), kind(128, 128, bf16)] == ["mosaic"] * 2
+    unchecked = [(128, 64, bf16), (256, 128, bf16), (256, 256, bf16), (128, 128, f16)]
+    assert [kind(*c) for c in unchecked] == ["triton"] * 4
+    assert kind(128, 128, bf16, interpret=True) == "triton"
     monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", "mosaic")
-    assert kind(128, 128, interpret=True) == "mosaic"
+    assert kind(128, 128, bf16, interpret=True) == kind(256, 128, f16) == "mosaic"
     monkeypatch.setattr(_mosaic, "MOSAIC_BACKWARD", "triton")
-    assert kind(64, 64) == "triton"
+    assert kind(64, 64, bf16) == "triton"
