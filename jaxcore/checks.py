@@ -5,6 +5,7 @@ Every message has the form ``"<name>: expected <what>, got <what came>"``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,15 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> None:
     if bad:
         want = "a non-negative number" if allow_zero else "a positive number"
         raise ValueError(f"{name}: expected {want}, got {value}")
+
+
+def is_tile_size(value: Any, lo: int = 16) -> bool:
+    """True for a static integer that is a power of two >= ``lo`` (a Triton tile dimension)."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        return False
+    return v >= lo and not v & (v - 1)
 
 
 def check_choice(value: Any, choices: Sequence[Any], name: str) -> None:

@@ -509,8 +509,10 @@ def paged_decode_attention(
     impl = backend.resolve_implementation(FAMILY, implementation)
     b, tq, n, h = query.shape
     npool, ps, kh, hv = value_pages.shape
-    pow2 = lambda x: x >= 16 and not x & (x - 1)  # noqa: E731
-    if implementation is None and impl == "pallas" and not (pow2(ps) and pow2(h) and pow2(hv)):
+    # Triton tiles: every dot dimension a power of two >= 16
+    dims = (("key_pages (page_size)", ps), ("key_pages (H)", h), ("value_pages", hv))
+    untileable = [(nm, size) for nm, size in dims if not checks.is_tile_size(size)]
+    if implementation is None and impl == "pallas" and untileable:
         impl = "xla"  # the default falls back where the Triton tiles cannot hold the shapes
     m = block_tables.shape[1]
     g = n // kh
@@ -554,13 +556,12 @@ def paged_decode_attention(
             implementation="reference",
         )
 
-    if impl == "pallas":  # Triton tiles: every dot dimension a power of two >= 16
-        for nm, size in (("key_pages (page_size)", ps), ("key_pages (H)", h), ("value_pages", hv)):
-            if size < 16 or size & (size - 1):
-                raise ValueError(
-                    f"{nm}: implementation='pallas' expected a power of two >= 16, got {size}; "
-                    "use implementation='xla'"
-                )
+    if impl == "pallas" and untileable:
+        nm, size = untileable[0]
+        raise ValueError(
+            f"{nm}: implementation='pallas' expected a power of two >= 16, got {size}; "
+            "use implementation='xla'"
+        )
     cdt = compute_dtype(query.dtype)
     ns = -(-m // pages_per_split)
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, npool - 1)

@@ -412,9 +412,8 @@ def ssd(
     impl = backend.resolve_implementation(FAMILY, implementation)
     x, dt, A, B, C = (jnp.asarray(v) for v in (x, dt, A, B, C))
     if implementation is None and impl == "pallas":  # the GPU default, where the kernels apply
-        c = chunk_size
-        pow2 = isinstance(c, int) and c >= 16 and not c & (c - 1)
-        if (chunk_size is not None and not pow2) or x.dtype == jnp.float64:
+        chunk_ok = chunk_size is None or checks.is_tile_size(chunk_size)
+        if not chunk_ok or x.dtype == jnp.float64:
             impl = "matmul"
     checks.check_rank(x, 4, "x")
     bsz, length, heads, p = x.shape

@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxcore import backend
+from jaxcore import backend, checks
 
 from ._common import pad_time, reset_mask
 
@@ -90,10 +90,6 @@ def _pow2_at_least(n: int, lo: int = 1) -> int:
     while p < n:
         p *= 2
     return p
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
 
 
 def _params(interpret: bool, warps: int, stages: int):
@@ -510,7 +506,7 @@ def check_chunk(chunk_size: int | None, length: int) -> int:
     """The Pallas chunk length: ``chunk_size`` (None: SSD_CONFIG[0]) must be a power of two
     >= 16; it shrinks to the smallest power of two >= max(L, 16) when L is shorter."""
     q = SSD_CONFIG[0] if chunk_size is None else chunk_size
-    if not _is_pow2(q) or q < 16:
+    if not checks.is_tile_size(q):
         raise ValueError(
             f"chunk_size: implementation='pallas' needs a power of two >= 16 or None, got {q!r}"
         )
@@ -543,11 +539,11 @@ def make_config(chunk_size: int | None, length: int, p: int, n: int, heads: int,
         raise ValueError(f"SSD_HEADS_PER_PROGRAM: expected a positive int, got {hb!r}")
     per_group = heads // groups
     hb = max(h for h in range(1, min(hb, per_group) + 1) if per_group % h == 0)
-    if not _is_pow2(bm) or bm < 16:
+    if not checks.is_tile_size(bm):
         raise ValueError(f"SSD_CONFIG: expected a power-of-two block >= 16, got {bm!r}")
     pblock, pwarps, prefetch = SSD_PASS_CONFIG
     f = _pow2_at_least(p, 16) * _pow2_at_least(n, 16)
-    if not _is_pow2(pblock):
+    if not checks.is_tile_size(pblock, 1):
         raise ValueError(f"SSD_PASS_CONFIG: expected a power-of-two block, got {pblock!r}")
     return _Cfg(q, min(bm, q), warps, stages, min(pblock, f), pwarps, prefetch, bool(interpret),
                 xla_impl, hb)  # fmt: skip
