@@ -288,20 +288,28 @@ def _ssd_inputs(quick: bool):
     return (x, dt, A, B, C), shape
 
 
-# Pallas ssd knobs timed (module-level settings of _ssd_pallas, read at trace time): SSD_CONFIG
-# = (chunk, block, warps, stages), SSD_PASS_CONFIG = (state elements per program, warps, steps
-# loaded ahead), SSD_HEADS_PER_PROGRAM (phase 3). {} is the module default.
-# Session 5 (H200) measured Q=128 (now the default) fastest of Q=128/256/512, 2 heads per
-# program level with 1, and (256, 64, 8, 2) x 4 heads and (256, 32, 4, 2) slower: kept here are
-# the default, its neighbours and the untried Q=64.
+# Pallas ssd knobs timed (module-level settings of _ssd_pallas, read at trace time): SSD_KERNEL
+# ("three_phase" or "fused"), SSD_CONFIG = (chunk, block, warps, stages), SSD_PASS_CONFIG =
+# (state elements per program, warps, steps loaded ahead), SSD_HEADS_PER_PROGRAM (phase 3),
+# SSD_FUSED_CONFIG = (chunk, P columns per program, warps, stages, target programs). {} is the
+# module default. Session 5 (H200) measured the three-phase Q=128 (the default) fastest of
+# Q=128/256/512 and 2 heads per program level with 1. The "fused" design (session 6, not yet
+# timed) comes right after the default, then its neighbours, then the untried three-phase Q=64.
+_FUSED = {"SSD_KERNEL": "fused"}
 _SSD_SWEEP: list[dict] = [
     {},
-    {"SSD_CONFIG": (256, 64, 4, 2)},
+    _FUSED,
+    {**_FUSED, "SSD_FUSED_CONFIG": (64, 64, 8, 2, 512)},
+    {**_FUSED, "SSD_FUSED_CONFIG": (64, 32, 4, 2, 512)},
+    {**_FUSED, "SSD_FUSED_CONFIG": (64, 64, 4, 2, 1024)},
+    {**_FUSED, "SSD_FUSED_CONFIG": (64, 64, 4, 2, 256)},
+    {**_FUSED, "SSD_FUSED_CONFIG": (128, 64, 8, 2, 512)},
+    {**_FUSED, "SSD_FUSED_CONFIG": (32, 64, 4, 2, 512)},
     {"SSD_CONFIG": (64, 64, 4, 2)},
-    {"SSD_CONFIG": (128, 32, 4, 2)},
-    {"SSD_HEADS_PER_PROGRAM": 2},
 ]
-_SSD_KNOBS = ("SSD_CONFIG", "SSD_PASS_CONFIG", "SSD_HEADS_PER_PROGRAM")
+_SSD_KNOBS = (
+    "SSD_KERNEL", "SSD_CONFIG", "SSD_PASS_CONFIG", "SSD_HEADS_PER_PROGRAM", "SSD_FUSED_CONFIG"
+)  # fmt: skip
 
 
 def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
@@ -318,7 +326,7 @@ def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
         traceback.print_exc(file=sys.stderr)
         emit({"case": "ssd bf16 reference", **shape, "error": f"{type(e).__name__}: {e!s:.300}"})
     base = {k: getattr(_ssd_pallas, k) for k in _SSD_KNOBS}
-    sweep = [_SSD_SWEEP[i] for i in (0, 1, 4)] if quick else _SSD_SWEEP
+    sweep = [_SSD_SWEEP[i] for i in (0, 1, 3)] if quick else _SSD_SWEEP
     for si, knobs in enumerate(sweep):
         for k, v in {**base, **knobs}.items():
             setattr(_ssd_pallas, k, v)
@@ -342,6 +350,8 @@ def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
                 g = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3, 4)))
                 rec["fwdbwd_s"] = timeit(g, *args, reps=3)
                 rec["phases_s"] = _ssd_phase_times(args, pallas)
+            elif knobs is _FUSED:
+                rec["phases_s"] = _ssd_fused_phase_times(args, pallas)
             emit(rec)
         except Exception as e:  # report and go on: one failing kernel must not hide the rest
             traceback.print_exc(file=sys.stderr)
@@ -372,6 +382,34 @@ def _ssd_phase_times(args, pallas: str) -> dict:
         "state_passing": timeit_queued(p2, states, log_decay),
         "outputs": timeit_queued(p3, x, B, C, dt, A, starts),
     }
+
+
+def _ssd_fused_phase_times(args, pallas: str) -> dict:
+    """Seconds of each "fused" kernel of the current config, jitted apart (as above)."""
+    x, dt, A, B, C = args
+    bsz, length, heads, p = x.shape
+    n = B.shape[-1]
+    m = _ssd_pallas
+    cfg = m.make_config(None, length, p, n, heads, B.shape[2], pallas == "pallas_interpret",
+                        "matmul")  # fmt: skip
+    acc, mm = m._dtypes(x)
+    cps, nseg = m.segment_plan(bsz, length, heads, p, cfg)
+    out = {"chunks_per_segment": cps, "segments": nseg}
+    starts = final = None
+    if nseg > 1:
+        cfg_a = cfg._replace(q=cps * cfg.q, bm=min(cfg.bm, cfg.q))
+        pa = jax.jit(lambda *a: m._chunk_states(*a, None, cfg_a, acc, mm, nseg - 1))
+        states, log_decay = pa(x, B, dt, A)
+        states = states.reshape(bsz, heads, nseg - 1, -1)
+        pb = jax.jit(lambda *a: m._pass_states(*a, None, cfg, acc, acc))
+        starts, final = pb(states, log_decay)
+        starts = starts.reshape(bsz, heads, nseg - 1, p, n)
+        final = final.reshape(bsz, heads, p, n)
+        out["segment_states"] = timeit_queued(pa, x, B, dt, A)
+        out["segment_passing"] = timeit_queued(pb, states, log_decay)
+    pc = jax.jit(lambda *a: m._fused_outputs(*a, None, None, cfg, cps, acc, mm))
+    out["fused_outputs"] = timeit_queued(pc, x, B, C, dt, A, starts, final)
+    return out
 
 
 def bench_ssd(bw: float, quick: bool) -> None:

@@ -16,6 +16,10 @@ Mamba-2's chunked algorithm as three kernels that are parallel over chunks (chun
    SSD_HEADS_PER_PROGRAM > 1 a program serves several heads of one B/C group and computes each
    C B^T block once for them.
 
+With ``SSD_KERNEL = "fused"`` (see its comment) the per-chunk states never reach HBM: phases 1
+and 2 run over segments of several chunks, and one kernel per (P block, head, segment, batch)
+walks its segment's chunks with the state in registers, writing y as it goes.
+
 The cumulative in-chunk log decay cum_s = sum_{t<=s in the chunk} dt_t A is computed in the
 kernels (per block of rows: an offset plus a cumsum), so x, dt, A, B, C and D are read as they
 come (bf16 or f32), with no XLA prologue unless padding or segment_ids need one. Dots take bf16
@@ -72,6 +76,27 @@ SSD_PASS_CONFIG: tuple[int, int, int] = (512, 4, 4)
 SSD_HEADS_PER_PROGRAM: int = 1
 
 
+# Kernel design (read at trace time): "three_phase" (the three kernels above) or "fused": a
+# single pass over x for the outputs, in three kernels:
+#   A. segment states, grid (H, segments - 1, B): phase 1's kernel over segments of
+#      ``chunks per segment x Q`` steps (only the state each segment leaves from zero);
+#   B. segment passing: phase 2's kernel over the segments (start states kept in f32);
+#   C. fused outputs, grid (P blocks, H, segments, B): each program walks the chunks of its
+#      segment in order, carrying the (P block, N) state in registers from the segment's start
+#      state: per chunk y = ((C B^T) * decay * dt) x + exp(cum) C S^T + D x, then
+#      S = exp(last) S + (x * exp(last - cum) dt)^T B. The last segment writes the final state.
+# Its HBM traffic is x, B, C, dt read twice at most (A reads x/B/dt, C reads all) and y written
+# once; the per-chunk states of "three_phase" (B*H*L/Q*P*N f32, written, read and re-written)
+# never leave the chip. The segment count is the smallest giving about ``programs`` programs
+# in C. Not yet measured on a GPU (benchmarks/gpu_scan.py times both designs in one run).
+SSD_KERNEL: str = "three_phase"
+SSD_KERNELS: tuple[str, ...] = ("three_phase", "fused")
+
+# "fused": (chunk length Q when chunk_size=None (the whole Q x Q intra-chunk tile in
+# registers), columns of P per program, warps, software-pipeline stages, target programs).
+SSD_FUSED_CONFIG: tuple[int, int, int, int, int] = (64, 64, 4, 2, 512)
+
+
 class _Cfg(NamedTuple):
     q: int  # chunk length
     bm: int  # rows (and columns) per block inside a chunk
@@ -83,6 +108,9 @@ class _Cfg(NamedTuple):
     interpret: bool
     xla_impl: str  # XLA implementation differentiated in the backward
     hb: int = 1  # phase 3: heads per program (dividing the heads per group)
+    kernel: str = "three_phase"  # SSD_KERNEL
+    bp: int = 64  # "fused": columns of P per program of kernel C (capped at the padded P)
+    programs: int = 512  # "fused": target number of programs of kernel C
 
 
 def _pow2_at_least(n: int, lo: int = 1) -> int:
@@ -136,16 +164,16 @@ def _estimate(flops: float, transcendentals: float, bytes_accessed: float) -> An
     )
 
 
-def _cost_chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc) -> Any:
+def _cost_chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, nc: int) -> Any:
     """Phase 1, per (head, chunk, batch) program over the Q steps of its chunk: the total log
     decay (dt a and its sum: 2 flops per step, dt read once), then per block of bk rows dt read
     again, its log decay (dt a, cumsum, + offset, block sum: 4 per step), w = exp(last - cum) dt
     (2 flops + 1 exp per step), x w (Pp per step), the (Pp, bk) @ (bk, Np) dot (2 Pp Np per
     step) and its accumulation (Pp Np per block); reads x (Pp), B (Np), seg (int32) per step, A
     and seg's last entry per program; writes the (Pp, Np) state and the log decay (acc)."""
-    bsz, lp, heads, pp = x.shape
+    bsz, _, heads, pp = x.shape
     npad = b.shape[3]
-    nc, bk = lp // cfg.q, min(cfg.bm, cfg.q)
+    lp, bk = nc * cfg.q, min(cfg.bm, cfg.q)  # the steps of the ``nc`` chunks computed
     flops = lp * (8 + pp + 2 * pp * npad) + (lp // bk) * pp * npad
     nbytes = lp * (2 * _isz(dt) + pp * _isz(x) + npad * _isz(b) + _isz(seg))
     nbytes += nc * (_isz(a) + _isz(seg) + (pp * npad + 1) * jnp.dtype(acc).itemsize)
@@ -199,14 +227,15 @@ def _cost_outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg) -> Any:
     return _estimate(total(flops, flops_hb), total(trans, 0), total(nbytes, per_head_block))
 
 
-def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm):
+def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm, count: int | None = None):
     """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt (B, Lp, H), a (H,), seg (B, nc, Q) or
     None -> (chunk states (B, H, nc, Pp, Np), chunk log decays (B, H, nc), -inf where a reset
-    inside the chunk drops the carried state)."""
+    inside the chunk drops the carried state), for the first ``count`` chunks (None: all)."""
     bsz, lp, heads, pp = x.shape
     g, npad = b.shape[2], b.shape[3]
     r = heads // g
-    q, nc = cfg.q, lp // cfg.q
+    q = cfg.q
+    nc = lp // q if count is None else count
     bk = min(cfg.bm, q)
     has_seg = seg is not None
 
@@ -260,7 +289,7 @@ def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm):
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
         name="jaxcore_ssd_chunk_states",
-        cost_estimate=_cost_chunk_states(x, b, dt, a, seg, cfg, acc),
+        cost_estimate=_cost_chunk_states(x, b, dt, a, seg, cfg, acc, nc),
     )(*args)
 
 
@@ -411,23 +440,185 @@ def _outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg, acc, mm):
     )(*args)
 
 
+def _cost_fused_outputs(x, b, c, dt, a, d, seg, cfg: _Cfg, cps: int, reads: int, acc) -> Any:
+    """Kernel C of "fused", per (P block, head, segment, batch) program (bp columns of P) and
+    chunk of Q steps: dt a, its cumsum and sum, last - cum and its product with dt (5 Q flops),
+    C B^T (2 Q^2 Np), the decay's differences and its two products (3 Q^2), w @ x (2 Q^2 bp), the
+    read-out C S^T (2 Q Np bp) scaled and added, x times the state weights (3 Q bp), D x (2 Q
+    bp), the update (x w)^T B (2 bp Q Np), exp(last) S and the sum (2 bp Np); exps: the decay
+    (Q^2), exp(cum) and exp(last - cum) (2 Q), exp(last) (1). Reads x, B, C, dt, seg per step,
+    A, D and ``reads`` (bp, Np) start states (the ``starts`` and ``final`` operands) per
+    program; writes y (x's dtype) and, from the last segment only, the final state (acc)."""
+    bsz, lp, heads, pp = x.shape
+    npad = b.shape[3]
+    q, bp = cfg.q, min(cfg.bp, pp)
+    nseg = lp // (q * cps)
+    per_chunk = 5 * q + 3 * q * q + 2 * q * q * (npad + bp) + 4 * q * npad * bp
+    per_chunk += (3 + 2 * (d is not None)) * q * bp + 2 * bp * npad
+    trans = q * q + 2 * q + 1
+    step = 2 * bp * _isz(x) + npad * (_isz(b) + _isz(c)) + _isz(dt) + _isz(seg)
+    isz_acc = jnp.dtype(acc).itemsize
+    per_prog = _isz(a) + (0 if d is None else (1 if d.ndim == 1 else bp) * _isz(d))
+    per_prog += reads * bp * npad * isz_acc
+    programs = bsz * heads * (pp // bp) * nseg
+    nbytes = programs * (per_prog + cps * q * step) + bsz * heads * pp * npad * isz_acc
+    return _estimate(programs * cps * per_chunk, programs * cps * trans, nbytes)
+
+
+def _fused_outputs(x, b, c, dt, a, starts, final, d, seg, cfg: _Cfg, cps: int, acc, mm):
+    """Kernel C of "fused": y (B, Lp, H, Pp) in x's dtype and the final state (B, H, Pp, Np)
+    (acc), from the state entering each segment of ``cps`` chunks: ``starts`` (B, H, S - 1,
+    Pp, Np) for segments 0 .. S - 2 and ``final`` (B, H, Pp, Np) for segment S - 1 (either may
+    be None: zeros; acc dtype); d: (H,), (H, Pp) or None; seg: (B, nc, Q) or None."""
+    bsz, lp, heads, pp = x.shape
+    g, npad = b.shape[2], b.shape[3]
+    r = heads // g
+    q, bp = cfg.q, min(cfg.bp, pp)
+    lseg = q * cps
+    nseg = lp // lseg
+    has_d, has_seg = d is not None, seg is not None
+    has_starts, has_final = starts is not None, final is not None
+
+    def kernel(x_ref, b_ref, c_ref, dt_ref, a_ref, *rest):
+        rest = list(rest)
+        st_ref = rest.pop(0) if has_starts else None
+        fin_ref = rest.pop(0) if has_final else None
+        d_ref = rest.pop(0) if has_d else None
+        seg_ref = rest.pop(0) if has_seg else None
+        y_ref, ht_ref = rest
+        sgi = pl.program_id(2)
+        av = a_ref[...].astype(acc)  # (1,)
+        dv = None
+        if has_d:
+            dv = (d_ref[...] if d.ndim == 1 else d_ref[0, :]).astype(acc)  # (1,) or (bp,)
+        causal = lax.broadcasted_iota(jnp.int32, (q, q), 0) >= lax.broadcasted_iota(
+            jnp.int32, (q, q), 1
+        )
+        s0 = jnp.zeros((bp, npad), acc)
+        if has_final:  # the last segment's start state
+            s0 = fin_ref[...].astype(acc)
+        if has_starts:
+            s0 = jnp.where(sgi < nseg - 1, st_ref[...].astype(acc), s0)
+
+        def body(k, st):
+            rows = pl.ds(k * q, q)
+            dtk = dt_ref[rows].astype(acc)
+            da = dtk * av
+            cum, last = jnp.cumsum(da), jnp.sum(da)
+            xk = x_ref[rows, :]  # (Q, bp)
+            bk = b_ref[rows, :].astype(mm)
+            ck = c_ref[rows, :].astype(mm)
+            vis, od, keep = causal, jnp.exp(cum), None
+            wst = jnp.exp(last - cum) * dtk  # (Q,) weight of each step in the state left
+            if has_seg:
+                sk = seg_ref[k, :]  # (Q,) segment relative to the one carried in (0)
+                last_seg = jnp.max(sk)  # the segments only grow along a chunk
+                vis = vis & (sk[:, None] == sk[None, :])
+                od = jnp.where(sk == 0, od, 0.0)
+                wst = jnp.where(sk == last_seg, wst, 0.0)
+                keep = last_seg == 0
+            cb = _dot(ck, bk, acc, trans_b=True)  # (Q, Q)
+            decay = jnp.exp(jnp.where(vis, cum[:, None] - cum[None, :], -jnp.inf))
+            w = (cb * decay * dtk[None, :]).astype(mm)
+            y = _dot(w, xk.astype(mm), acc)  # (Q, bp)
+            y = y + od[:, None] * _dot(ck, st.astype(mm), acc, trans_b=True)
+            if has_d:
+                y = y + dv[None, :] * xk.astype(acc)
+            y_ref[rows, :] = y.astype(y_ref.dtype)
+            xw = (xk.astype(acc) * wst[:, None]).astype(mm)  # (Q, bp)
+            carried = jnp.exp(last) * st
+            if keep is not None:  # a reset in the chunk drops the carried state
+                carried = jnp.where(keep, carried, 0.0)
+            return carried + _dot(xw, bk, acc, trans_a=True)
+
+        st = lax.fori_loop(_i32(0), _i32(cps), body, s0)
+        last_seg_mask = jnp.broadcast_to(sgi == nseg - 1, (bp, npad))
+        plgpu.store(
+            ht_ref.at[pl.ds(_i32(0), bp), pl.ds(_i32(0), npad)],
+            st.astype(ht_ref.dtype),
+            mask=last_seg_mask,
+        )
+
+    state_blk = pl.BlockSpec((None, None, bp, npad), lambda j, h, s, i: (i, h, j, 0))
+    in_specs = [
+        pl.BlockSpec((None, lseg, None, bp), lambda j, h, s, i: (i, s, h, j)),
+        pl.BlockSpec((None, lseg, None, npad), lambda j, h, s, i: (i, s, h // r, 0)),
+        pl.BlockSpec((None, lseg, None, npad), lambda j, h, s, i: (i, s, h // r, 0)),
+        pl.BlockSpec((None, lseg, None), lambda j, h, s, i: (i, s, h)),
+        pl.BlockSpec((1,), lambda j, h, s, i: (h,)),
+    ]
+    args = [x, b, c, dt, a]
+    if has_starts:  # segment s < S - 1 (clamped for the last, which reads ``final``)
+        in_specs.append(
+            pl.BlockSpec(
+                (None, None, None, bp, npad),
+                lambda j, h, s, i: (i, h, jnp.minimum(s, nseg - 2), j, 0),
+            )
+        )
+        args.append(starts)
+    if has_final:
+        in_specs.append(state_blk)
+        args.append(final)
+    if has_d:
+        if d.ndim == 1:
+            in_specs.append(pl.BlockSpec((1,), lambda j, h, s, i: (h,)))
+        else:
+            in_specs.append(pl.BlockSpec((1, bp), lambda j, h, s, i: (h, j)))
+        args.append(d)
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, cps, q), lambda j, h, s, i: (i, s, 0)))
+        args.append(seg)
+    return backend.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((bsz, lp, heads, pp), x.dtype),
+            jax.ShapeDtypeStruct((bsz, heads, pp, npad), acc),
+        ),
+        grid=(pp // bp, heads, nseg, bsz),
+        in_specs=in_specs,
+        out_specs=(
+            pl.BlockSpec((None, lseg, None, bp), lambda j, h, s, i: (i, s, h, j)),
+            state_blk,
+        ),
+        interpret=cfg.interpret,
+        compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
+        name="jaxcore_ssd_fused_outputs",
+        cost_estimate=_cost_fused_outputs(
+            x, b, c, dt, a, d, seg, cfg, cps, has_starts + has_final, acc
+        ),
+    )(*args)
+
+
 def _dtypes(x) -> tuple[Any, Any]:
     """(state/accumulation dtype, dot operand dtype): bf16/f16 inputs feed the dots as they are."""
     acc = jnp.promote_types(x.dtype, jnp.float32)
     return acc, (x.dtype if jnp.dtype(x.dtype).itemsize < 4 else acc)
 
 
-def _prepare(x, dt, Bg, Cg, D, h0, sidx, q: int):
-    """XLA prologue, only where needed: pad L to a multiple of ``q`` (dt = 0: the state is
-    unchanged) and P, N to powers of two >= 16 (zeros); h0 (or None) flattened to
+def _relative_segments(sidx: Array | None, q: int) -> Array | None:
+    """From the padded segment index (B, Lp) (or None): each step's segment relative to the one
+    carried into its chunk of ``q`` steps, (B, Lp / q, q) int32 (0: the carried segment)."""
+    if sidx is None:
+        return None
+    bsz, lp = sidx.shape
+    sidx = sidx.reshape(bsz, lp // q, q)
+    end = sidx[:, :, -1]  # (B, nc): the segment each chunk ends in
+    prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
+    return (sidx - prev_end[:, :, None]).astype(jnp.int32)
+
+
+def _prepare(x, dt, Bg, Cg, D, h0, sidx, q: int, span: int | None = None):
+    """XLA prologue, only where needed: pad L to a multiple of ``span`` (default ``q``; dt = 0:
+    the state is unchanged) and P, N to powers of two >= 16 (zeros); h0 (or None) flattened to
     (B, H, Pp * Np); from the segment index ``sidx`` (B, L) (or None) each step's segment
     relative to the one carried into its chunk, (B, nc, Q) int32 (0: the carried segment; the
     padded steps join the last one). Without padding x, dt, B, C and D pass through as they are.
+    Returns also the padded segment index (B, Lp) (or None).
     """
     bsz, length, heads, p = x.shape
     n = Bg.shape[-1]
-    lp = -(-length // q) * q
-    nc = lp // q
+    span = q if span is None else span
+    lp = -(-length // span) * span
     pp, npad = _pow2_at_least(p, 16), _pow2_at_least(n, 16)
     x, dt, Bg, Cg = (pad_time(v, lp) for v in (x, dt, Bg, Cg))
     if pp != p:
@@ -440,25 +631,21 @@ def _prepare(x, dt, Bg, Cg, D, h0, sidx, q: int):
         padn = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])  # noqa: E731
         Bg, Cg = padn(Bg), padn(Cg)
         h0 = None if h0 is None else padn(h0)
-    seg = None
     if sidx is not None:
-        sidx = jnp.concatenate(
-            [sidx, jnp.broadcast_to(sidx[:, -1:], (bsz, lp - length))], axis=1
-        ).reshape(bsz, nc, q)
-        end = sidx[:, :, -1]  # (B, nc): the segment each chunk ends in
-        prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
-        seg = (sidx - prev_end[:, :, None]).astype(jnp.int32)
+        sidx = jnp.concatenate([sidx, jnp.broadcast_to(sidx[:, -1:], (bsz, lp - length))], 1)
     h0f = None if h0 is None else h0.reshape(bsz, heads, pp * npad)
-    return x, dt, Bg, Cg, D, h0f, seg
+    return x, dt, Bg, Cg, D, h0f, _relative_segments(sidx, q), sidx
 
 
 def _forward(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
     """The three phases on unpadded inputs (h0: (B, H, P, N) or None for zeros; ``sidx``: (B, L)
     segment index or None); returns (y (B, L, H, P) in x's dtype, final state (B, H, P, N))."""
+    if cfg.kernel == "fused":
+        return _forward_fused(x, dt, A, Bg, Cg, D, h0, sidx, cfg)
     bsz, length, heads, p = x.shape
     n = Bg.shape[-1]
     acc, mm = _dtypes(x)
-    xp, dtp, Bp, Cp, dv, h0f, seg = _prepare(x, dt, Bg, Cg, D, h0, sidx, cfg.q)
+    xp, dtp, Bp, Cp, dv, h0f, seg, _ = _prepare(x, dt, Bg, Cg, D, h0, sidx, cfg.q)
     nc, pp, npad = xp.shape[1] // cfg.q, xp.shape[3], Bp.shape[3]
     states, log_decay = _chunk_states(xp, Bp, dtp, A, seg, cfg, acc, mm)
     starts, h_t = _pass_states(states.reshape(bsz, heads, nc, -1), log_decay, h0f, cfg, acc, mm)
@@ -467,6 +654,42 @@ def _forward(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
     if y.shape[1] != length or pp != p:
         y = y[:, :length, :, :p]
     return y, h_t.reshape(bsz, heads, pp, npad)[:, :, :p, :n]
+
+
+def segment_plan(bsz: int, length: int, heads: int, p: int, cfg: _Cfg) -> tuple[int, int]:
+    """ "fused": (chunks per segment, segments): the fewest segments giving kernel C about
+    ``cfg.programs`` programs (batch x heads x P blocks x segments), at most one per chunk."""
+    nc = -(-length // cfg.q)
+    pp = _pow2_at_least(p, 16)
+    per_segment = bsz * heads * (pp // min(cfg.bp, pp))
+    want = max(1, min(nc, -(-cfg.programs // per_segment)))
+    cps = -(-nc // want)
+    return cps, -(-nc // cps)
+
+
+def _forward_fused(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
+    """SSD_KERNEL="fused" (kernels A, B, C above) on unpadded inputs; as ``_forward``."""
+    bsz, length, heads, p = x.shape
+    n = Bg.shape[-1]
+    acc, mm = _dtypes(x)
+    cps, nseg = segment_plan(bsz, length, heads, p, cfg)
+    lseg = cps * cfg.q
+    xp, dtp, Bp, Cp, dv, h0f, seg, sidx_p = _prepare(x, dt, Bg, Cg, D, h0, sidx, cfg.q, lseg)
+    pp, npad = xp.shape[3], Bp.shape[3]
+    starts, final = None, None if h0f is None else h0f.reshape(bsz, heads, pp, npad)
+    if nseg > 1:  # A: the state each segment but the last leaves from zero; B: pass them on
+        cfg_a = cfg._replace(q=lseg, bm=min(cfg.bm, cfg.q))
+        seg_a = _relative_segments(sidx_p, lseg)
+        states, log_decay = _chunk_states(xp, Bp, dtp, A, seg_a, cfg_a, acc, mm, nseg - 1)
+        starts, final = _pass_states(
+            states.reshape(bsz, heads, nseg - 1, -1), log_decay, h0f, cfg, acc, acc
+        )
+        starts = starts.reshape(bsz, heads, nseg - 1, pp, npad)
+        final = final.reshape(bsz, heads, pp, npad)
+    y, h_t = _fused_outputs(xp, Bp, Cp, dtp, A, starts, final, dv, seg, cfg, cps, acc, mm)
+    if y.shape[1] != length or pp != p:
+        y = y[:, :length, :, :p]
+    return y, h_t[:, :, :p, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -502,10 +725,11 @@ def _ssd_pallas_bwd(cfg, vjp, cts):
 _ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
 
 
-def check_chunk(chunk_size: int | None, length: int) -> int:
-    """The Pallas chunk length: ``chunk_size`` (None: SSD_CONFIG[0]) must be a power of two
-    >= 16; it shrinks to the smallest power of two >= max(L, 16) when L is shorter."""
-    q = SSD_CONFIG[0] if chunk_size is None else chunk_size
+def check_chunk(chunk_size: int | None, length: int, default: int | None = None) -> int:
+    """The Pallas chunk length: ``chunk_size`` (None: ``default``, else SSD_CONFIG[0]) must be
+    a power of two >= 16; it shrinks to the smallest power of two >= max(L, 16) when L is
+    shorter."""
+    q = (SSD_CONFIG[0] if default is None else default) if chunk_size is None else chunk_size
     if not checks.is_tile_size(q):
         raise ValueError(
             f"chunk_size: implementation='pallas' needs a power of two >= 16 or None, got {q!r}"
@@ -531,9 +755,19 @@ def ssd_pallas(x, dt, A, B, C, D, h0, segment_ids=None, *, chunk_size: int | Non
 
 def make_config(chunk_size: int | None, length: int, p: int, n: int, heads: int, groups: int,
                 interpret: bool, xla_impl: str) -> _Cfg:  # fmt: skip
-    """The static configuration of one call, from SSD_CONFIG / SSD_PASS_CONFIG (checked)."""
-    q = check_chunk(chunk_size, length)
+    """The static configuration of one call, from SSD_KERNEL, SSD_CONFIG, SSD_PASS_CONFIG,
+    SSD_HEADS_PER_PROGRAM and (for "fused") SSD_FUSED_CONFIG (checked)."""
+    if SSD_KERNEL not in SSD_KERNELS:
+        raise ValueError(f"SSD_KERNEL: expected one of {SSD_KERNELS}, got {SSD_KERNEL!r}")
+    fq, bp, fwarps, fstages, programs = SSD_FUSED_CONFIG
+    if SSD_KERNEL == "fused" and not (checks.is_tile_size(fq) and checks.is_tile_size(bp)):
+        raise ValueError(
+            f"SSD_FUSED_CONFIG: expected a power-of-two chunk and P block >= 16, got {fq!r}, {bp!r}"
+        )
+    q = check_chunk(chunk_size, length, fq if SSD_KERNEL == "fused" else None)
     bm, warps, stages = SSD_CONFIG[1:]
+    if SSD_KERNEL == "fused":
+        warps, stages = fwarps, fstages
     hb = SSD_HEADS_PER_PROGRAM
     if not isinstance(hb, int) or hb < 1:
         raise ValueError(f"SSD_HEADS_PER_PROGRAM: expected a positive int, got {hb!r}")
@@ -546,4 +780,4 @@ def make_config(chunk_size: int | None, length: int, p: int, n: int, heads: int,
     if not checks.is_tile_size(pblock, 1):
         raise ValueError(f"SSD_PASS_CONFIG: expected a power-of-two block, got {pblock!r}")
     return _Cfg(q, min(bm, q), warps, stages, min(pblock, f), pwarps, prefetch, bool(interpret),
-                xla_impl, hb)  # fmt: skip
+                xla_impl, hb, SSD_KERNEL, bp, max(1, int(programs)))  # fmt: skip

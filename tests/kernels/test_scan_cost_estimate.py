@@ -138,14 +138,26 @@ CASES = {
         4,
     ),
     "ssd": ({}, _ssd(PI), _ssd_args(dtype=jnp.bfloat16), 3),
+    # 16-step chunks, 3 segments of 1 chunk (L=45): segment states, passing, fused outputs
+    "ssd_fused": (
+        {"SSD_KERNEL": "fused", "SSD_FUSED_CONFIG": (16, 16, 4, 2, 24)},
+        _ssd(PI, chunk=16),
+        _ssd_args(dtype=jnp.bfloat16),
+        3,
+    ),
 }
+
+
+def set_knobs(monkeypatch, knobs: dict) -> None:
+    """SSD_* knobs on _ssd_pallas, the others on _pallas."""
+    for k, v in knobs.items():
+        monkeypatch.setattr(_ssd_pallas if k.startswith("SSD_") else _pallas, k, v)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_pallas_call_is_costed(small_chunks, monkeypatch, name):
     knobs, fn, kw, calls = CASES[name]
-    for k, v in knobs.items():
-        monkeypatch.setattr(_pallas, k, v)
+    set_knobs(monkeypatch, knobs)
     w = trace(fn, kw)
     assert w.unknown == ()
     ops = custom(w)
@@ -276,6 +288,7 @@ def test_estimates_match_kernel_bodies(small_chunks, monkeypatch):
     ssd_kw = _ssd_args(dtype=bf16, length=128, p=16, n=16)
     del ssd_kw["segment_ids"]
     seq = {"LINEAR_KERNEL": "sequential", "SELECTIVE_KERNEL": "sequential"}
+    fused = {"SSD_KERNEL": "fused", "SSD_FUSED_CONFIG": (16, 16, 4, 2, 32)}
     cases = [  # (knobs, function, inputs, average while trips, masked-off bytes per kernel)
         ({}, linear, lin_kw, 1, [0, bsz * fold(lin_nc, s, 4)]),
         ({}, sel_grad, kw, 1.5, [0, bsz * 2 * fold(sel_nc, 16 * n, 4) + (sel_nc - 1) * state] * 2),
@@ -285,12 +298,16 @@ def test_estimates_match_kernel_bodies(small_chunks, monkeypatch):
         # with resets and P, N padded to 16 / L = 4 chunks of 32 (nm = 2) and without them
         ({}, _ssd(PI, chunk=32), _ssd_args(dtype=bf16, length=128), 1.5, [0, 0, 0]),
         ({}, _ssd(PI, chunk=64), ssd_kw, 2.5, [0, 0, 0]),
+        # "fused": 4 segments of 2 chunks of 16 (L=128, P = N = 16: one P block); the final
+        # state is stored by the last segment's programs only (B H = 8 (16, 16) f32 blocks
+        # masked off in each of the other 3 segments)
+        (fused, _ssd(PI, chunk=16), ssd_kw, 1, [0, 0, 3 * 8 * 256 * 4]),
+        (fused, _ssd(PI, chunk=16), _ssd_args(dtype=bf16, length=128), 1, [0, 0, 3 * 8 * 256 * 4]),
     ]
     monkeypatch.setattr(_ssd_pallas, "SSD_CONFIG", (64, 16, 4, 2))
     for knobs, fn, args, trips, masked in cases:
         with monkeypatch.context() as m:
-            for k, v in knobs.items():
-                m.setattr(_pallas, k, v)
+            set_knobs(m, knobs)
             eqns = pallas_calls(jax.make_jaxpr(fresh(fn))(args).jaxpr)
         assert len(eqns) == len(masked)
         for e, off in zip(eqns, masked):

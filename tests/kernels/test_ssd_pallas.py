@@ -171,6 +171,99 @@ def test_bad_arguments(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# SSD_KERNEL="fused": segment states, segment passing, then one program per (P block, head,
+# segment, batch) walking its segment's chunks with the state in registers. SSD_FUSED_CONFIG's
+# target program count sets the segments: (chunks per segment, segments) asserted per case.
+
+
+def use_fused(monkeypatch, programs: int, q: int = 16) -> None:
+    monkeypatch.setattr(_ssd_pallas, "SSD_KERNEL", "fused")
+    monkeypatch.setattr(_ssd_pallas, "SSD_FUSED_CONFIG", (q, 16, 4, 2, programs))
+
+
+def plan(length, p, chunk, bsz=2, heads=4):
+    cfg = _ssd_pallas.make_config(chunk, length, p, 5, heads, 1, True, "chunked")
+    return _ssd_pallas.segment_plan(bsz, length, heads, p, cfg)
+
+
+@pytest.mark.parametrize(
+    "length, groups, chunk, p, programs, want, with_state, d_shape",
+    [
+        (64, 2, 16, 3, 8, (4, 1), True, "hp"),  # one segment of 4 chunks
+        (64, 2, 16, 3, 64, (1, 4), True, "hp"),  # a segment per chunk
+        (100, 2, 16, 40, 96, (3, 3), True, "hp"),  # 4 P blocks, 3 x 3 chunks (L padded to 144)
+        (37, None, None, 3, 16, (2, 2), False, "h"),  # default chunk (16 here), ragged, no h0
+        (1, 4, 16, 3, 64, (1, 1), True, None),  # L = 1
+    ],
+)
+def test_fused_matches_reference_f64(
+    x64, monkeypatch, length, groups, chunk, p, programs, want, with_state, d_shape
+):
+    use_fused(monkeypatch, programs)
+    assert plan(length, p, chunk) == want
+    d = make(jnp.float64, length=length, groups=groups, p=p)
+    if not with_state:
+        del d["initial_state"]
+    if d_shape is None:
+        del d["D"]
+    elif d_shape == "h":
+        d["D"] = d["D"][:, 0]
+    y, h = run(d, PI, chunk)
+    y_ref, h_ref = run(d, "reference")
+    assert y.dtype == jnp.float64 and h.dtype == jnp.float64
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
+
+
+@pytest.mark.parametrize("programs, want", [(24, (1, 3)), (16, (2, 2)), (8, (3, 1))])
+def test_fused_segment_ids_match_reference(x64, monkeypatch, programs, want):
+    """Resets inside chunks and segments, at their first steps, and in the padded tail."""
+    use_fused(monkeypatch, programs)
+    assert plan(45, 3, 16) == want
+    d = make(jnp.float64, length=45, groups=2)
+    y, h = run(d, PI, 16, segment_ids=SEG)
+    y_ref, h_ref = run(d, "reference", segment_ids=SEG)
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_low_precision_and_nan_locality(monkeypatch, dtype):
+    use_fused(monkeypatch, 48)
+    assert plan(48, 32, 16) == (1, 3)  # 2 P blocks x 4 heads x 2 batch x 3 segments
+    d = make(dtype, length=48, p=32, n=16)
+    y, h = run(d, PI, 16)
+    d32 = {k: v.astype(jnp.float32) for k, v in d.items()}
+    y_ref, h_ref = run(d32, "reference")
+    assert y.dtype == dtype and h.dtype == jnp.float32
+    assert_close(y, y_ref, dtype=dtype, scale=4)
+    assert_close(h, h_ref, dtype=dtype, scale=4 if dtype == jnp.bfloat16 else 20)
+    # a NaN in x (batch 0, step 20: chunk 1 = segment 1, head 1, column 0) reaches that column
+    # from its chunk on (0 * NaN in the intra-chunk matmul) and the final state's row 0 of
+    # head 1, nothing else: not the other P block (columns 16..31), heads or batch
+    x = d["x"].at[0, 20, 1, 0].set(jnp.nan)
+    y, h = (np.asarray(v) for v in run({**d, "x": x}, PI, 16))
+    assert np.isnan(y[0, 20:, 1, 0]).all() and np.isnan(h[0, 1, 0]).all()
+    nan = np.isnan(y)
+    nan[0, 16:, 1, 0] = False
+    assert not nan.any()
+    nan = np.isnan(h)
+    nan[0, 1, 0] = False
+    assert not nan.any()
+
+
+def test_fused_bad_config(monkeypatch):
+    d = make(jnp.float32, length=8)
+    args = [d[k] for k in ("x", "dt", "A", "B", "C")]
+    monkeypatch.setattr(_ssd_pallas, "SSD_KERNEL", "one_pass")
+    with pytest.raises(ValueError, match="SSD_KERNEL"):
+        ssd(*args, implementation=PI)
+    use_fused(monkeypatch, 8, q=24)
+    with pytest.raises(ValueError, match="SSD_FUSED_CONFIG"):
+        ssd(*args, implementation=PI)
+
+
+# ----------------------------------------------------------------------------------------------
 # the GPU lowering, checked without a GPU: export for CUDA runs the Pallas -> Triton IR lowering
 # (power-of-two shapes, supported primitives, loops), not Triton's compiler
 
@@ -204,6 +297,31 @@ def test_lowers_to_triton_ir(monkeypatch):
         exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
         text = exp(*args).mlir_module()
         assert text.count("xla.gpu.triton") == want
+
+
+@pytest.mark.parametrize("programs, calls", [(512, 3), (8, 1)])
+def test_fused_lowers_to_triton_ir(monkeypatch, programs, calls):
+    """ "fused" at the benchmark's tiles (Q=64, a 64-column P block, f32 state in registers):
+    segment states + passing + fused outputs, or the fused outputs alone (one segment)."""
+    pytest.importorskip("jax._src.lib.triton")
+    from jax import export
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    monkeypatch.setattr(_ssd_pallas, "SSD_KERNEL", "fused")
+    monkeypatch.setattr(_ssd_pallas, "SSD_FUSED_CONFIG", (64, 64, 4, 2, programs))
+    d = make(jnp.bfloat16, length=300, heads=4, p=64, n=64, groups=1)
+    names = ("x", "dt", "A", "B", "C", "D", "initial_state")
+    seg = np.repeat(np.array([[0, 1, 1], [2, 2, 2]]), 100, axis=1)
+
+    def loss(*vals):
+        y, h = run(dict(zip(names, vals)), "pallas", segment_ids=seg)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exp = export.export(jax.jit(loss), platforms=["cuda"], disabled_checks=checks)
+    text = exp(*(d[k] for k in names)).mlir_module()
+    assert text.count("xla.gpu.triton") == calls
+    assert ("jaxcore_ssd_chunk_states" in text) == (calls == 3)
 
 
 def test_shard_map_over_batch_with_gradients():
