@@ -27,7 +27,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from harness import time_blocks
+from harness import kernel_times, time_blocks
 from jaxcore.kernels.scan import _common as _scan_common
 from jaxcore.kernels.scan import (
     _pallas,
@@ -228,6 +228,9 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                     rec["fwdbwd_temp_MiB"] = _temp_mib(g)
                     if knobs == pallas_bwd and not dz:
                         rec["bwd_kernels_s"] = _selective_bwd_kernels_s(d, pallas != "pallas")
+                        # the profiler's per-kernel device seconds ({} off a GPU)
+                        rec["fwd_profile_s"] = kernel_times(f, *args)
+                        rec["fwdbwd_profile_s"] = kernel_times(g, *args)
                 emit(rec)
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
@@ -352,6 +355,8 @@ def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
                 rec["phases_s"] = _ssd_phase_times(args, pallas)
             elif knobs is _FUSED:
                 rec["phases_s"] = _ssd_fused_phase_times(args, pallas)
+            if si < 2:  # the profiler's per-kernel device seconds ({} off a GPU)
+                rec["profile_s"] = kernel_times(f, *args)
             emit(rec)
         except Exception as e:  # report and go on: one failing kernel must not hide the rest
             traceback.print_exc(file=sys.stderr)
