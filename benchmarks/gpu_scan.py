@@ -90,7 +90,7 @@ def _selective_inputs(bsz, length, dim, n):
 
 _KNOBS = ("SELECTIVE_KERNEL", "LINEAR_KERNEL", "SELECTIVE_CONFIG", "SELECTIVE_CHUNKED_CONFIG",
           "LINEAR_CHUNKED_CONFIG", "CHUNKED_CONFIG", "PREFETCH", "SELECTIVE_BACKWARD",
-          "SELECTIVE_BWD_CONFIG")  # fmt: skip
+          "SELECTIVE_BWD_CONFIG", "SELECTIVE_BLOCKED_CONFIG")  # fmt: skip
 
 
 def _set(**overrides) -> dict:
@@ -120,7 +120,7 @@ def _selective_bwd_kernels_s(d: dict, interpret: bool) -> float:
     bd = _pallas._channel_block(dim, _pallas.SELECTIVE_CHUNKED_CONFIG[0])
     tc, nc = _pallas._plan_chunks(bsz * (dim // bd), length, unit=chunk)
     h0 = jnp.zeros((bsz, dim, A.shape[1]), jnp.float32)
-    cfg = (True, "time", "time", chunk, tc, nc, interpret, "pallas")
+    cfg = (True, "time", "time", chunk, tc, nc, interpret, "pallas", "chunked")
     fwd = jax.jit(lambda *a: _pallas._fused_impl(*a, None, None, None, h0, None, cfg, save=True))
     y, _, _, subs = fwd(u, dl, A, B, C)
     gy, gh = jnp.ones_like(y), jnp.ones_like(h0)
@@ -155,6 +155,7 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
     chunked = {"SELECTIVE_KERNEL": "chunked"}
     xla_bwd = {**chunked, "SELECTIVE_BACKWARD": "xla"}
     pallas_bwd = {**chunked, "SELECTIVE_BACKWARD": "pallas"}
+    runs_blocked_bwd = {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BACKWARD": "pallas"}
     for si, (bsz, length, dim, n) in enumerate(shapes):
         d = _selective_inputs(bsz, length, dim, n)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
@@ -165,6 +166,14 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
         runs = [("chunked", {}, False, si == 0)]
         runs += [(pallas, {"SELECTIVE_KERNEL": "sequential"}, False, False)]
         runs += [(pallas, xla_bwd, False, True), (pallas, pallas_bwd, False, True)]
+        # the blocked single-pass kernel (session 6, not yet timed): default tiling with the
+        # Pallas backward, then its neighbours forward only
+        blocked = {"SELECTIVE_KERNEL": "blocked"}
+        runs += [(pallas, {**blocked, "SELECTIVE_BACKWARD": "pallas"}, False, True)]
+        if not quick:
+            runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_CONFIG": c}, False, False)
+                     for c in ((8, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1), (8, 32, 4, 1),
+                               (16, 16, 4, 2), (4, 32, 4, 1))]  # fmt: skip
         sweep = [{"PREFETCH": 1}]
         bwd_sweep = []
         if not quick and si == 0:
@@ -209,7 +218,7 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                     )
                     ref = y if ref is None else ref
                     rec["max_abs_diff_vs_xla"] = err
-                if impl != "chunked" and _pallas.SELECTIVE_KERNEL != "sequential":
+                if impl != "chunked" and _pallas.SELECTIVE_KERNEL == "chunked":
                     bd = _pallas._channel_block(dim, _pallas.SELECTIVE_CHUNKED_CONFIG[0])
                     rec["chunk_steps,chunks"] = _pallas._plan_chunks(
                         bsz * dim // bd, length, chunk or _scan_common.default_chunk(length)
@@ -228,6 +237,7 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                     rec["fwdbwd_temp_MiB"] = _temp_mib(g)
                     if knobs == pallas_bwd and not dz:
                         rec["bwd_kernels_s"] = _selective_bwd_kernels_s(d, pallas != "pallas")
+                    if knobs in (pallas_bwd, runs_blocked_bwd) and not dz:
                         # the profiler's per-kernel device seconds ({} off a GPU)
                         rec["fwd_profile_s"] = kernel_times(f, *args)
                         rec["fwdbwd_profile_s"] = kernel_times(g, *args)

@@ -58,6 +58,19 @@ SELECTIVE_CONFIG: tuple[int, int, int] = (16, 4, 1)  # the config measured on an
 LINEAR_KERNEL: str = "auto"
 SELECTIVE_KERNEL: str = "auto"
 KERNELS: tuple[str, ...] = ("auto", "sequential", "chunked")
+# the selective scan also has "blocked" (see SELECTIVE_BLOCKED_CONFIG)
+SELECTIVE_KERNELS: tuple[str, ...] = (*KERNELS, "blocked")
+
+# "blocked" selective scan (session 6; tested in interpret mode and lowered to Triton IR, not yet
+# timed on a GPU, so not the default): one pass over L per (batch, channel block) program, T
+# steps at a time as (channels, N, T) tiles: coalesced (T, channels) / (T, N) tile loads, all
+# exp(dt A) of the block at once, the recurrence along T as one Triton ``tt.scan``
+# (_tt_scan.linear_recurrence: mamba_ssm's time-parallel block scan), y stored as a (T,
+# channels) tile. Every exp is computed once (the chunked kernel computes them twice: its phase
+# 1 and 3); the grid has only B x D / channels programs. (max channels per program, T (a power
+# of two; with gradients at most the largest power of two dividing the saved-state interval),
+# warps, software-pipeline stages).
+SELECTIVE_BLOCKED_CONFIG: tuple[int, int, int, int] = (16, 16, 4, 1)
 
 # Chunked kernels: (target number of programs in the grid, fewest steps per chunk). Read at trace
 # time; tests lower the second to get several chunks at small L.
@@ -113,9 +126,9 @@ def _i32(v: int) -> Array:
     return np.int32(v)
 
 
-def _check_kernel(kernel: str, name: str) -> str:
-    if kernel not in KERNELS:
-        raise ValueError(f"{name}: expected one of {KERNELS}, got {kernel!r}")
+def _check_kernel(kernel: str, name: str, allowed: tuple[str, ...] = KERNELS) -> str:
+    if kernel not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {kernel!r}")
     return kernel
 
 
@@ -849,9 +862,194 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     return y, h_t, ypre, subs
 
 
+def _blocked_steps(sub: int | None, cap: int) -> int:
+    """Steps T per block of the "blocked" kernel: the largest power of two <= cap (dividing the
+    saved-state interval ``sub`` when the forward saves states)."""
+    t = 1
+    while t * 2 <= cap and (sub is None or sub % (t * 2) == 0):
+        t *= 2
+    return t
+
+
+def _cost_selective_blocked(u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, *, bd, T, nblocks, nsave,
+                            softplus, keep_ypre):  # fmt: skip
+    """ "blocked" selective scan, grid B x D/bd, ``nblocks`` blocks of T steps per program.
+
+    Per block: loads of delta, u, z (T x bd), B, C (T x npad) and keep (T) (rows past L masked
+    but counted); per channel-step delta_bias (1 flop), softplus (1 flop, 2 transcendentals),
+    dt u (1), D u (2), the silu gate (4 flops, 1 exp); per (channel, state, step) element: dt A
+    (1), exp2 (1 transcendental), (dt u) B (1), the recurrence (3: one combine a1 a2, a2 b1 +
+    b2), + prefix * carry (2), * C and the sum over N (2), the carry's masked sum over T (1).
+    Stores y (and y before the gate, acc) per block; per program reads A (scaled by log2(e):
+    1 flop per lane), D, delta_bias, h0, writes the final state and ``nsave`` saved states."""
+    bsz, length, dim = u.shape
+    npad = A.shape[1]
+    iacc = _isz(h0)
+    programs = bsz * (dim // bd)
+    steps = nblocks * T
+    per_ch = 1 + (bias is not None) + (1 if softplus else 0)
+    per_ch += 2 * (Dv is not None) + 4 * (z is not None)
+    trans = steps * (bd * npad + bd * (2 * bool(softplus) + (z is not None)))
+    flops = steps * (10 * bd * npad + bd * per_ch) + bd * npad
+    step_bytes = bd * (_isz(dl) + _isz(u) + _isz(z) + _isz(u) + (iacc if keep_ypre else 0))
+    step_bytes += npad * (_isz(Bg) + _isz(Cg)) + _isz(keep)
+    fixed = bd * npad * (_isz(A) + _isz(h0) + iacc * (1 + nsave)) + bd * (_isz(Dv) + _isz(bias))
+    return _estimate(programs * flops, programs * trans, programs * (fixed + steps * step_bytes))
+
+
+def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus, tc, nc, sub,
+                            save, interpret, save_ypre=True):  # fmt: skip
+    """SELECTIVE_KERNEL="blocked" (see SELECTIVE_BLOCKED_CONFIG): same operands and returns as
+    ``_selective_chunked_call`` (with ``save``, the states entering every ``sub`` steps of the
+    nc * tc steps, those past L equal to the final state)."""
+    from ._tt_scan import linear_recurrence
+
+    bsz, length, dim = u.shape
+    npad = A.shape[1]
+    acc = h0.dtype
+    pg_b, pg_c = dim // Bg.shape[2], dim // Cg.shape[2]
+    cap, tcap, warps, stages = SELECTIVE_BLOCKED_CONFIG
+    bd = _channel_block(min(pg_b, pg_c), cap)
+    T = _blocked_steps(sub if save else None, min(tcap, _pow2_at_least(length)))
+    total = nc * tc if save else length  # with save: blocks up to the last saved interval
+    nblocks = -(-total // T)
+    nsave = nc * tc // sub if save else 0
+    has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
+    keep_ypre = save and has_z and save_ypre
+
+    seq = pl.BlockSpec((None, length, bd), lambda i, j: (i, 0, j))
+    b_spec = pl.BlockSpec((None, length, None, npad), lambda i, j: (i, 0, (j * bd) // pg_b, 0))
+    c_spec = pl.BlockSpec((None, length, None, npad), lambda i, j: (i, 0, (j * bd) // pg_c, 0))
+    vec = pl.BlockSpec((bd,), lambda i, j: (j,))
+    state = pl.BlockSpec((None, bd, npad), lambda i, j: (i, j, 0))
+    extra = [v for v in (Dv, z, bias, keep) if v is not None]
+    extra_specs = [
+        sp
+        for v, sp in (
+            (Dv, vec),
+            (z, seq),
+            (bias, vec),
+            (keep, pl.BlockSpec((None, length), lambda i, j: (i, 0))),
+        )
+        if v is not None
+    ]
+
+    def kernel(u_ref, dl_ref, a_ref, b_ref, c_ref, *refs):
+        refs = list(refs)
+        d_ref = refs.pop(0) if has_d else None
+        z_ref = refs.pop(0) if has_z else None
+        bias_ref = refs.pop(0) if has_bias else None
+        k_ref = refs.pop(0) if has_keep else None
+        h_ref, y_ref, ht_ref, *outs = refs
+        yp_ref = outs.pop(0) if keep_ypre else None
+        st_ref = outs.pop(0) if save else None
+        a = a_ref[...].astype(acc) * _LOG2E  # (bd, Np)
+        dv = d_ref[...].astype(acc) if has_d else None
+        bias_v = bias_ref[...].astype(acc) if has_bias else None
+        tid = lax.broadcasted_iota(jnp.int32, (T,), 0)
+        is_last = lax.broadcasted_iota(jnp.int32, (1, 1, T), 2) == T - 1
+
+        def body(k, h):
+            t0 = (k * T).astype(jnp.int32)  # int32 under x64 too
+            valid = t0 + tid < length  # rows past L: identity steps, stores masked
+            rows = pl.ds(t0, T)
+
+            def load(ref, width, other=0.0):
+                mask = jnp.broadcast_to(valid[:, None], (T, width))
+                return plgpu.load(ref.at[rows, pl.ds(_i32(0), width)], mask=mask, other=other)
+
+            dt = load(dl_ref, bd).astype(acc)  # (T, bd)
+            if has_bias:
+                dt = dt + bias_v[None, :]
+            if softplus:
+                dt = _softplus_mamba(dt)
+            dt = jnp.where(valid[:, None], dt, 0.0).T  # (bd, T)
+            uu = load(u_ref, bd).astype(acc).T
+            bt = load(b_ref, npad).astype(acc).T  # (Np, T)
+            ct = load(c_ref, npad).astype(acc).T
+            da = jnp.exp2(dt[:, None, :] * a[:, :, None])  # (bd, Np, T)
+            if has_keep:
+                kt = plgpu.load(k_ref.at[rows], mask=valid, other=1.0).astype(acc)
+                da = jnp.where(kt[None, None, :] > 0, da, 0.0)
+            dbu = (dt * uu)[:, None, :] * bt[None, :, :]
+            prefix, hs = linear_recurrence(da, dbu, axis=2)
+            hs = hs + prefix * h[:, :, None]  # the states after each step of the block
+            y = jnp.sum(hs * ct[None, :, :], axis=1)  # (bd, T)
+            if has_d:
+                y = y + dv[:, None] * uu
+            store_mask = jnp.broadcast_to(valid[:, None], (T, bd))
+            out_rows = (rows, pl.ds(_i32(0), bd))
+            if yp_ref is not None:
+                plgpu.store(yp_ref.at[out_rows], y.T.astype(yp_ref.dtype), mask=store_mask)
+            if has_z:
+                zz = load(z_ref, bd).astype(acc).T
+                y = y * (zz / (1.0 + jnp.exp(-zz)))
+            plgpu.store(y_ref.at[out_rows], y.T.astype(y_ref.dtype), mask=store_mask)
+            if st_ref is not None:  # the state entering this block, at each saved interval
+                at = (t0 // sub, pl.ds(_i32(0), bd), pl.ds(_i32(0), npad))
+                on = jnp.broadcast_to(t0 % sub == 0, (bd, npad))
+                plgpu.store(st_ref.at[at], h.astype(st_ref.dtype), mask=on)
+            return jnp.sum(jnp.where(is_last, hs, 0.0), axis=2)
+
+        h = lax.fori_loop(_i32(0), _i32(nblocks), body, h_ref[...].astype(acc))
+        ht_ref[...] = h.astype(ht_ref.dtype)
+
+    out_shape = [
+        jax.ShapeDtypeStruct((bsz, length, dim), u.dtype),
+        jax.ShapeDtypeStruct((bsz, dim, npad), acc),
+    ]
+    out_specs = [seq, state]
+    if keep_ypre:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, length, dim), acc))
+        out_specs.append(seq)
+    if save:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, nsave, dim, npad), acc))
+        out_specs.append(pl.BlockSpec((None, nsave, bd, npad), lambda i, j: (i, 0, j, 0)))
+    outs = backend.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(bsz, dim // bd),
+        in_specs=[
+            seq,
+            seq,
+            pl.BlockSpec((bd, npad), lambda i, j: (j, 0)),
+            b_spec,
+            c_spec,
+            *extra_specs,
+            state,
+        ],  # fmt: skip
+        out_specs=tuple(out_specs),
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret, warps, stages),
+        name="jaxcore_selective_scan_blocked",
+        cost_estimate=_cost_selective_blocked(
+            u,
+            dl,
+            A,
+            Bg,
+            Cg,
+            Dv,
+            z,
+            bias,
+            keep,
+            h0,
+            bd=bd,
+            T=T,
+            nblocks=nblocks,
+            nsave=nsave,
+            softplus=softplus,
+            keep_ypre=keep_ypre,
+        ),  # fmt: skip
+    )(u, dl, A, Bg, Cg, *extra, h0)
+    y, h_t, *rest = outs
+    ypre = rest.pop(0) if keep_ypre else None
+    subs = rest.pop(0) if save else None
+    return y, h_t, ypre, subs
+
+
 def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
     """The forward on N padded to a power of two; the saved states stay padded."""
-    softplus, lb, lc, chunk, tc, nc, interpret, _ = cfg
+    softplus, lb, lc, chunk, tc, nc, interpret = cfg[:7]
     n = A.shape[1]
     npad = _pow2_at_least(n)
     g = lambda v: v[:, :, None] if v.ndim == 3 else v  # time-varying == one group
@@ -859,7 +1057,8 @@ def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
     if npad != n:
         pad = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])
         A, Bg, Cg, h0 = pad(A), pad(Bg), pad(Cg), pad(h0)
-    y, h_t, ypre, subs = _selective_chunked_call(
+    call = _selective_blocked_call if cfg[8] == "blocked" else _selective_chunked_call
+    y, h_t, ypre, subs = call(
         u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, softplus=softplus, tc=tc, nc=nc, sub=chunk,
         save=save, interpret=interpret, save_ypre=cfg[7] == "xla",  # the Pallas bwd recomputes it
     )  # fmt: skip
@@ -893,7 +1092,7 @@ def _selective_fused_bwd_pallas(cfg, res, cts):
     """The Pallas backward kernels (_pallas_bwd.py), then XLA sums of their partials."""
     from ._pallas_bwd import selective_bwd_call
 
-    softplus, lb, lc, chunk, tc, nc, interpret, _ = cfg
+    softplus, lb, lc, chunk, tc, nc, interpret = cfg[:7]
     u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs = res
     gy, gh = cts
     acc = subs.dtype
@@ -936,7 +1135,7 @@ def _selective_fused_bwd_xla(cfg, res, cts):
     plus the fused prologue (delta_bias, softplus) and epilogue (D, silu(z))."""
     from ._selective import _chunked_backward, _from_chunks, _to_chunks
 
-    softplus, lb, lc, chunk, _, _, _, _ = cfg
+    softplus, lb, lc, chunk = cfg[:4]
     u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs = res
     subs = subs[..., : A.shape[1]]
     gy, gh = cts
@@ -1013,5 +1212,6 @@ def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, ke
     backward = _check_backward(SELECTIVE_BACKWARD)
     if backward == "auto":
         backward = "xla" if interpret else "pallas"  # see SELECTIVE_BACKWARD
-    cfg = (bool(softplus), lb, lc, chunk, tc, nc, bool(interpret), backward)
+    kernel = _check_kernel(SELECTIVE_KERNEL, "SELECTIVE_KERNEL", SELECTIVE_KERNELS)
+    cfg = (bool(softplus), lb, lc, chunk, tc, nc, bool(interpret), backward, kernel)
     return _selective_fused(u, delta, A, Bm, Cm, cast(D), z, cast(delta_bias), h0, keep, cfg)

@@ -372,7 +372,10 @@ def selective_scan(
             from . import _pallas
 
             interpret = impl == "pallas_interpret"
-            if _pallas._check_kernel(_pallas.SELECTIVE_KERNEL, "SELECTIVE_KERNEL") != "sequential":
+            kernel = _pallas._check_kernel(
+                _pallas.SELECTIVE_KERNEL, "SELECTIVE_KERNEL", _pallas.SELECTIVE_KERNELS
+            )
+            if kernel != "sequential":
                 # chunked kernel: delta_bias/softplus, D and silu(z) fused, y in u's dtype
                 fl = lambda v: v if jnp.issubdtype(v.dtype, jnp.floating) else v.astype(acc)
                 zz = None if z is None else fl(jnp.asarray(z))

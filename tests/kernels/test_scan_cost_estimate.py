@@ -125,6 +125,18 @@ CASES = {
         1,
     ),
     "selective_chunked": ({}, _selective(PI), _selective_args(dtype=jnp.bfloat16), 2),
+    "selective_blocked": (
+        {"SELECTIVE_KERNEL": "blocked"},
+        _selective(PI),
+        _selective_args(dtype=jnp.bfloat16),
+        1,
+    ),
+    "selective_blocked_fwd_bwd": (
+        {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BACKWARD": "pallas"},
+        _selective(PI, grad=True),
+        _selective_args(),
+        3,
+    ),
     "selective_sequential": (
         {"SELECTIVE_KERNEL": "sequential"},
         _selective(PI),
@@ -232,6 +244,8 @@ def body_cost(jaxpr, trips: float) -> np.ndarray:
             total[0] += size(out)
         elif name in ("reduce_sum", "cumsum") and real:
             total[0] += size(e.invars[0])
+        elif name == "jaxcore_linear_recurrence":  # one combine per element: a1 a2, a2 b1 + b2
+            total[0] += 3 * size(out)
         elif name == "dot_general":
             (contract, _), _ = e.params["dimension_numbers"]
             k = math.prod(e.invars[0].aval.shape[i] for i in contract)
@@ -289,11 +303,16 @@ def test_estimates_match_kernel_bodies(small_chunks, monkeypatch):
     del ssd_kw["segment_ids"]
     seq = {"LINEAR_KERNEL": "sequential", "SELECTIVE_KERNEL": "sequential"}
     fused = {"SSD_KERNEL": "fused", "SSD_FUSED_CONFIG": (16, 16, 4, 2, 32)}
+    blocked = {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BLOCKED_CONFIG": (16, 16, 4, 1)}
     cases = [  # (knobs, function, inputs, average while trips, masked-off bytes per kernel)
         ({}, linear, lin_kw, 1, [0, bsz * fold(lin_nc, s, 4)]),
         ({}, sel_grad, kw, 1.5, [0, bsz * 2 * fold(sel_nc, 16 * n, 4) + (sel_nc - 1) * state] * 2),
         (seq, linear, lin_kw, 1, [0]),  # the one-pass kernels (selective: XLA backward)
         (seq, sel_grad, kw, 1, [0]),
+        # blocked: 16 channels x 8 steps per block = the saved interval (every block stores
+        # the state entering it), then 16-step blocks without saving (forward only)
+        ({**blocked, "SELECTIVE_BACKWARD": "xla"}, sel_grad, kw, 1, [0]),
+        (blocked, lambda kw: _selective(PI)(kw), kw, 1, [0]),
         # ssd, 16-row blocks: column blocks k <= m, on average (nm + 1) / 2 per row block m;
         # with resets and P, N padded to 16 / L = 4 chunks of 32 (nm = 2) and without them
         ({}, _ssd(PI, chunk=32), _ssd_args(dtype=bf16, length=128), 1.5, [0, 0, 0]),
