@@ -172,8 +172,8 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
         runs += [(pallas, {**blocked, "SELECTIVE_BACKWARD": "pallas"}, False, True)]
         if not quick:
             runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_CONFIG": c}, False, False)
-                     for c in ((8, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1), (8, 32, 4, 1),
-                               (16, 16, 4, 2), (4, 32, 4, 1))]  # fmt: skip
+                     for c in ((16, 16, 4, 1), (4, 32, 4, 2), (16, 16, 4, 3), (8, 32, 8, 2),
+                               (32, 16, 8, 2), (4, 16, 2, 1))]  # fmt: skip
         sweep = [{"PREFETCH": 1}]
         bwd_sweep = []
         if not quick and si == 0:

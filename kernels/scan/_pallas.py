@@ -69,8 +69,9 @@ SELECTIVE_KERNELS: tuple[str, ...] = (*KERNELS, "blocked")
 # channels) tile. Every exp is computed once (the chunked kernel computes them twice: its phase
 # 1 and 3); the grid has only B x D / channels programs. (max channels per program, T (a power
 # of two; with gradients at most the largest power of two dividing the saved-state interval),
-# warps, software-pipeline stages).
-SELECTIVE_BLOCKED_CONFIG: tuple[int, int, int, int] = (16, 16, 4, 1)
+# warps, software-pipeline stages: 2 lets Triton load the next block while this one computes).
+# B=2, D=1024 gives 256 programs of 8 channels.
+SELECTIVE_BLOCKED_CONFIG: tuple[int, int, int, int] = (8, 16, 4, 2)
 
 # Chunked kernels: (target number of programs in the grid, fewest steps per chunk). Read at trace
 # time; tests lower the second to get several chunks at small L.
