@@ -835,28 +835,43 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             hT_ref.at[pl.ds(_i32(0), bd), pl.ds(_i32(0), npad)], x.astype(hT_ref.dtype), mask=last
         )
 
-    out_shape = [
-        jax.ShapeDtypeStruct((bsz, length, dim), u.dtype),
-        jax.ShapeDtypeStruct((bsz, dim, npad), acc),
-    ]
-    out_specs = [seq, state]
-    if keep_ypre:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, length, dim), acc))
-        out_specs.append(seq)
+    saved = None
     if save:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, nc * nsub, dim, npad), acc))
-        out_specs.append(pl.BlockSpec((None, nsub, bd, npad), lambda i, j, c: (i, c, j, 0)))
+        saved = nc * nsub, pl.BlockSpec((None, nsub, bd, npad), lambda i, j, c: (i, c, j, 0))
+    out_shape, out_specs = _forward_outputs(u, npad, acc, seq, state, keep_ypre, saved)
     outs = backend.pallas_call(
         rerun,
-        out_shape=tuple(out_shape),
+        out_shape=out_shape,
         grid=(bsz, dim // bd, nc),
         in_specs=in_specs + [state] + ([all_chunks] * 2 if nc > 1 else []),
-        out_specs=tuple(out_specs),
+        out_specs=out_specs,
         interpret=interpret,
         compiler_params=params,
         name="jaxcore_selective_scan_chunked",
         cost_estimate=cost(3),
     )(*in_args, h0, *((ends, decays) if nc > 1 else ()))
+    return _split_outputs(outs, keep_ypre, save)
+
+
+def _forward_outputs(u, npad: int, acc, seq, state, keep_ypre: bool, saved):
+    """(out_shape, out_specs) of the selective forward kernels: y (B, L, D) in u's dtype, the
+    final state (B, D, Np), y before the gate (acc; with ``keep_ypre``) and the saved states
+    (``saved``: (count, BlockSpec) of (B, count, D, Np) in acc, or None)."""
+    bsz, length, dim = u.shape
+    shapes = [jax.ShapeDtypeStruct((bsz, length, dim), u.dtype),
+              jax.ShapeDtypeStruct((bsz, dim, npad), acc)]  # fmt: skip
+    specs = [seq, state]
+    if keep_ypre:
+        shapes.append(jax.ShapeDtypeStruct((bsz, length, dim), acc))
+        specs.append(seq)
+    if saved is not None:
+        shapes.append(jax.ShapeDtypeStruct((bsz, saved[0], dim, npad), acc))
+        specs.append(saved[1])
+    return tuple(shapes), tuple(specs)
+
+
+def _split_outputs(outs, keep_ypre: bool, save: bool):
+    """(y, final state, y before the gate or None, saved states or None)."""
     y, h_t, *rest = outs
     ypre = rest.pop(0) if keep_ypre else None
     subs = rest.pop(0) if save else None
@@ -995,20 +1010,13 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         h = lax.fori_loop(_i32(0), _i32(nblocks), body, h_ref[...].astype(acc))
         ht_ref[...] = h.astype(ht_ref.dtype)
 
-    out_shape = [
-        jax.ShapeDtypeStruct((bsz, length, dim), u.dtype),
-        jax.ShapeDtypeStruct((bsz, dim, npad), acc),
-    ]
-    out_specs = [seq, state]
-    if keep_ypre:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, length, dim), acc))
-        out_specs.append(seq)
-    if save:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, nsave, dim, npad), acc))
-        out_specs.append(pl.BlockSpec((None, nsave, bd, npad), lambda i, j: (i, 0, j, 0)))
+    saved = (nsave, pl.BlockSpec((None, nsave, bd, npad), lambda i, j: (i, 0, j, 0)))
+    out_shape, out_specs = _forward_outputs(
+        u, npad, acc, seq, state, keep_ypre, saved if save else None
+    )
     outs = backend.pallas_call(
         kernel,
-        out_shape=tuple(out_shape),
+        out_shape=out_shape,
         grid=(bsz, dim // bd),
         in_specs=[
             seq,
@@ -1018,8 +1026,8 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             c_spec,
             *extra_specs,
             state,
-        ],  # fmt: skip
-        out_specs=tuple(out_specs),
+        ],
+        out_specs=out_specs,
         interpret=interpret,
         compiler_params=_compiler_params(interpret, warps, stages),
         name="jaxcore_selective_scan_blocked",
@@ -1042,10 +1050,7 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             keep_ypre=keep_ypre,
         ),  # fmt: skip
     )(u, dl, A, Bg, Cg, *extra, h0)
-    y, h_t, *rest = outs
-    ypre = rest.pop(0) if keep_ypre else None
-    subs = rest.pop(0) if save else None
-    return y, h_t, ypre, subs
+    return _split_outputs(outs, keep_ypre, save)
 
 
 def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):

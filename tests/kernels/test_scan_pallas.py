@@ -1,10 +1,14 @@
-"""Pallas scan kernels in interpret mode: chunked (three-phase) and sequential vs the references.
+"""Pallas scan kernels in interpret mode: chunked (three-phase), sequential and (selective scan)
+blocked vs the references.
 
 CHUNKED_CONFIG is lowered so that tiny shapes still run several chunks (asserted), with L not a
-multiple of the chunk and channel counts that leave a ragged (masked) block.
+multiple of the chunk and channel counts that leave a ragged (masked) block;
+SELECTIVE_BLOCKED_CONFIG to 8 channels and 8 steps per block, so that they run several channel
+blocks and time blocks, the last one ragged.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +45,18 @@ def small_chunks(monkeypatch):
 
 
 def use_kernel(monkeypatch, kernel):
-    monkeypatch.setattr(_pallas, "LINEAR_KERNEL", kernel)
+    if kernel == "blocked":  # selective scan only
+        monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_CONFIG", (8, 8, 4, 1))
+    else:
+        monkeypatch.setattr(_pallas, "LINEAR_KERNEL", kernel)
     monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", kernel)
+
+
+KERNEL_NAMES = {
+    "chunked": "jaxcore_selective_scan_chunked",
+    "sequential": "jaxcore_selective_scan",
+    "blocked": "jaxcore_selective_scan_blocked",
+}
 
 
 def test_plan_chunks(small_chunks, monkeypatch):
@@ -111,7 +125,7 @@ def test_linear_gradients_and_ragged_channel_blocks(small_chunks):
 # selective_scan
 
 
-def selective_inputs(lb, lc, dtype, seed=0, bsz=2, length=37, dim=8, n=3, groups=2):
+def selective_inputs(lb, lc, dtype, seed=0, bsz=2, length=37, dim=16, n=3, groups=2):
     k = jax.random.split(jax.random.key(seed), 10)
     r = lambda i, s: jax.random.normal(k[i], s)
     shape = {"time": (bsz, length, n), "group": (bsz, length, groups, n)}
@@ -146,12 +160,19 @@ def run(d, impl, **kw):
         ("chunked", "time", "group", jnp.float32),
         ("chunked", "group", "time", jnp.bfloat16),
         ("sequential", "group", "time", jnp.bfloat16),
+        ("blocked", "time", "group", jnp.float32),
+        ("blocked", "group", "time", jnp.bfloat16),
     ],
 )
 def test_selective_matches_reference(small_chunks, monkeypatch, kernel, lb, lc, dtype):
     use_kernel(monkeypatch, kernel)
     d = selective_inputs(lb, lc, dtype)
     y, h = run(d, PI)
+    names = set(re.findall(r"name=(jaxcore_\w+)", str(jax.make_jaxpr(lambda d: run(d, PI))(d))))
+    want = {KERNEL_NAMES[kernel]}
+    if kernel == "chunked":  # phase 1 (L = 37: several chunks)
+        want.add("jaxcore_selective_scan_chunk_ends")
+    assert names == want
     y_ref, h_ref = run(as_f32(d), "reference")
     assert y.dtype == dtype and h.dtype == jnp.float32
     scale = 10 if dtype == jnp.bfloat16 else 20
@@ -159,9 +180,11 @@ def test_selective_matches_reference(small_chunks, monkeypatch, kernel, lb, lc, 
     assert_close(h, h_ref, scale=scale)
 
 
-def test_selective_minimal_arguments_pow2_state_and_nan(small_chunks):
+@pytest.mark.parametrize("kernel", ["chunked", "blocked"])
+def test_selective_minimal_arguments_pow2_state_and_nan(small_chunks, monkeypatch, kernel):
     """No D/z/bias/softplus/state (those branches compiled out), N = 4; a NaN input stays in its
     channel, from its step on, exactly where the reference has it."""
+    use_kernel(monkeypatch, kernel)
     d = selective_inputs("time", "time", jnp.float32, length=13, n=4)
     args = [d[k] for k in ("u", "delta", "A", "B", "C")]
     seg = d["segment_ids"]
@@ -180,8 +203,17 @@ def test_selective_minimal_arguments_pow2_state_and_nan(small_chunks):
     np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
 
 
-def test_selective_gradients(small_chunks):
-    d = selective_inputs("group", "time", jnp.float32, seed=1, length=16)  # 4 chunks of 4 steps
+@pytest.mark.parametrize(
+    "kernel, backward, length",
+    [("chunked", "auto", 16), ("blocked", "pallas", 18), ("blocked", "xla", 18)],
+)
+def test_selective_gradients(small_chunks, monkeypatch, kernel, backward, length):
+    """chunked: 4 chunks of 4 steps ("auto" in interpret mode: the XLA backward; the Pallas one:
+    test_scan_pallas_bwd.py); blocked: 4-step blocks (chunk_size = 4 forces them), the states
+    saved for either backward, the last saved interval running past L."""
+    use_kernel(monkeypatch, kernel)
+    monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", backward)
+    d = selective_inputs("group", "time", jnp.float32, seed=1, length=length)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
     seg = d.pop("segment_ids")
 
@@ -212,7 +244,7 @@ def test_selective_jit_vmap(small_chunks):
 def test_bad_kernel_name(monkeypatch):
     d = selective_inputs("time", "time", jnp.float32, length=4)
     monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", "fast")
-    with pytest.raises(ValueError, match="SELECTIVE_KERNEL: expected one of"):
+    with pytest.raises(ValueError, match="SELECTIVE_KERNEL: expected one of.*blocked"):
         run(d, PI)
     monkeypatch.setattr(_pallas, "LINEAR_KERNEL", "fast")
     with pytest.raises(ValueError, match="LINEAR_KERNEL: expected one of"):
@@ -235,7 +267,11 @@ def _lower_for_cuda(f, *args) -> str:
 
 @pytest.mark.parametrize(
     "kernel,knobs",
-    [("chunked", {"PREFETCH": 3, "SELECTIVE_CHUNKED_CONFIG": (32, 1, 1)}), ("sequential", {})],
+    [
+        ("chunked", {"PREFETCH": 3, "SELECTIVE_CHUNKED_CONFIG": (32, 1, 1)}),
+        ("sequential", {}),
+        ("blocked", {"SELECTIVE_BLOCKED_CONFIG": (16, 16, 4, 2)}),  # uses tt.scan (_tt_scan.py)
+    ],
 )
 def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
     pytest.importorskip("jax._src.lib.triton")
@@ -256,12 +292,16 @@ def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
 
     text = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), *(d[k] for k in names))
     # chunked: two forward kernels and (compiled, SELECTIVE_BACKWARD="auto") the two Pallas
-    # backward kernels; sequential: one kernel, the XLA backward
-    assert text.count("xla.gpu.triton") == (4 if kernel == "chunked" else 1)
+    # backward kernels; blocked: one forward kernel and those two; sequential: one kernel, the
+    # XLA backward
+    forward = {"chunked": 2, "blocked": 1, "sequential": 1}[kernel]
+    assert text.count("xla.gpu.triton") == forward + 2 * (kernel != "sequential")
+    assert KERNEL_NAMES[kernel] in text
     monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", "xla")
     text = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), *(d[k] for k in names))
-    assert text.count("xla.gpu.triton") == (2 if kernel == "chunked" else 1)
+    assert text.count("xla.gpu.triton") == forward
     a = jnp.full((2, 37, 200), 0.9, jnp.bfloat16)
     lin = lambda a, b: jnp.sum(linear_scan(a, b, implementation="pallas").astype(jnp.float32))
     text = _lower_for_cuda(jax.grad(lin, (0, 1)), a, a)
-    assert text.count("xla.gpu.triton") == (4 if kernel == "chunked" else 2)  # fwd + adjoint
+    # fwd + adjoint (the linear scan has no blocked kernel: "auto" = chunked)
+    assert text.count("xla.gpu.triton") == (2 if kernel == "sequential" else 4)

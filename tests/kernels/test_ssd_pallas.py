@@ -41,6 +41,18 @@ def make(dtype, bsz=2, length=37, heads=4, p=3, n=5, groups=2, seed=0):
     )
 
 
+def drop_optional(d, with_state: bool, d_shape: str | None) -> dict:
+    """Without the initial state unless ``with_state``; D (H, P) ("hp"), (H,) ("h") or none."""
+    d = dict(d)
+    if not with_state:
+        del d["initial_state"]
+    if d_shape is None:
+        del d["D"]
+    elif d_shape == "h":
+        d["D"] = d["D"][:, 0]
+    return d
+
+
 def run(d, impl, chunk_size=None, **kw):
     """jit of ssd with the final state; a fresh trace per call (the knobs are read at trace)."""
     d = dict(d)
@@ -60,13 +72,7 @@ def run(d, impl, chunk_size=None, **kw):
     ],
 )
 def test_matches_reference_f64(x64, length, groups, chunk, with_state, d_shape):
-    d = make(jnp.float64, length=length, groups=groups)
-    if not with_state:
-        del d["initial_state"]
-    if d_shape is None:
-        del d["D"]
-    elif d_shape == "h":
-        d["D"] = d["D"][:, 0]
+    d = drop_optional(make(jnp.float64, length=length, groups=groups), with_state, d_shape)
     y, h = run(d, PI, chunk)
     y_ref, h_ref = run(d, "reference")
     assert y.dtype == jnp.float64 and h.dtype == jnp.float64
@@ -76,8 +82,11 @@ def test_matches_reference_f64(x64, length, groups, chunk, with_state, d_shape):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matches_reference_low_precision(dtype):
+    check_low_precision(make(dtype, length=45, p=16, n=16), dtype)
+
+
+def check_low_precision(d, dtype):
     """bf16/f32 inputs, f32 state; the reference runs on the same inputs upcast to f32."""
-    d = make(dtype, length=45, p=16, n=16)
     y, h = run(d, PI, 16)
     d32 = {k: v.astype(jnp.float32) for k, v in d.items()}
     y_ref, h_ref = run(d32, "reference")
@@ -201,13 +210,7 @@ def test_fused_matches_reference_f64(
 ):
     use_fused(monkeypatch, programs)
     assert plan(length, p, chunk) == want
-    d = make(jnp.float64, length=length, groups=groups, p=p)
-    if not with_state:
-        del d["initial_state"]
-    if d_shape is None:
-        del d["D"]
-    elif d_shape == "h":
-        d["D"] = d["D"][:, 0]
+    d = drop_optional(make(jnp.float64, length=length, groups=groups, p=p), with_state, d_shape)
     y, h = run(d, PI, chunk)
     y_ref, h_ref = run(d, "reference")
     assert y.dtype == jnp.float64 and h.dtype == jnp.float64
@@ -232,12 +235,7 @@ def test_fused_low_precision_and_nan_locality(monkeypatch, dtype):
     use_fused(monkeypatch, 48)
     assert plan(48, 32, 16) == (1, 3)  # 2 P blocks x 4 heads x 2 batch x 3 segments
     d = make(dtype, length=48, p=32, n=16)
-    y, h = run(d, PI, 16)
-    d32 = {k: v.astype(jnp.float32) for k, v in d.items()}
-    y_ref, h_ref = run(d32, "reference")
-    assert y.dtype == dtype and h.dtype == jnp.float32
-    assert_close(y, y_ref, dtype=dtype, scale=4)
-    assert_close(h, h_ref, dtype=dtype, scale=4 if dtype == jnp.bfloat16 else 20)
+    check_low_precision(d, dtype)
     # a NaN in x (batch 0, step 20: chunk 1 = segment 1, head 1, column 0) reaches that column
     # from its chunk on (0 * NaN in the intra-chunk matmul) and the final state's row 0 of
     # head 1, nothing else: not the other P block (columns 16..31), heads or batch
