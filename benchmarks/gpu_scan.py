@@ -1,14 +1,20 @@
 """GPU throughput of selective_scan and ssd (bf16 inputs, f32 state) vs the device's copy bandwidth.
 
 Throughput = (bytes of inputs read + outputs written) / forward time, as a fraction of a device copy
-(``x + 1`` on a large bf16 array: bytes read + written / time) measured in the same run. Times the
-old "sequential" Pallas kernel, the chunked three-phase one (a few tilings and grid sizes) and the
-XLA "chunked" path in the same run, checks each against XLA on the device (max_abs_diff_vs_xla),
-and times forward+backward with the Pallas backward kernels and with the XLA chunked backward
-(SELECTIVE_BACKWARD, the gradients compared on the device first, a few backward tilings);
-also linear_scan (bf16 a, b, h). ssd: the Pallas kernels (``implementation="pallas"``, a few
-tilings, each checked against the sequential f32 reference first; the default's three phases
-also timed apart) and the XLA default at three chunk sizes.
+(``x + 1`` on a large bf16 array: bytes read + written / time) measured in the same run.
+
+selective_scan: the chunked three-phase Pallas kernel (the default; a few tilings and grid
+sizes), the single-pass "blocked" one (session 6: tt.scan over blocks of T steps; several
+tilings), the old "sequential" one and the XLA "chunked" path, in one run, each checked against
+XLA on the device (max_abs_diff_vs_xla); forward+backward with the Pallas backward kernels and
+with the XLA chunked backward (SELECTIVE_BACKWARD; the gradients compared on the device first;
+a few backward tilings). Also linear_scan (bf16 a, b, h).
+
+ssd: the Pallas kernels (``implementation="pallas"``: the three-phase default and the "fused"
+design of session 6, a few tilings each, each checked against the sequential f32 reference
+first; the kernels of both designs also timed apart, and, on a GPU, per kernel from a profiler
+trace) and the XLA default at three chunk sizes.
+
 One JSON object per line. ``--quick`` runs tiny shapes (on CPU: the Pallas kernel in interpret
 mode) so the script itself can be checked anywhere.
 
@@ -160,20 +166,23 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
         d = _selective_inputs(bsz, length, dim, n)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
         ref = None
-        ref_grad = {}  # with D, z or not -> the XLA backward's gradient
+        # with D, z or not -> the reference gradient: the XLA "chunked" implementation's (first
+        # shape) or the Pallas forward's with the XLA backward, whichever runs first
+        ref_grad = {}
         # (impl, knob overrides, with D and z, time forward+backward too); XLA "chunked"
-        # forward+backward and the old sequential kernel's only on the first shape
-        runs = [("chunked", {}, False, si == 0)]
-        runs += [(pallas, {"SELECTIVE_KERNEL": "sequential"}, False, False)]
-        runs += [(pallas, xla_bwd, False, True), (pallas, pallas_bwd, False, True)]
-        # the blocked single-pass kernel (session 6, not yet timed): default tiling with the
-        # Pallas backward, then its neighbours forward only
+        # forward+backward and the old sequential kernel's only on the first shape. The
+        # default chunked kernel, then the blocked single-pass kernel (session 6, not yet timed:
+        # default tiling with the Pallas backward, then its neighbours forward only) come
+        # first, so that a run cut by gpu_check's limit keeps them.
         blocked = {"SELECTIVE_KERNEL": "blocked"}
-        runs += [(pallas, {**blocked, "SELECTIVE_BACKWARD": "pallas"}, False, True)]
+        runs = [("chunked", {}, False, si == 0), (pallas, pallas_bwd, False, True)]
+        runs += [(pallas, runs_blocked_bwd, False, True)]
         if not quick:
             runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_CONFIG": c}, False, False)
                      for c in ((16, 16, 4, 1), (4, 32, 4, 2), (16, 16, 4, 3), (8, 32, 8, 2),
                                (32, 16, 8, 2), (4, 16, 2, 1))]  # fmt: skip
+        runs += [(pallas, {"SELECTIVE_KERNEL": "sequential"}, False, False)]
+        runs += [(pallas, xla_bwd, False, True)]
         sweep = [{"PREFETCH": 1}]
         bwd_sweep = []
         if not quick and si == 0:
@@ -229,7 +238,8 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
                     loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
                     g = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4))).lower(*args, *extra).compile()
                     grad = g(*args, *extra)
-                    if knobs.get("SELECTIVE_BACKWARD") == "xla":
+                    xla = impl == "chunked" or knobs.get("SELECTIVE_BACKWARD") == "xla"
+                    if xla and dz not in ref_grad:
                         ref_grad[dz] = grad
                     elif impl != "chunked" and dz in ref_grad:
                         rec["grad_max_abs_diff_vs_xla_bwd"] = _grad_diff(grad, ref_grad[dz])
