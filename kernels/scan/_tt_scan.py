@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from jax import lax
 from jax.interpreters import mlir
 
@@ -55,7 +54,9 @@ mlir.register_lowering(linear_recurrence_p, mlir.lower_fun(_scan, multiple_resul
 
 def linear_recurrence(a: Array, b: Array, axis: int = -1) -> tuple[Array, Array]:
     """(prod_{s<=t} a_s, h_t) along ``axis``: h_t = a_t h_{t-1} + b_t, h_{-1} = 0; a, b of one
-    shape and float dtype. For Pallas kernels (one ``tt.scan`` under Triton); works anywhere."""
+    shape and float dtype. For Pallas kernels (one ``tt.scan`` under Triton); outside a kernel
+    it evaluates as ``lax.associative_scan`` (jit only: no vmap or autodiff rules, the kernels
+    that use it are differentiated by their own custom VJPs)."""
     if a.shape != b.shape:
         raise ValueError(f"a, b: expected one shape, got {a.shape} and {b.shape}")
     return tuple(linear_recurrence_p.bind(a, b, axis=axis % a.ndim))
@@ -94,4 +95,4 @@ def _register() -> bool:
 
 TRITON_RULE: bool = _register()
 
-__all__ = ["TRITON_RULE", "linear_recurrence", "linear_recurrence_p", "jax"]
+__all__ = ["TRITON_RULE", "linear_recurrence", "linear_recurrence_p"]
