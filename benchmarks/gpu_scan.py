@@ -423,7 +423,7 @@ def _ssd_fused_phase_times(args, pallas: str) -> dict:
     starts = final = None
     if nseg > 1:
         cfg_a = cfg._replace(q=cps * cfg.q, bm=min(cfg.bm, cfg.q))
-        pa = jax.jit(lambda *a: m._chunk_states(*a, None, cfg_a, acc, mm, nseg - 1))
+        pa = jax.jit(lambda *a: m._chunk_states(*a, None, cfg_a, acc, mm, nseg - 1, True))
         states, log_decay = pa(x, B, dt, A)
         states = states.reshape(bsz, heads, nseg - 1, -1)
         pb = jax.jit(lambda *a: m._pass_states(*a, None, cfg, acc, acc))

@@ -164,21 +164,24 @@ def _estimate(flops: float, transcendentals: float, bytes_accessed: float) -> An
     )
 
 
-def _cost_chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, nc: int) -> Any:
+def _cost_chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, nc: int, local: bool = False) -> Any:
     """Phase 1, per (head, chunk, batch) program over the Q steps of its chunk: the total log
-    decay (dt a and its sum: 2 flops per step, dt read once), then per block of bk rows dt read
-    again, its log decay (dt a, cumsum, + offset, block sum: 4 per step), w = exp(last - cum) dt
-    (2 flops + 1 exp per step), x w (Pp per step), the (Pp, bk) @ (bk, Np) dot (2 Pp Np per
-    step) and its accumulation (Pp Np per block); reads x (Pp), B (Np), seg (int32) per step, A
-    and seg's last entry per program; writes the (Pp, Np) state and the log decay (acc)."""
+    decay (dt a and its sum: 2 flops per step, dt read once; not with ``local``), then per block
+    of bk rows dt read again, its log decay (dt a, cumsum, + offset, block sum: 4 per step),
+    w = exp(last - cum) dt (2 flops + 1 exp per step), x w (Pp per step), the (Pp, bk) @ (bk,
+    Np) dot (2 Pp Np per step) and its accumulation (Pp Np per block); with ``local`` also the
+    state's rescaling per block (1 exp, Pp Np flops). Reads x (Pp), B (Np), seg (int32) per
+    step, A and seg's last entry per program; writes the (Pp, Np) state and the log decay
+    (acc)."""
     bsz, _, heads, pp = x.shape
     npad = b.shape[3]
     lp, bk = nc * cfg.q, min(cfg.bm, cfg.q)  # the steps of the ``nc`` chunks computed
-    flops = lp * (8 + pp + 2 * pp * npad) + (lp // bk) * pp * npad
-    nbytes = lp * (2 * _isz(dt) + pp * _isz(x) + npad * _isz(b) + _isz(seg))
+    blocks = lp // bk
+    flops = lp * (6 + 2 * (not local) + pp + 2 * pp * npad) + blocks * pp * npad * (1 + local)
+    nbytes = lp * ((2 - local) * _isz(dt) + pp * _isz(x) + npad * _isz(b) + _isz(seg))
     nbytes += nc * (_isz(a) + _isz(seg) + (pp * npad + 1) * jnp.dtype(acc).itemsize)
     bh = bsz * heads
-    return _estimate(bh * flops, bh * lp, bh * nbytes)
+    return _estimate(bh * flops, bh * (lp + local * blocks), bh * nbytes)
 
 
 def _cost_pass_states(states, log_decay, h0, bf: int, depth: int, mm) -> Any:
@@ -227,10 +230,17 @@ def _cost_outputs(x, b, c, dt, a, starts, d, seg, cfg: _Cfg) -> Any:
     return _estimate(total(flops, flops_hb), total(trans, 0), total(nbytes, per_head_block))
 
 
-def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm, count: int | None = None):
+def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm, count: int | None = None,
+                  local: bool = False):  # fmt: skip
     """Phase 1: x (B, Lp, H, Pp), b (B, Lp, G, Np), dt (B, Lp, H), a (H,), seg (B, nc, Q) or
     None -> (chunk states (B, H, nc, Pp, Np), chunk log decays (B, H, nc), -inf where a reset
-    inside the chunk drops the carried state), for the first ``count`` chunks (None: all)."""
+    inside the chunk drops the carried state), for the first ``count`` chunks (None: all).
+
+    The state is accumulated over blocks of ``bm`` rows. By default each row's weight is
+    exp(last - cum) with cum running over the whole chunk. With ``local`` (the "fused" design's
+    segments of thousands of steps), cum restarts in every block and the state is rescaled by
+    the block's total decay, so that the f32 log decays never grow past one block's and lose
+    no digits over a long segment."""
     bsz, lp, heads, pp = x.shape
     g, npad = b.shape[2], b.shape[3]
     r = heads // g
@@ -242,24 +252,31 @@ def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm, count: int | None = None
     def kernel(x_ref, b_ref, dt_ref, a_ref, *rest):
         seg_ref, s_ref, ld_ref = rest if has_seg else (None, *rest)
         av = a_ref[...].astype(acc)  # (1,)
-        last = jnp.sum(dt_ref[...].astype(acc) * av)  # the chunk's total log decay
+        zero = jnp.zeros((1,), acc)
+        if not local:
+            last = jnp.sum(dt_ref[...].astype(acc) * av)  # the chunk's total log decay
         if has_seg:
             last_seg = seg_ref[pl.ds(_i32(q - 1), 1)]  # (1,)
 
         def body(k, carry):
             s, off = carry
             rows = pl.ds(k * bk, bk)
-            dtk, cum, off = _log_decays(dt_ref, None, av, rows, off)
-            w = jnp.exp(last - cum) * dtk  # (bk,)
+            if local:  # block-local log decays; the state so far decays by the block's total
+                dtk, cum, tot = _log_decays(dt_ref, None, av, rows, zero)
+                w = jnp.exp(tot - cum) * dtk
+                s, off = jnp.exp(tot)[:, None] * s, off + tot
+            else:
+                dtk, cum, off = _log_decays(dt_ref, None, av, rows, off)
+                w = jnp.exp(last - cum) * dtk  # (bk,)
             if has_seg:  # only the chunk's last segment reaches the state it leaves
                 w = jnp.where(seg_ref[rows] == last_seg, w, 0.0)
             xw = (x_ref[rows, :].astype(acc) * w[:, None]).astype(mm)  # (bk, Pp)
             return s + _dot(xw, b_ref[rows, :].astype(mm), acc, trans_a=True), off
 
-        init = (jnp.zeros((pp, npad), acc), jnp.zeros((1,), acc))
-        s, _ = lax.fori_loop(_i32(0), _i32(q // bk), body, init)
+        init = (jnp.zeros((pp, npad), acc), zero)
+        s, total = lax.fori_loop(_i32(0), _i32(q // bk), body, init)
         s_ref[...] = s.astype(s_ref.dtype)
-        ld = jnp.broadcast_to(last, (1,))
+        ld = total if local else jnp.broadcast_to(last, (1,))
         if has_seg:  # a reset inside the chunk (its last segment is not the carried one: 0)
             ld = jnp.where(last_seg == 0, ld, -jnp.inf)
         ld_ref[...] = ld.astype(ld_ref.dtype)
@@ -289,7 +306,7 @@ def _chunk_states(x, b, dt, a, seg, cfg: _Cfg, acc, mm, count: int | None = None
         interpret=cfg.interpret,
         compiler_params=_params(cfg.interpret, cfg.warps, cfg.stages),
         name="jaxcore_ssd_chunk_states",
-        cost_estimate=_cost_chunk_states(x, b, dt, a, seg, cfg, acc, nc),
+        cost_estimate=_cost_chunk_states(x, b, dt, a, seg, cfg, acc, nc, local),
     )(*args)
 
 
@@ -680,7 +697,9 @@ def _forward_fused(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
     if nseg > 1:  # A: the state each segment but the last leaves from zero; B: pass them on
         cfg_a = cfg._replace(q=lseg, bm=min(cfg.bm, cfg.q))
         seg_a = _relative_segments(sidx_p, lseg)
-        states, log_decay = _chunk_states(xp, Bp, dtp, A, seg_a, cfg_a, acc, mm, nseg - 1)
+        states, log_decay = _chunk_states(
+            xp, Bp, dtp, A, seg_a, cfg_a, acc, mm, nseg - 1, local=True
+        )
         starts, final = _pass_states(
             states.reshape(bsz, heads, nseg - 1, -1), log_decay, h0f, cfg, acc, acc
         )
