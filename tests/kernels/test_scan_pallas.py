@@ -228,7 +228,9 @@ def test_selective_gradients(small_chunks, monkeypatch, kernel, backward, length
         assert_close(g, g_ref, scale=50, err_msg=name)
 
 
-def test_selective_jit_vmap(small_chunks):
+@pytest.mark.parametrize("kernel", ["chunked", "blocked"])
+def test_selective_jit_vmap(small_chunks, monkeypatch, kernel):
+    use_kernel(monkeypatch, kernel)
     d = selective_inputs("time", "group", jnp.float32, length=9)
     args = [d[k] for k in ("u", "delta", "A", "B", "C")]
 

@@ -194,13 +194,17 @@ def test_grad_under_vmap(pallas_bwd, monkeypatch):
         assert_close(x, y, scale=20)
 
 
-def test_shard_map_over_batch(pallas_bwd, monkeypatch):
+@pytest.mark.parametrize("kernel", ["chunked", "blocked"])
+def test_shard_map_over_batch(pallas_bwd, monkeypatch, kernel):
     """Batch-sharded under shard_map (interpret mode: check_vma=False, as JAX's Pallas
-    interpreter needs): the gradient of the replicated A is summed over the shards."""
+    interpreter needs): the gradient of the replicated A is summed over the shards. The
+    forward is the chunked or the blocked kernel (8 channels x 4 steps per block)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as Ps
 
     knobs(monkeypatch, target=8)
+    monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", kernel)
+    monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_CONFIG", (8, 4, 4, 1))
     d, _ = inputs("time", "time", jnp.float32, length=13, resets=False)
     names = NAMES[:5]
     args = [d[k] for k in names]
@@ -247,10 +251,11 @@ def test_backward_lowers_to_triton_ir(monkeypatch):
     assert "jaxcore_selective_scan_bwd" in text
 
 
-def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
-    """On a GPU the compiled forward and backward kernels run inside jax.shard_map with
-    check_vma=True (their output types take the inputs' varying mesh axes); lowered for 'cuda'
-    here. Only JAX's Pallas interpreter needs check_vma=False."""
+@pytest.mark.parametrize("kernel", ["chunked", "blocked"])
+def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch, kernel):
+    """On a GPU the compiled forward (chunked or blocked) and backward kernels run inside
+    jax.shard_map with check_vma=True (their output types take the inputs' varying mesh axes);
+    lowered for 'cuda' here. Only JAX's Pallas interpreter needs check_vma=False."""
     import re
 
     from jax.sharding import NamedSharding
@@ -260,6 +265,7 @@ def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
 
     monkeypatch.setattr(backend, "platform", lambda: "gpu")
     monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", "pallas")
+    monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", kernel)
     d, _ = inputs("time", "time", jnp.bfloat16, length=64, dim=64, n=16, resets=False)
     names = NAMES[:5]
     mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2])
@@ -279,3 +285,4 @@ def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
     # a forward and a backward Triton kernel (one chunk: the one-phase forms)
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) >= 2
     assert "jaxcore_selective_scan_bwd" in text
+    assert ("jaxcore_selective_scan_blocked" in text) == (kernel == "blocked")
