@@ -322,11 +322,16 @@ def test_fused_lowers_to_triton_ir(monkeypatch, programs, calls):
     assert ("jaxcore_ssd_chunk_states" in text) == (calls == 3)
 
 
-def test_shard_map_over_batch_with_gradients():
+@pytest.mark.parametrize("kernel", ["three_phase", "fused"])
+def test_shard_map_over_batch_with_gradients(monkeypatch, kernel):
     """Under shard_map, in interpret mode with check_vma=False (JAX's Pallas interpreter trips
-    over varying-axis types; the compiled kernels do not: next test)."""
+    over varying-axis types; the compiled kernels do not: next test). "fused": 2 segments per
+    shard (1 batch x 4 heads x 2 segments = the 8 programs asked for)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P_
+
+    if kernel == "fused":
+        use_fused(monkeypatch, 8)
 
     d = make(jnp.float32, bsz=2, length=20)
     names = ("x", "dt", "A", "B", "C")
@@ -344,14 +349,18 @@ def test_shard_map_over_batch_with_gradients():
         assert_close(a, b, scale=100, err_msg=name)
 
 
-def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
+@pytest.mark.parametrize("kernel", ["three_phase", "fused"])
+def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch, kernel):
     """The three forward kernels' output types take the inputs' varying mesh axes, so on a GPU
-    they run inside jax.shard_map with check_vma=True (lowered for 'cuda' here)."""
+    they run inside jax.shard_map with check_vma=True (lowered for 'cuda' here); "fused": its
+    three kernels (segment states, passing, fused outputs: 4 segments of 16 steps)."""
     import re
 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P_
 
+    if kernel == "fused":
+        use_fused(monkeypatch, 16)
     monkeypatch.setattr(backend, "platform", lambda: "gpu")
     d = make(jnp.bfloat16, bsz=2, length=64)
     names = ("x", "dt", "A", "B", "C")
@@ -365,3 +374,4 @@ def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
     ]
     text = jax.jit(sm).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
+    assert ("jaxcore_ssd_fused_outputs" in text) == (kernel == "fused")
