@@ -120,7 +120,8 @@ def _selective_inputs(bsz, length, dim, n):
 
 _KNOBS = ("SELECTIVE_KERNEL", "LINEAR_KERNEL", "SELECTIVE_CONFIG", "SELECTIVE_CHUNKED_CONFIG",
           "LINEAR_CHUNKED_CONFIG", "CHUNKED_CONFIG", "PREFETCH", "SELECTIVE_BACKWARD",
-          "SELECTIVE_BWD_CONFIG", "SELECTIVE_BLOCKED_CONFIG")  # fmt: skip
+          "SELECTIVE_BWD_CONFIG", "SELECTIVE_BLOCKED_CONFIG",
+          "SELECTIVE_BLOCKED_PROGRAMS")  # fmt: skip
 
 
 def _set(**overrides) -> dict:
@@ -205,6 +206,9 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
             runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_CONFIG": c}, False, False)
                      for c in ((16, 16, 4, 1), (4, 32, 4, 2), (16, 16, 4, 3), (8, 32, 8, 2),
                                (32, 16, 8, 2), (4, 16, 2, 1))]  # fmt: skip
+            # split into chunks (two passes, a fuller grid)
+            runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_PROGRAMS": p}, False, False)
+                     for p in (1024, 4096)]  # fmt: skip
         runs += [(pallas, {"SELECTIVE_KERNEL": "sequential"}, False, False)]
         runs += [(pallas, xla_bwd, False, True)]
         sweep = [{"PREFETCH": 1}]

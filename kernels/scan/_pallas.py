@@ -72,6 +72,11 @@ SELECTIVE_KERNELS: tuple[str, ...] = (*KERNELS, "blocked")
 # warps, software-pipeline stages: 2 lets Triton load the next block while this one computes).
 # B=2, D=1024 gives 256 programs of 8 channels.
 SELECTIVE_BLOCKED_CONFIG: tuple[int, int, int, int] = (8, 16, 4, 2)
+# "blocked": target number of programs. 0 (the default): one pass over L (B x D / channels
+# programs). Larger: L is split into chunks, as in the chunked kernel, until the grid has about
+# this many programs. That is two passes: each exp is computed twice, for a grid that fills the
+# device when B x D is small. Read at trace time; not yet measured.
+SELECTIVE_BLOCKED_PROGRAMS: int = 0
 
 # Chunked kernels: (target number of programs in the grid, fewest steps per chunk). Read at trace
 # time; tests lower the second to get several chunks at small L.
@@ -887,37 +892,77 @@ def _blocked_steps(sub: int | None, cap: int) -> int:
     return t
 
 
-def _cost_selective_blocked(u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, *, bd, T, nblocks, nsave,
-                            softplus, keep_ypre):  # fmt: skip
-    """ "blocked" selective scan, grid B x D/bd, ``nblocks`` blocks of T steps per program.
+def _plan_blocked(programs: int, nblocks: int) -> tuple[int, int]:
+    """ "blocked": (blocks per chunk, chunks) for a grid of ``programs`` per chunk index: one
+    chunk (one pass) unless SELECTIVE_BLOCKED_PROGRAMS asks for more programs."""
+    target = max(0, int(SELECTIVE_BLOCKED_PROGRAMS))
+    want = max(1, min(nblocks, -(-target // max(programs, 1))))
+    bpc = -(-nblocks // want)
+    return bpc, -(-nblocks // bpc)
 
-    Per block: loads of delta, u, z (T x bd), B, C (T x npad) and keep (T) (rows past L masked
-    but counted); per channel-step delta_bias (1 flop), softplus (1 flop, 2 transcendentals),
-    dt u (1), D u (2), the silu gate (4 flops, 1 exp); per (channel, state, step) element: dt A
-    (1), exp2 (1 transcendental), (dt u) B (1), the recurrence (3: one combine a1 a2, a2 b1 +
-    b2), + prefix * carry (2), * C and the sum over N (2), the carry's masked sum over T (1).
-    Stores y (and y before the gate, acc) per block; per program reads A (scaled by log2(e):
-    1 flop per lane), D, delta_bias, h0, writes the final state and ``nsave`` saved states."""
+
+def _cost_selective_blocked(phase: int, u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, *, bd, T, bpc,
+                            nbc, nsave, softplus, keep_ypre):  # fmt: skip
+    """ "blocked" selective scan, one program per (batch, channel block, chunk of ``bpc`` blocks
+    of T steps): phase 3 (grid B x D/bd x nbc, y and states) or, with nbc > 1 chunks, phase 1
+    (grid B x D/bd x (nbc - 1), each chunk's end state from zero and its decay product).
+
+    Flops and transcendentals of every block step (identity steps past L included): per
+    channel-step delta_bias (1 flop), softplus (1 flop, 2 transcendentals), dt u (1); per
+    (channel, state, step) element dt A (1), exp2 (1 transcendental), (dt u) B (1), the
+    recurrence (3: one combine a1 a2, a2 b1 + b2), + prefix * carry (2), the carry's masked sum
+    over T (1); phase 1 also sums dt (1 per channel-step) and takes the minimum of the keep
+    flags (1 per block), then exp2(A sum dt) per lane (1 flop, 1 exp); phase 3 also * C and
+    the sum over N (2 per element), D u (2) and the silu gate (4 flops, 1 exp) per
+    channel-step, and folds the nbc - 1 earlier chunks (2 flops per lane-slot). Both scale A by
+    log2(e) (1 per lane).
+
+    Bytes: what moves (masked-off lanes move nothing). Every row below L of the program's
+    blocks: delta, u (bd), B (npad), keep; in phase 3 also C (npad), z (bd), y (and y before
+    the gate, acc) written. Per program: A, delta_bias; phase 1 writes two (bd, npad) blocks;
+    phase 3 reads D and h0, loads the earlier chunks' (end, decay) slots k < c, and per (batch,
+    channel block) writes the ``nsave`` saved states and the final state once."""
     bsz, length, dim = u.shape
     npad = A.shape[1]
     iacc = _isz(h0)
-    programs = bsz * (dim // bd)
-    steps = nblocks * T
+    lanes = bd * npad
+    groups = bsz * (dim // bd)  # (batch, channel block) pairs
+    chunks = nbc - 1 if phase == 1 else nbc
+    programs = groups * chunks
+    steps = bpc * T  # per program
     per_ch = 1 + (bias is not None) + (1 if softplus else 0)
-    per_ch += 2 * (Dv is not None) + 4 * (z is not None)
-    trans = steps * (bd * npad + bd * (2 * bool(softplus) + (z is not None)))
-    flops = steps * (10 * bd * npad + bd * per_ch) + bd * npad
-    step_bytes = bd * (_isz(dl) + _isz(u) + _isz(z) + _isz(u) + (iacc if keep_ypre else 0))
-    step_bytes += npad * (_isz(Bg) + _isz(Cg)) + _isz(keep)
-    fixed = bd * npad * (_isz(A) + _isz(h0) + iacc * (1 + nsave)) + bd * (_isz(Dv) + _isz(bias))
-    return _estimate(programs * flops, programs * trans, programs * (fixed + steps * step_bytes))
+    per_el = 8
+    trans = steps * (lanes + bd * 2 * bool(softplus))
+    row = bd * (_isz(dl) + _isz(u)) + npad * _isz(Bg) + _isz(keep)
+    fixed = lanes * _isz(A) + bd * _isz(bias)
+    if phase == 1:
+        rows = min(length, chunks * steps)
+        per_ch += 1
+        flops = steps * (per_el * lanes + bd * per_ch) + bpc * (keep is not None) + 2 * lanes
+        trans += lanes
+        fixed += 2 * lanes * iacc
+        once = 0
+    else:
+        rows = length
+        per_el += 2
+        per_ch += 2 * (Dv is not None) + 4 * (z is not None)
+        trans += steps * bd * (z is not None)
+        flops = steps * (per_el * lanes + bd * per_ch) + lanes + 2 * lanes * (nbc - 1)
+        row += npad * _isz(Cg) + bd * (_isz(z) + _isz(u) + (iacc if keep_ypre else 0))
+        fixed += bd * _isz(Dv) + lanes * _isz(h0)
+        once = lanes * iacc * (nsave + 1 + nbc * (nbc - 1))  # saved, final, fold slots k < c
+    nbytes = groups * (rows * row + once) + programs * fixed
+    return _estimate(programs * flops, programs * trans, nbytes)
 
 
 def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus, tc, nc, sub,
                             save, interpret, save_ypre=True):  # fmt: skip
     """SELECTIVE_KERNEL="blocked" (see SELECTIVE_BLOCKED_CONFIG): same operands and returns as
     ``_selective_chunked_call`` (with ``save``, the states entering every ``sub`` steps of the
-    nc * tc steps, those past L equal to the final state)."""
+    nc * tc steps, those past L equal to the final state). With SELECTIVE_BLOCKED_PROGRAMS the
+    blocks are split into chunks like the chunked kernel's: phase 1 (every chunk but the last
+    from zero: end state, decay product), phase 3 (the earlier chunks folded into the start
+    state, then the chunk's blocks with the outputs)."""
     from ._tt_scan import linear_recurrence
 
     bsz, length, dim = u.shape
@@ -928,51 +973,54 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     bd = _channel_block(min(pg_b, pg_c), cap)
     T = _blocked_steps(sub if save else None, min(tcap, _pow2_at_least(length)))
     total = nc * tc if save else length  # with save: blocks up to the last saved interval
-    nblocks = -(-total // T)
     nsave = nc * tc // sub if save else 0
+    bpc, nbc = _plan_blocked(bsz * (dim // bd), -(-total // T))
     has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
     keep_ypre = save and has_z and save_ypre
 
-    seq = pl.BlockSpec((None, length, bd), lambda i, j: (i, 0, j))
-    b_spec = pl.BlockSpec((None, length, None, npad), lambda i, j: (i, 0, (j * bd) // pg_b, 0))
-    c_spec = pl.BlockSpec((None, length, None, npad), lambda i, j: (i, 0, (j * bd) // pg_c, 0))
-    vec = pl.BlockSpec((bd,), lambda i, j: (j,))
-    state = pl.BlockSpec((None, bd, npad), lambda i, j: (i, j, 0))
+    seq = pl.BlockSpec((None, length, bd), lambda i, j, c: (i, 0, j))
+    b_spec = pl.BlockSpec((None, length, None, npad), lambda i, j, c: (i, 0, (j * bd) // pg_b, 0))
+    c_spec = pl.BlockSpec((None, length, None, npad), lambda i, j, c: (i, 0, (j * bd) // pg_c, 0))
+    vec = pl.BlockSpec((bd,), lambda i, j, c: (j,))
+    state = pl.BlockSpec((None, bd, npad), lambda i, j, c: (i, j, 0))
+    chunk_state = pl.BlockSpec((None, None, bd, npad), lambda i, j, c: (i, c, j, 0))
+    all_chunks = pl.BlockSpec((None, max(nbc - 1, 1), bd, npad), lambda i, j, c: (i, 0, j, 0))
+    k_spec = pl.BlockSpec((None, length), lambda i, j, c: (i, 0))
     extra = [v for v in (Dv, z, bias, keep) if v is not None]
     extra_specs = [
-        sp
-        for v, sp in (
-            (Dv, vec),
-            (z, seq),
-            (bias, vec),
-            (keep, pl.BlockSpec((None, length), lambda i, j: (i, 0))),
-        )
-        if v is not None
+        sp for v, sp in ((Dv, vec), (z, seq), (bias, vec), (keep, k_spec)) if v is not None
     ]
+    in_args = [u, dl, A, Bg, Cg, *extra]
+    a_spec = pl.BlockSpec((bd, npad), lambda i, j, c: (j, 0))
+    in_specs = [seq, seq, a_spec, b_spec, c_spec, *extra_specs]
+    tid = lambda: lax.broadcasted_iota(jnp.int32, (T,), 0)  # noqa: E731
 
-    def kernel(u_ref, dl_ref, a_ref, b_ref, c_ref, *refs):
-        refs = list(refs)
-        d_ref = refs.pop(0) if has_d else None
-        z_ref = refs.pop(0) if has_z else None
-        bias_ref = refs.pop(0) if has_bias else None
-        k_ref = refs.pop(0) if has_keep else None
-        h_ref, y_ref, ht_ref, *outs = refs
-        yp_ref = outs.pop(0) if keep_ypre else None
-        st_ref = outs.pop(0) if save else None
+    def walk(refs, h, extra_carry, outputs: bool):
+        """The blocks of this program's chunk (static count ``bpc``; blocks past ``total`` are
+        identity steps). outputs: y, y before the gate, saved states; else (phase 1) the
+        carry also sums dt and takes the keep flags' minimum."""
+        u_ref, dl_ref, a_ref, b_ref, c_ref = refs[:5]
+        rest = list(refs[5:])
+        d_ref = rest.pop(0) if has_d else None
+        z_ref = rest.pop(0) if has_z else None
+        bias_ref = rest.pop(0) if has_bias else None
+        k_ref = rest.pop(0) if has_keep else None
+        y_ref, yp_ref, st_ref = rest if outputs else (None, None, None)
         a = a_ref[...].astype(acc) * _LOG2E  # (bd, Np)
         dv = d_ref[...].astype(acc) if has_d else None
         bias_v = bias_ref[...].astype(acc) if has_bias else None
-        tid = lax.broadcasted_iota(jnp.int32, (T,), 0)
         is_last = lax.broadcasted_iota(jnp.int32, (1, 1, T), 2) == T - 1
+        first = pl.program_id(2) * bpc
 
-        def body(k, h):
-            t0 = (k * T).astype(jnp.int32)  # int32 under x64 too
-            valid = t0 + tid < length  # rows past L: identity steps, stores masked
+        def body(k, carry):
+            h, ex = carry
+            t0 = ((first + k) * T).astype(jnp.int32)  # int32 under x64 too
+            valid = t0 + tid() < length  # rows past L: identity steps, stores masked
             rows = pl.ds(t0, T)
 
-            def load(ref, width, other=0.0):
+            def load(ref, width):
                 mask = jnp.broadcast_to(valid[:, None], (T, width))
-                return plgpu.load(ref.at[rows, pl.ds(_i32(0), width)], mask=mask, other=other)
+                return plgpu.load(ref.at[rows, pl.ds(_i32(0), width)], mask=mask, other=0.0)
 
             dt = load(dl_ref, bd).astype(acc)  # (T, bd)
             if has_bias:
@@ -982,7 +1030,6 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             dt = jnp.where(valid[:, None], dt, 0.0).T  # (bd, T)
             uu = load(u_ref, bd).astype(acc).T
             bt = load(b_ref, npad).astype(acc).T  # (Np, T)
-            ct = load(c_ref, npad).astype(acc).T
             da = jnp.exp2(dt[:, None, :] * a[:, :, None])  # (bd, Np, T)
             if has_keep:
                 kt = plgpu.load(k_ref.at[rows], mask=valid, other=1.0).astype(acc)
@@ -990,6 +1037,13 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             dbu = (dt * uu)[:, None, :] * bt[None, :, :]
             prefix, hs = linear_recurrence(da, dbu, axis=2)
             hs = hs + prefix * h[:, :, None]  # the states after each step of the block
+            if not outputs:
+                sdt, kp = ex
+                sdt = sdt + jnp.sum(dt, axis=1)
+                if has_keep:
+                    kp = jnp.minimum(kp, jnp.min(kt))
+                return jnp.sum(jnp.where(is_last, hs, 0.0), axis=2), (sdt, kp)
+            ct = load(c_ref, npad).astype(acc).T
             y = jnp.sum(hs * ct[None, :, :], axis=1)  # (bd, T)
             if has_d:
                 y = y + dv[:, None] * uu
@@ -1002,54 +1056,76 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
                 y = y * (zz / (1.0 + jnp.exp(-zz)))
             plgpu.store(y_ref.at[out_rows], y.T.astype(y_ref.dtype), mask=store_mask)
             if st_ref is not None:  # the state entering this block, at each saved interval
-                at = (t0 // sub, pl.ds(_i32(0), bd), pl.ds(_i32(0), npad))
-                on = jnp.broadcast_to(t0 % sub == 0, (bd, npad))
+                at = (jnp.minimum(t0 // sub, nsave - 1), pl.ds(_i32(0), bd), pl.ds(_i32(0), npad))
+                on = jnp.broadcast_to((t0 % sub == 0) & (t0 < total), (bd, npad))
                 plgpu.store(st_ref.at[at], h.astype(st_ref.dtype), mask=on)
-            return jnp.sum(jnp.where(is_last, hs, 0.0), axis=2)
+            return jnp.sum(jnp.where(is_last, hs, 0.0), axis=2), ex
 
-        h = lax.fori_loop(_i32(0), _i32(nblocks), body, h_ref[...].astype(acc))
-        ht_ref[...] = h.astype(ht_ref.dtype)
+        return lax.fori_loop(_i32(0), _i32(bpc), body, (h, extra_carry)), a
 
-    saved = (nsave, pl.BlockSpec((None, nsave, bd, npad), lambda i, j: (i, 0, j, 0)))
+    cost = lambda phase: _cost_selective_blocked(
+        phase, u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, bd=bd, T=T, bpc=bpc, nbc=nbc,
+        nsave=nsave, softplus=softplus, keep_ypre=keep_ypre,
+    )  # fmt: skip
+    params = _compiler_params(interpret, warps, stages)
+    n_in = len(in_args)
+
+    if nbc > 1:  # phase 1: chunks 0 .. nbc - 2 from zero -> end state and decay product
+
+        def local(*refs):
+            e_ref, p_ref = refs[n_in:]
+            zero = jnp.zeros((bd, npad), acc)
+            ex0 = (jnp.zeros((bd,), acc), jnp.ones((1,), acc))
+            (h, (sdt, kp)), a = walk(refs[:n_in], zero, ex0, outputs=False)
+            e_ref[...] = h.astype(e_ref.dtype)
+            decay = jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
+            p_ref[...] = decay.astype(p_ref.dtype)
+
+        ends, decays = backend.pallas_call(
+            local,
+            out_shape=(jax.ShapeDtypeStruct((bsz, nbc - 1, dim, npad), acc),) * 2,
+            grid=(bsz, dim // bd, nbc - 1),
+            in_specs=in_specs,
+            out_specs=(chunk_state, chunk_state),
+            interpret=interpret,
+            compiler_params=params,
+            name="jaxcore_selective_scan_blocked_chunk_ends",
+            cost_estimate=cost(1),
+        )(*in_args)
+
+    def kernel(*refs):
+        ins, (h_ref, *rest) = refs[:n_in], refs[n_in:]
+        ep = (rest.pop(0), rest.pop(0)) if nbc > 1 else ()
+        y_ref, ht_ref, *outs = rest
+        yp_ref = outs.pop(0) if keep_ypre else None
+        st_ref = outs.pop(0) if save else None
+        c = pl.program_id(2)
+        h = h_ref[...].astype(acc)
+        if ep:  # the earlier chunks folded in: h = decay_k h + end_k for k < c
+            full = pl.ds(_i32(0), bd), pl.ds(_i32(0), npad)
+            mask_at = lambda k: jnp.broadcast_to(k < c, (bd, npad))  # noqa: E731
+            h = _fold_starts(h, *ep, c, nbc - 1, lambda k: (k, *full), mask_at)
+        (h, _), _ = walk((*ins, y_ref, yp_ref, st_ref), h, (), outputs=True)
+        last = jnp.broadcast_to(c == nbc - 1, (bd, npad))
+        plgpu.store(
+            ht_ref.at[pl.ds(_i32(0), bd), pl.ds(_i32(0), npad)], h.astype(ht_ref.dtype), mask=last
+        )
+
+    saved = (nsave, pl.BlockSpec((None, nsave, bd, npad), lambda i, j, c: (i, 0, j, 0)))
     out_shape, out_specs = _forward_outputs(
         u, npad, acc, seq, state, keep_ypre, saved if save else None
     )
     outs = backend.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(bsz, dim // bd),
-        in_specs=[
-            seq,
-            seq,
-            pl.BlockSpec((bd, npad), lambda i, j: (j, 0)),
-            b_spec,
-            c_spec,
-            *extra_specs,
-            state,
-        ],
+        grid=(bsz, dim // bd, nbc),
+        in_specs=in_specs + [state] + ([all_chunks] * 2 if nbc > 1 else []),
         out_specs=out_specs,
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, warps, stages),
+        compiler_params=params,
         name="jaxcore_selective_scan_blocked",
-        cost_estimate=_cost_selective_blocked(
-            u,
-            dl,
-            A,
-            Bg,
-            Cg,
-            Dv,
-            z,
-            bias,
-            keep,
-            h0,
-            bd=bd,
-            T=T,
-            nblocks=nblocks,
-            nsave=nsave,
-            softplus=softplus,
-            keep_ypre=keep_ypre,
-        ),  # fmt: skip
-    )(u, dl, A, Bg, Cg, *extra, h0)
+        cost_estimate=cost(3),
+    )(*in_args, h0, *((ends, decays) if nbc > 1 else ()))
     return _split_outputs(outs, keep_ypre, save)
 
 

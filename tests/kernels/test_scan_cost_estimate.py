@@ -131,6 +131,12 @@ CASES = {
         _selective_args(dtype=jnp.bfloat16),
         1,
     ),
+    "selective_blocked_chunks": (
+        {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BLOCKED_PROGRAMS": 64},
+        _selective(PI),
+        _selective_args(dtype=jnp.bfloat16),
+        2,
+    ),
     "selective_blocked_fwd_bwd": (
         {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BACKWARD": "pallas"},
         _selective(PI, grad=True),
@@ -304,6 +310,8 @@ def test_estimates_match_kernel_bodies(small_chunks, monkeypatch):
     seq = {"LINEAR_KERNEL": "sequential", "SELECTIVE_KERNEL": "sequential"}
     fused = {"SSD_KERNEL": "fused", "SSD_FUSED_CONFIG": (16, 16, 4, 2, 32)}
     blocked = {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BLOCKED_CONFIG": (16, 16, 4, 1)}
+    chunks4 = {"SELECTIVE_BLOCKED_PROGRAMS": 16}
+    groups = bsz * dim // 16  # (batch, 16-channel block) pairs of the blocked kernel
     cases = [  # (knobs, function, inputs, average while trips, masked-off bytes per kernel)
         ({}, linear, lin_kw, 1, [0, bsz * fold(lin_nc, s, 4)]),
         ({}, sel_grad, kw, 1.5, [0, bsz * 2 * fold(sel_nc, 16 * n, 4) + (sel_nc - 1) * state] * 2),
@@ -313,6 +321,23 @@ def test_estimates_match_kernel_bodies(small_chunks, monkeypatch):
         # the state entering it), then 16-step blocks without saving (forward only)
         ({**blocked, "SELECTIVE_BACKWARD": "xla"}, sel_grad, kw, 1, [0]),
         (blocked, lambda kw: _selective(PI)(kw), kw, 1, [0]),
+        # split into 4 chunks (16 programs asked for, 4 per chunk): 2 blocks of 8 steps per
+        # chunk with the saved states, 1 block of 16 without; phase 3 stores the final state
+        # from the last chunk only and loads the fold slots k < c (test_linear_chunked_exact)
+        (
+            {**blocked, **chunks4, "SELECTIVE_BACKWARD": "xla"},
+            sel_grad,
+            kw,
+            1,
+            [0, groups * (fold(4, 256, 4) + 3 * 256 * 4)],
+        ),
+        (
+            {**blocked, **chunks4},
+            _selective(PI),
+            kw,
+            1,
+            [0, groups * (fold(4, 256, 4) + 3 * 256 * 4)],
+        ),
         # ssd, 16-row blocks: column blocks k <= m, on average (nm + 1) / 2 per row block m;
         # with resets and P, N padded to 16 / L = 4 chunks of 32 (nm = 2) and without them
         ({}, _ssd(PI, chunk=32), _ssd_args(dtype=bf16, length=128), 1.5, [0, 0, 0]),

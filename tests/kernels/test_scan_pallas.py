@@ -45,17 +45,25 @@ def small_chunks(monkeypatch):
 
 
 def use_kernel(monkeypatch, kernel):
-    if kernel == "blocked":  # selective scan only
+    """ "blocked_chunked": the blocked kernel split into chunks (about 12 programs: B=2 x 2
+    channel blocks x 3 chunks at D=16)."""
+    if kernel.startswith("blocked"):  # selective scan only
         monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_CONFIG", (8, 8, 4, 1))
+        monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_PROGRAMS", 12 if "chunked" in kernel else 0)
+        kernel = "blocked"
     else:
         monkeypatch.setattr(_pallas, "LINEAR_KERNEL", kernel)
     monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", kernel)
 
 
-KERNEL_NAMES = {
-    "chunked": "jaxcore_selective_scan_chunked",
-    "sequential": "jaxcore_selective_scan",
-    "blocked": "jaxcore_selective_scan_blocked",
+KERNEL_NAMES = {  # the forward pallas_calls of each selective kernel (several chunks)
+    "chunked": {"jaxcore_selective_scan_chunked", "jaxcore_selective_scan_chunk_ends"},
+    "sequential": {"jaxcore_selective_scan"},
+    "blocked": {"jaxcore_selective_scan_blocked"},
+    "blocked_chunked": {
+        "jaxcore_selective_scan_blocked",
+        "jaxcore_selective_scan_blocked_chunk_ends",
+    },
 }
 
 
@@ -162,6 +170,7 @@ def run(d, impl, **kw):
         ("sequential", "group", "time", jnp.bfloat16),
         ("blocked", "time", "group", jnp.float32),
         ("blocked", "group", "time", jnp.bfloat16),
+        ("blocked_chunked", "group", "time", jnp.float32),  # 3 chunks of 2 blocks of 8 steps
     ],
 )
 def test_selective_matches_reference(small_chunks, monkeypatch, kernel, lb, lc, dtype):
@@ -169,10 +178,7 @@ def test_selective_matches_reference(small_chunks, monkeypatch, kernel, lb, lc, 
     d = selective_inputs(lb, lc, dtype)
     y, h = run(d, PI)
     names = set(re.findall(r"name=(jaxcore_\w+)", str(jax.make_jaxpr(lambda d: run(d, PI))(d))))
-    want = {KERNEL_NAMES[kernel]}
-    if kernel == "chunked":  # phase 1 (L = 37: several chunks)
-        want.add("jaxcore_selective_scan_chunk_ends")
-    assert names == want
+    assert names == KERNEL_NAMES[kernel]
     y_ref, h_ref = run(as_f32(d), "reference")
     assert y.dtype == dtype and h.dtype == jnp.float32
     scale = 10 if dtype == jnp.bfloat16 else 20
@@ -180,7 +186,7 @@ def test_selective_matches_reference(small_chunks, monkeypatch, kernel, lb, lc, 
     assert_close(h, h_ref, scale=scale)
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "blocked"])
+@pytest.mark.parametrize("kernel", ["chunked", "blocked", "blocked_chunked"])
 def test_selective_minimal_arguments_pow2_state_and_nan(small_chunks, monkeypatch, kernel):
     """No D/z/bias/softplus/state (those branches compiled out), N = 4; a NaN input stays in its
     channel, from its step on, exactly where the reference has it."""
@@ -205,7 +211,12 @@ def test_selective_minimal_arguments_pow2_state_and_nan(small_chunks, monkeypatc
 
 @pytest.mark.parametrize(
     "kernel, backward, length",
-    [("chunked", "auto", 16), ("blocked", "pallas", 18), ("blocked", "xla", 18)],
+    [
+        ("chunked", "auto", 16),
+        ("blocked", "pallas", 18),
+        ("blocked", "xla", 18),
+        ("blocked_chunked", "pallas", 18),
+    ],
 )
 def test_selective_gradients(small_chunks, monkeypatch, kernel, backward, length):
     """chunked: 4 chunks of 4 steps ("auto" in interpret mode: the XLA backward; the Pallas one:
@@ -273,6 +284,7 @@ def _lower_for_cuda(f, *args) -> str:
         ("chunked", {"PREFETCH": 3, "SELECTIVE_CHUNKED_CONFIG": (32, 1, 1)}),
         ("sequential", {}),
         ("blocked", {"SELECTIVE_BLOCKED_CONFIG": (16, 16, 4, 2)}),  # uses tt.scan (_tt_scan.py)
+        ("blocked_chunked", {"SELECTIVE_BLOCKED_CONFIG": (16, 16, 4, 2)}),
     ],
 )
 def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
@@ -296,9 +308,9 @@ def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
     # chunked: two forward kernels and (compiled, SELECTIVE_BACKWARD="auto") the two Pallas
     # backward kernels; blocked: one forward kernel and those two; sequential: one kernel, the
     # XLA backward
-    forward = {"chunked": 2, "blocked": 1, "sequential": 1}[kernel]
+    forward = len(KERNEL_NAMES[kernel])
     assert text.count("xla.gpu.triton") == forward + 2 * (kernel != "sequential")
-    assert KERNEL_NAMES[kernel] in text
+    assert all(name in text for name in KERNEL_NAMES[kernel])
     monkeypatch.setattr(_pallas, "SELECTIVE_BACKWARD", "xla")
     text = _lower_for_cuda(jax.grad(loss, (0, 1, 2)), *(d[k] for k in names))
     assert text.count("xla.gpu.triton") == forward
