@@ -94,6 +94,11 @@ def best_of(records: list[dict]) -> list[dict]:
             for r in groups.values()]  # fmt: skip
 
 
+def summarize(records: list[dict]) -> None:
+    for rec in best_of(records):
+        print(json.dumps(rec), flush=True)
+
+
 def copy_bandwidth(quick: bool) -> float:
     n = 2**18 if quick else 2**29  # bf16 elements: 0.5 MiB / 1 GiB
     x = jnp.ones((n,), jnp.bfloat16)
@@ -187,7 +192,11 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
     xla_bwd = {**chunked, "SELECTIVE_BACKWARD": "xla"}
     pallas_bwd = {**chunked, "SELECTIVE_BACKWARD": "pallas"}
     runs_blocked_bwd = {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BACKWARD": "pallas"}
+    start = len(RECORDS)
     for si, (bsz, length, dim, n) in enumerate(shapes):
+        if si:  # the first shape's summary now: a run cut in the second one keeps it
+            summarize(RECORDS[start:])
+        start = len(RECORDS)
         d = _selective_inputs(bsz, length, dim, n)
         shape = {"B": bsz, "L": length, "D": dim, "N": n}
         ref = None
@@ -284,6 +293,7 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
             except Exception as e:  # report and go on: one failing kernel must not hide the rest
                 traceback.print_exc(file=sys.stderr)
                 emit({**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    summarize(RECORDS[start:])
     _set(**base)
 
 
@@ -524,8 +534,8 @@ def main() -> None:
         if name in cases:
             start = len(RECORDS)
             parts[name]()
-            for rec in best_of(RECORDS[start:]):
-                print(json.dumps(rec), flush=True)
+            if name != "selective":  # (which summarizes each of its shapes itself)
+                summarize(RECORDS[start:])
 
 
 if __name__ == "__main__":
