@@ -155,11 +155,11 @@ def as_f32(d):
     return {k: (v.astype(jnp.float32) if k != "segment_ids" else v) for k, v in d.items()}
 
 
-def run(d, impl, **kw):
+def run(d, impl, chunk_size=4, **kw):
     d = dict(d)
     args = [d.pop(k) for k in ("u", "delta", "A", "B", "C")]
     return sscan(*args, **d, delta_softplus=True, return_final_state=True,
-                          chunk_size=4, implementation=impl, **kw)  # fmt: skip
+                 chunk_size=chunk_size, implementation=impl, **kw)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -319,3 +319,33 @@ def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
     text = _lower_for_cuda(jax.grad(lin, (0, 1)), a, a)
     # fwd + adjoint (the linear scan has no blocked kernel: "auto" = chunked)
     assert text.count("xla.gpu.triton") == (2 if kernel == "sequential" else 4)
+
+
+@pytest.mark.parametrize(
+    "config, programs",
+    [((16, 16, 4, 1), 0), ((4, 32, 4, 2), 0), ((32, 16, 8, 2), 0), ((8, 32, 8, 2), 64)],
+)
+def test_selective_blocked_tilings(small_chunks, monkeypatch, config, programs):
+    """The tilings benchmarks/gpu_scan.py sweeps on a GPU (channels 4-32, T 16-32, one pass or
+    chunks), at D=64 and a ragged L = 45 (T = 32 > the 16-step saved interval falls back to 16
+    for the gradients' forward), forward and gradients against the reference."""
+    monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", "blocked")
+    monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_CONFIG", config)
+    monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_PROGRAMS", programs)
+    d = selective_inputs("time", "group", jnp.float32, length=45, dim=64, n=16, groups=2)
+    seg = d.pop("segment_ids")
+    y, h = run(d, PI, segment_ids=seg)
+    y_ref, h_ref = run(d, "reference", segment_ids=seg)
+    assert_close(y, y_ref, scale=20)
+    assert_close(h, h_ref, scale=20)
+    names = ("u", "delta", "B", "C", "initial_state")
+
+    def grads(impl):
+        def loss(*vals):
+            yy, hh = run({**d, **dict(zip(names, vals))}, impl, chunk_size=16, segment_ids=seg)
+            return jnp.sum(jnp.sin(yy)) + jnp.sum(hh**2)
+
+        return jax.jit(jax.grad(loss, tuple(range(len(names)))))(*(d[k] for k in names))
+
+    for name, g, g_ref in zip(names, grads(PI), grads("reference")):
+        assert_close(g, g_ref, scale=50, err_msg=name)

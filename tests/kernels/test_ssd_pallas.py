@@ -375,3 +375,19 @@ def test_compiled_kernels_lower_inside_shard_map_with_check_vma(monkeypatch, ker
     text = jax.jit(sm).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
     assert ("jaxcore_ssd_fused_outputs" in text) == (kernel == "fused")
+
+
+@pytest.mark.parametrize(
+    "config", [(64, 64, 8, 2, 512), (64, 32, 4, 2, 512), (128, 64, 8, 2, 512), (32, 64, 4, 2, 16)]
+)
+def test_fused_tilings(x64, monkeypatch, config):
+    """The "fused" tilings benchmarks/gpu_scan.py sweeps on a GPU (chunk 32-128, P blocks of
+    32-64 columns, one segment or several), at P = 64, N = 16, L = 300 (ragged), with resets."""
+    monkeypatch.setattr(_ssd_pallas, "SSD_KERNEL", "fused")
+    monkeypatch.setattr(_ssd_pallas, "SSD_FUSED_CONFIG", config)
+    d = make(jnp.float64, length=300, heads=2, p=64, n=16, groups=1)
+    seg = np.repeat(np.array([[0, 1, 1], [2, 2, 3]]), 100, axis=1)
+    y, h = run(d, PI, segment_ids=seg)
+    y_ref, h_ref = run(d, "reference", segment_ids=seg)
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
