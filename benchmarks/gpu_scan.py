@@ -424,16 +424,22 @@ def bench_ssd_pallas(bw: float, quick: bool, pallas: str) -> None:
         setattr(_ssd_pallas, k, v)
 
 
+def _ssd_static(args, pallas: str):
+    """((B, L, H, P, N), the kernels' static config, state dtype, dot dtype) of the ssd inputs."""
+    x, B = args[0], args[3]
+    bsz, length, heads, p = x.shape
+    n = B.shape[-1]
+    cfg = _ssd_pallas.make_config(None, length, p, n, heads, B.shape[2],
+                                  pallas == "pallas_interpret", "matmul")  # fmt: skip
+    return (bsz, length, heads, p, n), cfg, *_ssd_pallas._dtypes(x)
+
+
 def _ssd_phase_times(args, pallas: str) -> dict:
     """Seconds of each Pallas phase of the current config, jitted apart (no XLA prologue: the
     benchmark's L, P and N need no padding)."""
     x, dt, A, B, C = args
-    bsz, length, heads, p = x.shape
-    n = B.shape[-1]
+    (bsz, length, heads, p, n), cfg, acc, mm = _ssd_static(args, pallas)
     m = _ssd_pallas
-    cfg = m.make_config(None, length, p, n, heads, B.shape[2], pallas == "pallas_interpret",
-                        "matmul")  # fmt: skip
-    acc, mm = m._dtypes(x)
     nc = length // cfg.q
     p1 = jax.jit(lambda *a: m._chunk_states(*a, None, cfg, acc, mm))
     states, log_decay = p1(x, B, dt, A)
@@ -451,12 +457,8 @@ def _ssd_phase_times(args, pallas: str) -> dict:
 def _ssd_fused_phase_times(args, pallas: str) -> dict:
     """Seconds of each "fused" kernel of the current config, jitted apart (as above)."""
     x, dt, A, B, C = args
-    bsz, length, heads, p = x.shape
-    n = B.shape[-1]
+    (bsz, length, heads, p, n), cfg, acc, mm = _ssd_static(args, pallas)
     m = _ssd_pallas
-    cfg = m.make_config(None, length, p, n, heads, B.shape[2], pallas == "pallas_interpret",
-                        "matmul")  # fmt: skip
-    acc, mm = m._dtypes(x)
     cps, nseg = m.segment_plan(bsz, length, heads, p, cfg)
     out = {"chunks_per_segment": cps, "segments": nseg}
     starts = final = None

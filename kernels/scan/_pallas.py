@@ -138,6 +138,13 @@ def _check_kernel(kernel: str, name: str, allowed: tuple[str, ...] = KERNELS) ->
     return kernel
 
 
+def decay_product(sdt: Array, kp: Array, a: Array) -> Array:
+    """A chunk's decay product per (channel, state) lane, (bd, Np): exp2(a * sum of delta) (a:
+    A log2(e), (bd, Np); sdt: (bd,)) times the product of the reset flags ``kp`` (1,) (0 when
+    the chunk resets the state)."""
+    return jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
+
+
 def _check_backward(backward: str) -> str:
     if backward not in BACKWARDS:
         raise ValueError(f"SELECTIVE_BACKWARD: expected one of {BACKWARDS}, got {backward!r}")
@@ -778,8 +785,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             st0 = (jnp.zeros((bd, npad), acc), jnp.zeros((bd,), acc), jnp.ones((1,), acc))
             (x, sdt, kp), _ = walk(fetch, t0, tc, (st0, queue_at(fetch, t0)), emit)
             e_ref[...] = x.astype(e_ref.dtype)
-            decay = jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
-            p_ref[...] = decay.astype(p_ref.dtype)
+            p_ref[...] = decay_product(sdt, kp, a).astype(p_ref.dtype)
 
         ends, decays = backend.pallas_call(
             local,
@@ -1078,8 +1084,7 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             ex0 = (jnp.zeros((bd,), acc), jnp.ones((1,), acc))
             (h, (sdt, kp)), a = walk(refs[:n_in], zero, ex0, outputs=False)
             e_ref[...] = h.astype(e_ref.dtype)
-            decay = jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
-            p_ref[...] = decay.astype(p_ref.dtype)
+            p_ref[...] = decay_product(sdt, kp, a).astype(p_ref.dtype)
 
         ends, decays = backend.pallas_call(
             local,

@@ -262,8 +262,7 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, sof
             st0 = (jnp.zeros((bd, npad), acc), jnp.zeros((bd,), acc), jnp.ones((1,), acc))
             mu, sdt, kp = reverse_blocks(chunk * tc, tc // S, st0, step)
             e_ref[...] = mu.astype(e_ref.dtype)
-            p = jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
-            p_ref[...] = p.astype(p_ref.dtype)
+            p_ref[...] = P.decay_product(sdt, kp, a).astype(p_ref.dtype)
 
         ends, decays = backend.pallas_call(
             local,
