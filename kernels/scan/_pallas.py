@@ -1,6 +1,6 @@
 """Pallas kernels for the scans (Triton lowering on GPU; ``interpret=True`` runs them on CPU).
 
-Two kernel designs, chosen by :data:`LINEAR_KERNEL` / :data:`SELECTIVE_KERNEL` (read at trace time):
+Kernel designs, chosen by :data:`LINEAR_KERNEL` / :data:`SELECTIVE_KERNEL` (read at trace time):
 
 - "sequential": one program per (batch, channel block) keeps the block's state in registers and
   walks all L steps. Few programs when batch x channels is small (B=2, D=1024: 128 programs of a
@@ -17,7 +17,12 @@ Two kernel designs, chosen by :data:`LINEAR_KERNEL` / :data:`SELECTIVE_KERNEL` (
   :data:`CHUNKED_CONFIG` ``[0]`` programs (1 chunk, i.e. a single fused pass, when L is short or
   batch x channels already fill the device).
 
-Both keep f32 state (f64 under x64 with f64 inputs) and read bf16/f32 inputs as they come. The
+The selective scan has a third design, "blocked" (:data:`SELECTIVE_BLOCKED_CONFIG`, opt-in until
+timed on a GPU): one pass over L per (batch, channel block), T steps at a time as (channels, N, T)
+tiles with the recurrence along T as one Triton ``tt.scan`` (``_tt_scan.linear_recurrence``);
+optionally split into chunks like "chunked" (:data:`SELECTIVE_BLOCKED_PROGRAMS`).
+
+All keep f32 state (f64 under x64 with f64 inputs) and read bf16/f32 inputs as they come. The
 chunked kernels load the inputs of step t + PREFETCH while step t computes (a ring of loaded
 steps carried through the loop), so that load latency overlaps arithmetic; ragged L and channel
 edges are handled with clamped indices and masked loads/stores (no padding copies).
