@@ -156,7 +156,7 @@ def _selective_bwd_kernels_s(d: dict, interpret: bool) -> float:
     bd = _pallas._channel_block(dim, _pallas.SELECTIVE_CHUNKED_CONFIG[0])
     tc, nc = _pallas._plan_chunks(bsz * (dim // bd), length, unit=chunk)
     h0 = jnp.zeros((bsz, dim, A.shape[1]), jnp.float32)
-    cfg = (True, "time", "time", chunk, tc, nc, interpret, "pallas", "chunked")
+    cfg = _pallas.SelectiveConfig(True, "time", "time", chunk, tc, nc, interpret, "pallas")
     fwd = jax.jit(lambda *a: _pallas._fused_impl(*a, None, None, None, h0, None, cfg, save=True))
     y, _, _, subs = fwd(u, dl, A, B, C)
     gy, gh = jnp.ones_like(y), jnp.ones_like(h0)

@@ -74,7 +74,7 @@ class MosaicConfig:
     interpret: bool = False
 
 
-SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA (opt-in maximum)
+SMEM_BYTES = _pallas.HOPPER_SMEM_BYTES  # Hopper's shared memory per CTA (opt-in maximum)
 
 
 def smem_bytes(

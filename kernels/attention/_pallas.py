@@ -777,11 +777,14 @@ def default_blocks(t: int, s: int, h: int, hv: int, interpret: bool) -> dict:
     )
 
 
+HOPPER_SMEM_BYTES = 227 * 1024  # Hopper's (and B100/B200's) shared memory per block (opt-in max)
+
+
 def smem_limit(device: Any = None) -> int:
     """Shared memory one Triton program may use on ``device`` (default: the first), bytes."""
     kind = str(getattr(device or jax.devices()[0], "device_kind", ""))
     if any(x in kind for x in ("H100", "H200", "H800", "H20", "GH200", "B200", "B100")):
-        return 227 * 1024
+        return HOPPER_SMEM_BYTES
     if any(x in kind for x in ("A100", "A800", "A30")):
         return 163 * 1024
     return 99 * 1024
@@ -806,8 +809,9 @@ def forward_smem(opts: dict, hp: int, hvp: int, itemsize: int, bias_tile, mask_t
 
 
 def fit_smem(opts: dict, limit: int, *sizes) -> dict:
-    """Fewer stages (down to 2), then smaller key blocks (down to 16), until
-    :func:`forward_smem` ``(opts, *sizes)`` fits in ``limit`` bytes; a copy of ``opts``."""
+    """Fewer stages (down to 2), then smaller key blocks, then smaller query blocks (down to
+    16), until :func:`forward_smem` ``(opts, *sizes)`` fits in ``limit`` bytes; a copy of
+    ``opts``."""
     opts = dict(opts)
     while forward_smem(opts, *sizes) > limit:
         if opts["num_stages"] > 2:
@@ -848,16 +852,12 @@ def _prepare(inp: Inputs, interpret: bool, blocks: dict | None):
     s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
     opts = default_blocks(t, s, h, hv, interpret)
     if not interpret:  # bias / mask tiles (and f32) can overflow shared memory: shrink to fit
-        tile = lambda x, isz: None if x is None else (x.shape[2] > 1, x.shape[3] > 1, isz)  # noqa: E731
-        opts = fit_smem(
-            opts,
-            smem_limit(),
-            _pow2_at_least(h),
-            _pow2_at_least(hv),
-            q.dtype.itemsize,
-            tile(inp.bias, 0 if inp.bias is None else inp.bias.dtype.itemsize),
-            tile(inp.mask, 1),
-        )
+
+        def tile(x):  # (query rows?, key columns?, bytes per element) of a bias / mask tile
+            return None if x is None else (x.shape[2] > 1, x.shape[3] > 1, x.dtype.itemsize)
+
+        sizes = (_pow2_at_least(h), _pow2_at_least(hv), q.dtype.itemsize)
+        opts = fit_smem(opts, smem_limit(), *sizes, tile(inp.bias), tile(inp.mask))
     if blocks:
         opts.update(blocks)
     _check_blocks(opts)

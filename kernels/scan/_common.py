@@ -41,6 +41,16 @@ def check_chunk(chunk_size: int | None, length: int, name: str = "chunk_size") -
     return int(chunk_size)
 
 
+def split_for_programs(units: int, programs: int, target: int, most: int | None = None):
+    """(units per chunk, chunks): split ``units`` (steps, blocks or chunks of a sequence) into
+    the fewest chunks that give a grid of ``programs`` per chunk about ``target`` programs in
+    all, at most ``most`` chunks (default ``units``), at least one."""
+    want = -(-max(0, target) // max(programs, 1))
+    want = max(1, min(want, units, units if most is None else most))
+    per = -(-units // want)
+    return per, -(-units // per)
+
+
 def pad_time(x: Array, length: int, axis: int = 1, value: float = 0.0) -> Array:
     """Pad ``x`` along ``axis`` at the end up to ``length``."""
     n = x.shape[axis]

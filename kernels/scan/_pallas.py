@@ -38,7 +38,7 @@ interpret mode). benchmarks/gpu_scan.py compares both in one run.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
 
 from jaxcore import backend
+
+from ._common import split_for_programs
 
 Array = Any
 
@@ -163,10 +165,9 @@ def _plan_chunks(programs: int, length: int, unit: int = 1) -> tuple[int, int]:
     L); the chunk count is the smallest giving about CHUNKED_CONFIG[0] programs in all.
     """
     target, min_steps = CHUNKED_CONFIG
-    units = -(-length // unit)
-    want = max(1, -(-target // max(programs, 1)))
-    want = min(want, max(1, length // max(min_steps, 1)), units)
-    tc = -(-units // want) * unit
+    most = max(1, length // max(min_steps, 1))
+    per, _ = split_for_programs(-(-length // unit), programs, target, most)
+    tc = per * unit
     return tc, -(-length // tc)
 
 
@@ -666,6 +667,13 @@ def _softplus_mamba(x: Array) -> Array:
     return jnp.where(x <= 20.0, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))), x)
 
 
+def _delta(dt: Array, bias: Array | None, softplus: bool) -> Array:
+    """The forward kernels' step sizes: dt (+ delta_bias, of dt's rank), then softplus."""
+    if bias is not None:
+        dt = dt + bias
+    return _softplus_mamba(dt) if softplus else dt
+
+
 def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus, tc, nc, sub,
                             save, interpret, save_ypre=True):  # fmt: skip
     """The three phases on padded-N operands.
@@ -709,11 +717,7 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         def fetch(t):
             valid = t < length
             tt = jnp.minimum(t, length - 1)
-            dt = dl_ref[tt, :].astype(acc)
-            if has_bias:
-                dt = dt + bias_v
-            if softplus:
-                dt = _softplus_mamba(dt)
+            dt = _delta(dl_ref[tt, :].astype(acc), bias_v, softplus)
             if masked:
                 dt = jnp.where(valid, dt, 0.0)
             out = {"dt": dt, "u": u_ref[tt, :].astype(acc), "b": b_ref[tt, :].astype(acc)}
@@ -903,15 +907,6 @@ def _blocked_steps(sub: int | None, cap: int) -> int:
     return t
 
 
-def _plan_blocked(programs: int, nblocks: int) -> tuple[int, int]:
-    """ "blocked": (blocks per chunk, chunks) for a grid of ``programs`` per chunk index: one
-    chunk (one pass) unless SELECTIVE_BLOCKED_PROGRAMS asks for more programs."""
-    target = max(0, int(SELECTIVE_BLOCKED_PROGRAMS))
-    want = max(1, min(nblocks, -(-target // max(programs, 1))))
-    bpc = -(-nblocks // want)
-    return bpc, -(-nblocks // bpc)
-
-
 def _cost_selective_blocked(phase: int, u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, *, bd, T, bpc,
                             nbc, nsave, softplus, keep_ypre):  # fmt: skip
     """ "blocked" selective scan, one program per (batch, channel block, chunk of ``bpc`` blocks
@@ -985,7 +980,10 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     T = _blocked_steps(sub if save else None, min(tcap, _pow2_at_least(length)))
     total = nc * tc if save else length  # with save: blocks up to the last saved interval
     nsave = nc * tc // sub if save else 0
-    bpc, nbc = _plan_blocked(bsz * (dim // bd), -(-total // T))
+    # one chunk (one pass) unless SELECTIVE_BLOCKED_PROGRAMS asks for more programs
+    bpc, nbc = split_for_programs(
+        -(-total // T), bsz * (dim // bd), int(SELECTIVE_BLOCKED_PROGRAMS)
+    )
     has_d, has_z, has_bias, has_keep = (v is not None for v in (Dv, z, bias, keep))
     keep_ypre = save and has_z and save_ypre
 
@@ -1019,7 +1017,7 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         y_ref, yp_ref, st_ref = rest if outputs else (None, None, None)
         a = a_ref[...].astype(acc) * _LOG2E  # (bd, Np)
         dv = d_ref[...].astype(acc) if has_d else None
-        bias_v = bias_ref[...].astype(acc) if has_bias else None
+        bias_v = bias_ref[...].astype(acc)[None, :] if has_bias else None  # (1, bd)
         is_last = lax.broadcasted_iota(jnp.int32, (1, 1, T), 2) == T - 1
         first = pl.program_id(2) * bpc
 
@@ -1033,11 +1031,7 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
                 mask = jnp.broadcast_to(valid[:, None], (T, width))
                 return plgpu.load(ref.at[rows, pl.ds(_i32(0), width)], mask=mask, other=0.0)
 
-            dt = load(dl_ref, bd).astype(acc)  # (T, bd)
-            if has_bias:
-                dt = dt + bias_v[None, :]
-            if softplus:
-                dt = _softplus_mamba(dt)
+            dt = _delta(load(dl_ref, bd).astype(acc), bias_v, softplus)  # (T, bd)
             dt = jnp.where(valid[:, None], dt, 0.0).T  # (bd, T)
             uu = load(u_ref, bd).astype(acc).T
             bt = load(b_ref, npad).astype(acc).T  # (Np, T)
@@ -1048,12 +1042,13 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             dbu = (dt * uu)[:, None, :] * bt[None, :, :]
             prefix, hs = linear_recurrence(da, dbu, axis=2)
             hs = hs + prefix * h[:, :, None]  # the states after each step of the block
+            h_next = jnp.sum(jnp.where(is_last, hs, 0.0), axis=2)  # the block's last state
             if not outputs:
                 sdt, kp = ex
                 sdt = sdt + jnp.sum(dt, axis=1)
                 if has_keep:
                     kp = jnp.minimum(kp, jnp.min(kt))
-                return jnp.sum(jnp.where(is_last, hs, 0.0), axis=2), (sdt, kp)
+                return h_next, (sdt, kp)
             ct = load(c_ref, npad).astype(acc).T
             y = jnp.sum(hs * ct[None, :, :], axis=1)  # (bd, T)
             if has_d:
@@ -1070,7 +1065,7 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
                 at = (jnp.minimum(t0 // sub, nsave - 1), pl.ds(_i32(0), bd), pl.ds(_i32(0), npad))
                 on = jnp.broadcast_to((t0 % sub == 0) & (t0 < total), (bd, npad))
                 plgpu.store(st_ref.at[at], h.astype(st_ref.dtype), mask=on)
-            return jnp.sum(jnp.where(is_last, hs, 0.0), axis=2), ex
+            return h_next, ex
 
         return lax.fori_loop(_i32(0), _i32(bpc), body, (h, extra_carry)), a
 
@@ -1139,7 +1134,21 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
     return _split_outputs(outs, keep_ypre, save)
 
 
-def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
+class SelectiveConfig(NamedTuple):
+    """Static configuration of one fused selective-scan call (hashable: a custom_vjp argument)."""
+
+    softplus: bool
+    lb: str  # B's layout, for the XLA backward
+    lc: str  # C's layout
+    chunk: int  # the backward's recompute chunk = the forward's saved-state interval
+    tc: int  # steps per chunk of the chunked kernel's grid
+    nc: int  # chunks
+    interpret: bool
+    backward: str  # "pallas" or "xla" (SELECTIVE_BACKWARD resolved)
+    kernel: str = "chunked"  # the forward design: "chunked" or "blocked"
+
+
+def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg: SelectiveConfig, save: bool):
     """The forward on N padded to a power of two; the saved states stay padded."""
     softplus, lb, lc, chunk, tc, nc, interpret = cfg[:7]
     n = A.shape[1]
@@ -1149,10 +1158,10 @@ def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save: bool):
     if npad != n:
         pad = lambda v: jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, npad - n)])
         A, Bg, Cg, h0 = pad(A), pad(Bg), pad(Cg), pad(h0)
-    call = _selective_blocked_call if cfg[8] == "blocked" else _selective_chunked_call
+    call = _selective_blocked_call if cfg.kernel == "blocked" else _selective_chunked_call
     y, h_t, ypre, subs = call(
         u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, softplus=softplus, tc=tc, nc=nc, sub=chunk,
-        save=save, interpret=interpret, save_ypre=cfg[7] == "xla",  # the Pallas bwd recomputes it
+        save=save, interpret=interpret, save_ypre=cfg.backward == "xla",  # Pallas bwd recomputes it
     )  # fmt: skip
     return y, h_t[..., :n], ypre, subs
 
@@ -1169,7 +1178,7 @@ def _selective_fused_fwd(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
 
 
 def _selective_fused_bwd(cfg, res, cts):
-    bwd = _selective_fused_bwd_pallas if cfg[7] == "pallas" else _selective_fused_bwd_xla
+    bwd = _selective_fused_bwd_pallas if cfg.backward == "pallas" else _selective_fused_bwd_xla
     grads = bwd(cfg, res[:11], cts)
     u, dl, A, Bm, Cm, Dv, z, bias, keep, _, _, h0 = res
     primals = (u, dl, A, Bm, Cm, Dv, z, bias, h0, keep)
@@ -1305,5 +1314,5 @@ def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, ke
     if backward == "auto":
         backward = "xla" if interpret else "pallas"  # see SELECTIVE_BACKWARD
     kernel = _check_kernel(SELECTIVE_KERNEL, "SELECTIVE_KERNEL", SELECTIVE_KERNELS)
-    cfg = (bool(softplus), lb, lc, chunk, tc, nc, bool(interpret), backward, kernel)
+    cfg = SelectiveConfig(bool(softplus), lb, lc, chunk, tc, nc, bool(interpret), backward, kernel)
     return _selective_fused(u, delta, A, Bm, Cm, cast(D), z, cast(delta_bias), h0, keep, cfg)

@@ -57,7 +57,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxcore import backend, checks
 
-from ._common import pad_time, reset_mask
+from ._common import pad_time, reset_mask, split_for_programs
 
 Array = Any
 
@@ -668,20 +668,22 @@ def _forward(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
     starts, h_t = _pass_states(states.reshape(bsz, heads, nc, -1), log_decay, h0f, cfg, acc, mm)
     starts = starts.reshape(bsz, heads, nc, pp, npad)
     y = _outputs(xp, Bp, Cp, dtp, A, starts, dv, seg, cfg, acc, mm)
-    if y.shape[1] != length or pp != p:
+    return _unpad(y, h_t.reshape(bsz, heads, pp, npad), length, p, n)
+
+
+def _unpad(y, h_t, length: int, p: int, n: int):
+    """y (B, Lp, H, Pp) and the final state (B, H, Pp, Np) cut back to L, P, N."""
+    if y.shape[1] != length or y.shape[3] != p:
         y = y[:, :length, :, :p]
-    return y, h_t.reshape(bsz, heads, pp, npad)[:, :, :p, :n]
+    return y, h_t[:, :, :p, :n]
 
 
 def segment_plan(bsz: int, length: int, heads: int, p: int, cfg: _Cfg) -> tuple[int, int]:
     """ "fused": (chunks per segment, segments): the fewest segments giving kernel C about
     ``cfg.programs`` programs (batch x heads x P blocks x segments), at most one per chunk."""
-    nc = -(-length // cfg.q)
     pp = _pow2_at_least(p, 16)
     per_segment = bsz * heads * (pp // min(cfg.bp, pp))
-    want = max(1, min(nc, -(-cfg.programs // per_segment)))
-    cps = -(-nc // want)
-    return cps, -(-nc // cps)
+    return split_for_programs(-(-length // cfg.q), per_segment, cfg.programs)
 
 
 def _forward_fused(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
@@ -706,9 +708,7 @@ def _forward_fused(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
         starts = starts.reshape(bsz, heads, nseg - 1, pp, npad)
         final = final.reshape(bsz, heads, pp, npad)
     y, h_t = _fused_outputs(xp, Bp, Cp, dtp, A, starts, final, dv, seg, cfg, cps, acc, mm)
-    if y.shape[1] != length or pp != p:
-        y = y[:, :length, :, :p]
-    return y, h_t[:, :, :p, :n]
+    return _unpad(y, h_t, length, p, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
