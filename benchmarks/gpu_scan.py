@@ -4,7 +4,7 @@ Throughput = (bytes of inputs read + outputs written) / forward time, as a fract
 (``x + 1`` on a large bf16 array: bytes read + written / time) measured in the same run.
 
 selective_scan: the chunked three-phase Pallas kernel (the default; a few tilings and grid
-sizes), the single-pass "blocked" one (session 6: tt.scan over blocks of T steps; several
+sizes), the "blocked" one (tt.scan over time-first blocks of T steps, session 7; several
 tilings), the old "sequential" one and the XLA "chunked" path, in one run, each checked against
 XLA on the device (max_abs_diff_vs_xla); forward+backward with the Pallas backward kernels and
 with the XLA chunked backward (SELECTIVE_BACKWARD; the gradients compared on the device first;
@@ -129,6 +129,13 @@ _KNOBS = ("SELECTIVE_KERNEL", "LINEAR_KERNEL", "SELECTIVE_CONFIG", "SELECTIVE_CH
           "SELECTIVE_BLOCKED_PROGRAMS")  # fmt: skip
 
 
+# "blocked" tilings timed after the default: (SELECTIVE_BLOCKED_CONFIG, _PROGRAMS), in the
+# order of triton_static.py's bound (us): 174 (spills), 180, 199, 202, 265 (one pass, 256
+# programs; BENCHMARKS.md "Session 7")
+_BLOCKED_SWEEP = (((32, 8, 1, 2), 1024), ((64, 8, 4, 2), 1024), ((32, 4, 1, 2), 4096),
+                  ((32, 8, 4, 2), 1024), ((8, 16, 4, 2), 0))  # fmt: skip
+
+
 def _set(**overrides) -> dict:
     """Set _pallas module knobs (read at trace time); returns the previous values."""
     old = {k: getattr(_pallas, k) for k in _KNOBS}
@@ -212,12 +219,12 @@ def bench_selective(bw: float, quick: bool, pallas: str) -> None:
         runs = [("chunked", {}, False, si == 0), (pallas, pallas_bwd, False, True)]
         runs += [(pallas, runs_blocked_bwd, False, True)]
         if not quick and si == 0:
-            runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_CONFIG": c}, False, False)
-                     for c in ((16, 16, 4, 1), (4, 32, 4, 2), (16, 16, 4, 3), (8, 32, 8, 2),
-                               (32, 16, 8, 2), (4, 16, 2, 1))]  # fmt: skip
-            # split into chunks (two passes, a fuller grid)
-            runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_PROGRAMS": p}, False, False)
-                     for p in (1024, 4096)]  # fmt: skip
+            # session 7's time-first tiles, ranked by triton_static.py's instruction-count
+            # bound (sm_90a, offline; the default (32, 4, 1, 2) at 1024 programs first, 171 us
+            # of bound vs the chunked default's 189): (config, target programs; 0 = one pass)
+            runs += [(pallas, {**blocked, "SELECTIVE_BLOCKED_CONFIG": c,
+                               "SELECTIVE_BLOCKED_PROGRAMS": p}, False, False)
+                     for c, p in _BLOCKED_SWEEP]  # fmt: skip
         if si == 0:  # (the second shape: the two designs only, then the D, z runs)
             runs += [(pallas, {"SELECTIVE_KERNEL": "sequential"}, False, False)]
         runs += [(pallas, xla_bwd, False, si == 0)]

@@ -18,9 +18,9 @@ Kernel designs, chosen by :data:`LINEAR_KERNEL` / :data:`SELECTIVE_KERNEL` (read
   batch x channels already fill the device).
 
 The selective scan has a third design, "blocked" (:data:`SELECTIVE_BLOCKED_CONFIG`, opt-in until
-timed on a GPU): one pass over L per (batch, channel block), T steps at a time as (channels, N, T)
+timed on a GPU): a pass over L per (batch, channel block), T steps at a time as (T, N, channels)
 tiles with the recurrence along T as one Triton ``tt.scan`` (``_tt_scan.linear_recurrence``);
-optionally split into chunks like "chunked" (:data:`SELECTIVE_BLOCKED_PROGRAMS`).
+split into chunks like "chunked" (:data:`SELECTIVE_BLOCKED_PROGRAMS`).
 
 All keep f32 state (f64 under x64 with f64 inputs) and read bf16/f32 inputs as they come. The
 chunked kernels load the inputs of step t + PREFETCH while step t computes (a ring of loaded
@@ -68,22 +68,29 @@ KERNELS: tuple[str, ...] = ("auto", "sequential", "chunked")
 # the selective scan also has "blocked" (see SELECTIVE_BLOCKED_CONFIG)
 SELECTIVE_KERNELS: tuple[str, ...] = (*KERNELS, "blocked")
 
-# "blocked" selective scan (session 6; tested in interpret mode and lowered to Triton IR, not yet
-# timed on a GPU, so not the default): one pass over L per (batch, channel block) program, T
-# steps at a time as (channels, N, T) tiles: coalesced (T, channels) / (T, N) tile loads, all
+# "blocked" selective scan (session 6; session 7 changed its tiles to time-first; tested in
+# interpret mode, lowered to Triton IR and compiled for sm_90a offline (triton_static.py), not
+# yet timed on a GPU, so not the default): per (batch, channel block, chunk) program, T steps
+# at a time as (T, N, channels) tiles: coalesced (T, channels) / (T, N) tile loads, all
 # exp(dt A) of the block at once, the recurrence along T as one Triton ``tt.scan``
-# (_tt_scan.linear_recurrence: mamba_ssm's time-parallel block scan), y stored as a (T,
-# channels) tile. Every exp is computed once (the chunked kernel computes them twice: its phase
-# 1 and 3); the grid has only B x D / channels programs. (max channels per program, T (a power
-# of two; with gradients at most the largest power of two dividing the saved-state interval),
-# warps, software-pipeline stages: 2 lets Triton load the next block while this one computes).
-# B=2, D=1024 gives 256 programs of 8 channels.
-SELECTIVE_BLOCKED_CONFIG: tuple[int, int, int, int] = (8, 16, 4, 2)
-# "blocked": target number of programs. 0 (the default): one pass over L (B x D / channels
-# programs). Larger: L is split into chunks, as in the chunked kernel, until the grid has about
-# this many programs. That is two passes: each exp is computed twice, for a grid that fills the
-# device when B x D is small. Read at trace time; not yet measured.
-SELECTIVE_BLOCKED_PROGRAMS: int = 0
+# (_tt_scan.linear_recurrence), y stored as a (T, channels) tile. Time first keeps each
+# lane's T steps in its registers (Triton gives the lanes to the last axis): the scan runs
+# in-thread, with no shuffles, and the sum over N stays within the warp or the thread.
+# Session 6's (channels, N, T) tiles put T on the lanes: 45 SASS instructions per (step,
+# channel, state) element, 216 shuffles per block; time first: 12-24 (benchmarks/triton_static
+# .py, BENCHMARKS.md "Session 7"). (max channels per program, T (a power of two; with gradients
+# at most the largest power of two dividing the saved-state interval), warps,
+# software-pipeline stages: 2 lets Triton load the next block while this one computes).
+# (32, 4, 1, 2): the lowest instruction-count bound of the tilings compiled offline (one warp,
+# 32 channels on the lanes, the 4 x 16 (T, N) of each channel in its registers, 218 registers,
+# no spills).
+SELECTIVE_BLOCKED_CONFIG: tuple[int, int, int, int] = (32, 4, 1, 2)
+# "blocked": target number of programs. 0: one pass over L (B x D / channels programs: 64 at
+# B=2, D=1024, 32 channels, too few for a GPU). Larger: L is split into chunks, as in the
+# chunked kernel, until the grid has about this many programs. That is two passes: each exp is
+# computed twice, for a grid that fills the device when B x D is small. Read at trace time; not
+# yet measured.
+SELECTIVE_BLOCKED_PROGRAMS: int = 1024
 
 # Chunked kernels: (target number of programs in the grid, fewest steps per chunk). Read at trace
 # time; tests lower the second to get several chunks at small L.
@@ -1016,13 +1023,14 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         k_ref = rest.pop(0) if has_keep else None
         y_ref, yp_ref, st_ref = rest if outputs else (None, None, None)
         a = a_ref[...].astype(acc) * _LOG2E  # (bd, Np)
-        dv = d_ref[...].astype(acc) if has_d else None
+        a_t = a.T[None]  # (1, Np, bd)
+        dv = d_ref[...].astype(acc)[None, :] if has_d else None  # (1, bd)
         bias_v = bias_ref[...].astype(acc)[None, :] if has_bias else None  # (1, bd)
-        is_last = lax.broadcasted_iota(jnp.int32, (1, 1, T), 2) == T - 1
+        is_last = lax.broadcasted_iota(jnp.int32, (T, 1, 1), 0) == T - 1
         first = pl.program_id(2) * bpc
 
         def body(k, carry):
-            h, ex = carry
+            h, ex = carry  # h: (Np, bd)
             t0 = ((first + k) * T).astype(jnp.int32)  # int32 under x64 too
             valid = t0 + tid() < length  # rows past L: identity steps, stores masked
             rows = pl.ds(t0, T)
@@ -1031,43 +1039,46 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
                 mask = jnp.broadcast_to(valid[:, None], (T, width))
                 return plgpu.load(ref.at[rows, pl.ds(_i32(0), width)], mask=mask, other=0.0)
 
+            # tiles (T, Np, bd): time first, so that Triton keeps each lane's T steps in its
+            # registers (the recurrence in-thread, no shuffles) and the channels on the lanes
             dt = _delta(load(dl_ref, bd).astype(acc), bias_v, softplus)  # (T, bd)
-            dt = jnp.where(valid[:, None], dt, 0.0).T  # (bd, T)
-            uu = load(u_ref, bd).astype(acc).T
-            bt = load(b_ref, npad).astype(acc).T  # (Np, T)
-            da = jnp.exp2(dt[:, None, :] * a[:, :, None])  # (bd, Np, T)
+            dt = jnp.where(valid[:, None], dt, 0.0)
+            uu = load(u_ref, bd).astype(acc)
+            bt = load(b_ref, npad).astype(acc)  # (T, Np)
+            da = jnp.exp2(dt[:, None, :] * a_t)  # (T, Np, bd)
             if has_keep:
                 kt = plgpu.load(k_ref.at[rows], mask=valid, other=1.0).astype(acc)
-                da = jnp.where(kt[None, None, :] > 0, da, 0.0)
-            dbu = (dt * uu)[:, None, :] * bt[None, :, :]
-            prefix, hs = linear_recurrence(da, dbu, axis=2)
-            hs = hs + prefix * h[:, :, None]  # the states after each step of the block
-            h_next = jnp.sum(jnp.where(is_last, hs, 0.0), axis=2)  # the block's last state
+                da = jnp.where(kt[:, None, None] > 0, da, 0.0)
+            dbu = (dt * uu)[:, None, :] * bt[:, :, None]
+            prefix, hs = linear_recurrence(da, dbu, axis=0)
+            hs = hs + prefix * h[None]  # the states after each step of the block
+            h_next = jnp.sum(jnp.where(is_last, hs, 0.0), axis=0)  # the block's last state
             if not outputs:
                 sdt, kp = ex
-                sdt = sdt + jnp.sum(dt, axis=1)
+                sdt = sdt + jnp.sum(dt, axis=0)
                 if has_keep:
                     kp = jnp.minimum(kp, jnp.min(kt))
                 return h_next, (sdt, kp)
-            ct = load(c_ref, npad).astype(acc).T
-            y = jnp.sum(hs * ct[None, :, :], axis=1)  # (bd, T)
+            ct = load(c_ref, npad).astype(acc)
+            y = jnp.sum(hs * ct[:, :, None], axis=1)  # (T, bd)
             if has_d:
-                y = y + dv[:, None] * uu
+                y = y + dv * uu
             store_mask = jnp.broadcast_to(valid[:, None], (T, bd))
             out_rows = (rows, pl.ds(_i32(0), bd))
             if yp_ref is not None:
-                plgpu.store(yp_ref.at[out_rows], y.T.astype(yp_ref.dtype), mask=store_mask)
+                plgpu.store(yp_ref.at[out_rows], y.astype(yp_ref.dtype), mask=store_mask)
             if has_z:
-                zz = load(z_ref, bd).astype(acc).T
+                zz = load(z_ref, bd).astype(acc)
                 y = y * (zz / (1.0 + jnp.exp(-zz)))
-            plgpu.store(y_ref.at[out_rows], y.T.astype(y_ref.dtype), mask=store_mask)
+            plgpu.store(y_ref.at[out_rows], y.astype(y_ref.dtype), mask=store_mask)
             if st_ref is not None:  # the state entering this block, at each saved interval
                 at = (jnp.minimum(t0 // sub, nsave - 1), pl.ds(_i32(0), bd), pl.ds(_i32(0), npad))
                 on = jnp.broadcast_to((t0 % sub == 0) & (t0 < total), (bd, npad))
-                plgpu.store(st_ref.at[at], h.astype(st_ref.dtype), mask=on)
+                plgpu.store(st_ref.at[at], h.T.astype(st_ref.dtype), mask=on)
             return h_next, ex
 
-        return lax.fori_loop(_i32(0), _i32(bpc), body, (h, extra_carry)), a
+        h, extra_carry = lax.fori_loop(_i32(0), _i32(bpc), body, (h.T, extra_carry))
+        return (h.T, extra_carry), a  # h: (bd, Np) outside the walk
 
     cost = lambda phase: _cost_selective_blocked(
         phase, u, dl, A, Bg, Cg, Dv, z, bias, keep, h0, bd=bd, T=T, bpc=bpc, nbc=nbc,

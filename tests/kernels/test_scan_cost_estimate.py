@@ -125,8 +125,8 @@ CASES = {
         1,
     ),
     "selective_chunked": ({}, _selective(PI), _selective_args(dtype=jnp.bfloat16), 2),
-    "selective_blocked": (
-        {"SELECTIVE_KERNEL": "blocked"},
+    "selective_blocked": (  # one pass
+        {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BLOCKED_PROGRAMS": 0},
         _selective(PI),
         _selective_args(dtype=jnp.bfloat16),
         1,
@@ -138,7 +138,11 @@ CASES = {
         2,
     ),
     "selective_blocked_fwd_bwd": (
-        {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BACKWARD": "pallas"},
+        {
+            "SELECTIVE_KERNEL": "blocked",
+            "SELECTIVE_BLOCKED_PROGRAMS": 0,
+            "SELECTIVE_BACKWARD": "pallas",
+        },  # fmt: skip
         _selective(PI, grad=True),
         _selective_args(),
         3,
@@ -309,7 +313,8 @@ def test_estimates_match_kernel_bodies(small_chunks, monkeypatch):
     del ssd_kw["segment_ids"]
     seq = {"LINEAR_KERNEL": "sequential", "SELECTIVE_KERNEL": "sequential"}
     fused = {"SSD_KERNEL": "fused", "SSD_FUSED_CONFIG": (16, 16, 4, 2, 32)}
-    blocked = {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BLOCKED_CONFIG": (16, 16, 4, 1)}
+    blocked = {"SELECTIVE_KERNEL": "blocked", "SELECTIVE_BLOCKED_CONFIG": (16, 16, 4, 1),
+               "SELECTIVE_BLOCKED_PROGRAMS": 0}  # fmt: skip
     chunks4 = {"SELECTIVE_BLOCKED_PROGRAMS": 16}
     groups = bsz * dim // 16  # (batch, 16-channel block) pairs of the blocked kernel
     cases = [  # (knobs, function, inputs, average while trips, masked-off bytes per kernel)

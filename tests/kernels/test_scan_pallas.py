@@ -323,12 +323,12 @@ def test_kernels_lower_to_triton_ir(small_chunks, monkeypatch, kernel, knobs):
 
 @pytest.mark.parametrize(
     "config, programs",
-    [((16, 16, 4, 1), 0), ((4, 32, 4, 2), 0), ((32, 16, 8, 2), 0), ((8, 32, 8, 2), 64)],
+    [((32, 4, 1, 2), 16), ((64, 8, 4, 2), 16), ((8, 16, 4, 2), 0), ((8, 32, 8, 2), 64)],
 )
 def test_selective_blocked_tilings(small_chunks, monkeypatch, config, programs):
-    """The tilings benchmarks/gpu_scan.py sweeps on a GPU (channels 4-32, T 16-32, one pass or
-    chunks), at D=64 and a ragged L = 45 (T = 32 > the 16-step saved interval falls back to 16
-    for the gradients' forward), forward and gradients against the reference."""
+    """Tilings like those benchmarks/gpu_scan.py sweeps on a GPU (channels 8-64, T 4-32, one
+    pass or chunks), at D=64 and a ragged L = 45 (T = 32 > the 16-step saved interval falls
+    back to 16 for the gradients' forward), forward and gradients against the reference."""
     monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", "blocked")
     monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_CONFIG", config)
     monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_PROGRAMS", programs)
