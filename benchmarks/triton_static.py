@@ -386,6 +386,34 @@ def _ssd_case():
     return f, args, 2 * b * length * h * p * 2 + b * length * h * 2 + 2 * b * length * n * 2
 
 
+def _attention_grad_case():
+    """The Triton flash attention (implementation="pallas"), forward and backward; bf16
+    B=4 T=4096 N=16 H=128 causal (the matmuls run on tensor cores: the issue model counts their
+    instructions, not their tensor-core time, so read registers, spills and occupancy here)."""
+    from jaxcore.kernels.attention import dot_product_attention
+
+    shape = (4, 4096, 16, 128)
+    args = (_sds(shape), _sds(shape), _sds(shape))
+
+    def loss(q, k, v):
+        o = dot_product_attention(q, k, v, is_causal=True, implementation="pallas")
+        return jnp.sum(o.astype(jnp.float32))
+
+    return jax.grad(loss, (0, 1, 2)), args, None
+
+
+def _paged_decode_case():
+    """The Triton paged decode: bf16 B=8 N=32 K=8 H=128, 16-token pages, 8192 positions."""
+    from jaxcore.kernels.attention import paged_decode_attention
+
+    b, n, kh, h, ps, pages = 8, 32, 8, 128, 16, 8192 // 16
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    pool = _sds((b * pages, ps, kh, h))
+    args = (_sds((b, 1, n, h)), pool, pool, i32(b, pages), i32(b))
+    f = lambda *a: paged_decode_attention(*a, implementation="pallas")  # noqa: E731
+    return f, args, None
+
+
 # name -> (builder of (fn, args, bytes read + written), module, its knobs for the case)
 CASES: dict[str, tuple[Callable, str, dict]] = {
     "selective_chunked": (_selective_case, "_pallas", {"SELECTIVE_KERNEL": "chunked"}),
@@ -406,14 +434,18 @@ CASES: dict[str, tuple[Callable, str, dict]] = {
     ),  # fmt: skip
     "ssd_three_phase": (_ssd_case, "_ssd_pallas", {"SSD_KERNEL": "three_phase"}),
     "ssd_fused": (_ssd_case, "_ssd_pallas", {"SSD_KERNEL": "fused"}),
+    "attention_triton_grad": (_attention_grad_case, "attention._pallas", {}),
+    "paged_decode": (_paged_decode_case, "attention._paged", {}),
 }
 
 
 @contextlib.contextmanager
 def knobs_set(module: str, knobs: dict):
-    """Set module-level kernel knobs of ``jaxcore.kernels.scan.<module>`` (read at trace time)
-    and restore them after."""
-    mod = importlib.import_module(f"jaxcore.kernels.scan.{module}")
+    """Set module-level kernel knobs of ``jaxcore.kernels.<module>`` (``scan.`` where the name
+    has no package; read at trace time) and restore them after."""
+    mod = importlib.import_module(
+        f"jaxcore.kernels.{module if '.' in module else 'scan.' + module}"
+    )
     old = {k: getattr(mod, k) for k in knobs}
     try:
         for k, v in knobs.items():

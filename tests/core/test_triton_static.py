@@ -162,3 +162,14 @@ def test_report_cli_case(ts, capsys):
     assert [json.loads(line)["kernel"] for line in lines] == [
         "jaxcore_ssd_chunk_states", "jaxcore_ssd_state_passing", "jaxcore_ssd_fused_outputs"
     ]  # fmt: skip
+
+
+def test_every_case_lowers(ts, capsys):
+    """Every case (scans, ssd, attention, paged decode) at its benchmark shape lowers to Triton
+    IR and finds its kernels, each with a grid and a loop."""
+    ts.main(["--ir-only"])
+    recs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {r["case"] for r in recs} == set(ts.CASES)
+    for r in recs:
+        assert r["kernel"].startswith("jaxcore_") and r["programs"] >= 1
+        assert r["loop_executions"], r["kernel"]
