@@ -19,8 +19,8 @@ bias rows (3.).
    against cuDNN with the same bias.
 
 ``--parts`` picks a subset (default: smoke, speed, mosaic, mosaic_bwd, pallas, bias); ``sweep``
-adds the other Mosaic tilings and the Mosaic forward with the Triton backward, ``split`` the
-Triton checks with ``split_loops=True``.
+adds the other Mosaic tilings, the Mosaic forward with the Triton backward and two spill-free
+Triton backward tilings, ``split`` the Triton checks with ``split_loops=True``.
 ``--quick`` runs tiny shapes (on CPU the kernel runs in interpret mode, cuDNN is skipped).
 """
 
@@ -261,6 +261,9 @@ def speed(bench: Bench, on_gpu: bool, quick: bool, sweep: bool = False) -> None:
             ("mosaic", dict(pingpong=False)),  # bytes of shared memory: 120 over an H200's)
             ("mosaic+triton_bwd", dict()),
         ]
+    if sweep:  # session 7, sm_90a offline (triton_static.py): the default Triton dK/dV
+        # backward spills at H=128 (255 registers, 221 STL/LDL); these two do not
+        configs += [("pallas", dict(block_k_bwd=32)), ("pallas", dict(num_warps_bwd=8))]
     if quick:
         configs = [configs[0], configs[-1]]
 
