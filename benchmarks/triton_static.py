@@ -13,8 +13,9 @@ Triton pipeline off a GPU (XLA pins its own Triton revision). Per kernel it repo
   BAR (block barriers), shared-memory loads/stores, and per element of the kernel's work;
 - an issue model: each resource's busy time if the whole kernel ran on it at the sm_90
   per-SM rates (4 warp instructions per clock, 16 MUFU lanes, 32 SHFL lanes, 128 bytes of
-  shared memory per clock; 132 SMs at 1.98 GHz), next to the time the case's bytes take at
-  the copy bandwidth session 5 measured on an H200 (2.58 TB/s).
+  shared memory per clock; 132 SMs at 1.98 GHz), next to the time the case's bytes, and all
+  the bytes the kernels move by their cost estimates, take at the copy bandwidth session 5
+  measured on an H200 (2.58 TB/s).
 
 The model is a lower bound from instruction counts, **not a timing**. It ranks designs before
 a GPU is lent; only ``gpu_scan.py`` on a GPU measures.
@@ -319,10 +320,14 @@ def dynamic_ops(kernel: TritonKernel, rec: dict) -> tuple[collections.Counter, i
 
 
 def issue_model(kernels: list[tuple[TritonKernel, dict]], io_bytes: int | None,
-                sm: dict = SM90) -> dict:  # fmt: skip
+                sm: dict = SM90, traffic: int | None = None) -> dict:  # fmt: skip
     """Seconds each SM resource is busy for the kernels' estimated instructions (dynamic_ops
     of every warp of every program), summed over the kernels (run one after another): issue
-    (all instructions), MUFU, SHFL, shared-memory bytes; and the copy time of ``io_bytes``.
+    (all instructions), MUFU, SHFL, shared-memory bytes; the copy time of ``io_bytes`` (the
+    case's inputs and outputs: memory_s). requested_s: the copy time of ``traffic``, every
+    byte the kernels load or store by their cost estimates. It is reported, not part of the
+    bound: L2 serves repeated reads (ssd's B and C tiles, read once per head), and for the
+    three-phase ssd it exceeds session 5's measured time (139 vs 124 us).
 
     A kernel gets min(132, programs) SMs, and of each SM's 4 sub-partitions (each with its own
     scheduler, MUFU and shuffle share) only as many as it has resident warps: a grid of 64
@@ -345,10 +350,36 @@ def issue_model(kernels: list[tuple[TritonKernel, dict]], io_bytes: int | None,
     if io_bytes:
         out["memory_s"] = io_bytes / COPY_BYTES_PER_S
     out["bound_s"] = max(out.values())
+    if traffic:
+        out["requested_s"] = traffic / COPY_BYTES_PER_S
     if io_bytes:
         out["fraction_of_copy"] = out["memory_s"] / out["bound_s"]
     out["loops_paired"] = not approx
     return out
+
+
+def pallas_traffic(fn: Callable, *args: Any) -> int | None:
+    """Bytes every pallas_call of ``fn`` moves by its cost estimate (jaxcore's kernels carry
+    one, tested against their bodies in tests/kernels/test_scan_cost_estimate.py); None if a
+    kernel has none."""
+    total = 0
+
+    def visit(jaxpr) -> bool:
+        nonlocal total
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pallas_call":
+                ce = e.params.get("cost_estimate")
+                if ce is None:
+                    return False
+                total += int(ce.bytes_accessed)
+            for p in e.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else [p]:
+                    j = getattr(sub, "jaxpr", sub)
+                    if hasattr(j, "eqns") and not visit(j):
+                        return False
+        return True
+
+    return total if visit(jax.make_jaxpr(fn)(*args).jaxpr) else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,6 +501,7 @@ def report(name: str, compile_kernels: bool, sass_dir: str | None = None,
         with knobs_set(module, knobs):
             fn, args, io_bytes = build()
             kernels = triton_kernels(fn, *args)
+            traffic = pallas_traffic(fn, *args)
     finally:
         backend.platform = platform
     recs, compiled = [], []
@@ -486,8 +518,9 @@ def report(name: str, compile_kernels: bool, sass_dir: str | None = None,
                 rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         recs.append(rec)
     if compile_kernels and len(compiled) == len(kernels):
-        model = issue_model(compiled, io_bytes)
-        recs.append({"case": name, "knobs": overrides or {}, "io_bytes": io_bytes, "model": model})
+        model = issue_model(compiled, io_bytes, traffic=traffic)
+        recs.append({"case": name, "knobs": overrides or {}, "io_bytes": io_bytes,
+                     "traffic_bytes": traffic, "model": model})  # fmt: skip
     return recs
 
 
