@@ -417,6 +417,16 @@ def _ssd_case():
     return f, args, 2 * b * length * h * p * 2 + b * length * h * 2 + 2 * b * length * n * 2
 
 
+def _linear_grad_case():
+    """linear_scan h_t = a_t h_{t-1} + b_t (bf16, B=2 L=8192 S=1024, gpu_scan's shape), forward
+    and the adjoint scan."""
+    from jaxcore.kernels.scan import linear_scan
+
+    args = (_sds((2, 8192, 1024)), _sds((2, 8192, 1024)))
+    loss = lambda a, b: jnp.sum(linear_scan(a, b, implementation="pallas").astype(jnp.float32))  # noqa: E731
+    return jax.grad(loss, (0, 1)), args, None
+
+
 def _attention_grad_case():
     """The Triton flash attention (implementation="pallas"), forward and backward; bf16
     B=4 T=4096 N=16 H=128 causal (the matmuls run on tensor cores: the issue model counts their
@@ -463,6 +473,8 @@ CASES: dict[str, tuple[Callable, str, dict]] = {
         "_pallas",
         {"SELECTIVE_KERNEL": "chunked", "SELECTIVE_BACKWARD": "pallas"},
     ),  # fmt: skip
+    "selective_sequential": (_selective_case, "_pallas", {"SELECTIVE_KERNEL": "sequential"}),
+    "linear_chunked_grad": (_linear_grad_case, "_pallas", {"LINEAR_KERNEL": "chunked"}),
     "ssd_three_phase": (_ssd_case, "_ssd_pallas", {"SSD_KERNEL": "three_phase"}),
     "ssd_fused": (_ssd_case, "_ssd_pallas", {"SSD_KERNEL": "fused"}),
     "attention_triton_grad": (_attention_grad_case, "attention._pallas", {}),
