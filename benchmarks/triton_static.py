@@ -216,8 +216,8 @@ def _smem_bytes(sass: list[tuple[int, str, str]]) -> int:
     return total
 
 
-# Run in a child process: Triton's compiler brings its own LLVM and MLIR, and JAX's MLIR used
-# in the same process after it has crashed (a segfault in a later jax.export).
+# Run in a child process: Triton's compiler brings its own LLVM and MLIR, which stay out of the
+# process that holds JAX's; each compile also gets a fresh Triton cache.
 _CHILD = """
 import json, os, subprocess, sys
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
