@@ -313,7 +313,7 @@ def dynamic_ops(kernel: TritonKernel, rec: dict) -> tuple[collections.Counter, i
         body = max(bodies, key=len, default=None)
         bodies, execs = ([body], [max((n for n in execs if n), default=1)]) if body else ([], [])
     for body, n in zip(bodies, execs):
-        for op, count in collections.Counter(op.split(".")[0] for _, op, _ in body).items():
+        for op, count in histogram(body).items():
             ops[op] += (n - 1) * count
         smem += (n - 1) * _smem_bytes(body)
     return ops, smem, exact
@@ -360,26 +360,14 @@ def issue_model(kernels: list[tuple[TritonKernel, dict]], io_bytes: int | None,
 
 def pallas_traffic(fn: Callable, *args: Any) -> int | None:
     """Bytes every pallas_call of ``fn`` moves by its cost estimate (jaxcore's kernels carry
-    one, tested against their bodies in tests/kernels/test_scan_cost_estimate.py); None if a
-    kernel has none."""
-    total = 0
+    one, tested against their bodies in tests/kernels/test_scan_cost_estimate.py), read with
+    the workload tracer of jaxcore.hardware; None if a kernel has none."""
+    from jaxcore.hardware import trace
 
-    def visit(jaxpr) -> bool:
-        nonlocal total
-        for e in jaxpr.eqns:
-            if e.primitive.name == "pallas_call":
-                ce = e.params.get("cost_estimate")
-                if ce is None:
-                    return False
-                total += int(ce.bytes_accessed)
-            for p in e.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else [p]:
-                    j = getattr(sub, "jaxpr", sub)
-                    if hasattr(j, "eqns") and not visit(j):
-                        return False
-        return True
-
-    return total if visit(jax.make_jaxpr(fn)(*args).jaxpr) else None
+    w = trace(fn, *args, warn=False)
+    if any("without cost_estimate" in u.reason for u in w.unknown):
+        return None
+    return int(sum((o.bytes_read + o.bytes_written) * o.count for o in w.ops if o.kind == "custom"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -159,6 +159,25 @@ def decay_product(sdt: Array, kp: Array, a: Array) -> Array:
     return jnp.where(kp[:, None] > 0, jnp.exp2(sdt[:, None] * a), 0.0)
 
 
+def chunk_ends_call(local, in_args, in_specs, chunk_state, *, grid, dim: int, npad: int, acc,
+                    interpret: bool, params, name: str, cost):  # fmt: skip
+    """Phase 1 of the chunk-parallel kernels: ``local`` writes one chunk's (end state, decay
+    product) blocks per program over ``grid`` = (B, channel blocks, chunks - 1); returns the two
+    (B, chunks - 1, D, Np) arrays (``chunk_state`` is their block spec)."""
+    bsz, _, chunks = grid
+    return backend.pallas_call(
+        local,
+        out_shape=(jax.ShapeDtypeStruct((bsz, chunks, dim, npad), acc),) * 2,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=(chunk_state, chunk_state),
+        interpret=interpret,
+        compiler_params=params,
+        name=name,
+        cost_estimate=cost,
+    )(*in_args)
+
+
 def _check_backward(backward: str) -> str:
     if backward not in BACKWARDS:
         raise ValueError(f"SELECTIVE_BACKWARD: expected one of {BACKWARDS}, got {backward!r}")
@@ -803,17 +822,11 @@ def _selective_chunked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             e_ref[...] = x.astype(e_ref.dtype)
             p_ref[...] = decay_product(sdt, kp, a).astype(p_ref.dtype)
 
-        ends, decays = backend.pallas_call(
-            local,
-            out_shape=(jax.ShapeDtypeStruct((bsz, nc - 1, dim, npad), acc),) * 2,
-            grid=(bsz, dim // bd, nc - 1),
-            in_specs=in_specs,
-            out_specs=(chunk_state, chunk_state),
-            interpret=interpret,
-            compiler_params=params,
-            name="jaxcore_selective_scan_chunk_ends",
-            cost_estimate=cost(1),
-        )(*in_args)
+        ends, decays = chunk_ends_call(
+            local, in_args, in_specs, chunk_state, grid=(bsz, dim // bd, nc - 1), dim=dim,
+            npad=npad, acc=acc, interpret=interpret, params=params,
+            name="jaxcore_selective_scan_chunk_ends", cost=cost(1),
+        )  # fmt: skip
 
     step_len = sub if save else tc
 
@@ -1097,17 +1110,11 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
             e_ref[...] = h.astype(e_ref.dtype)
             p_ref[...] = decay_product(sdt, kp, a).astype(p_ref.dtype)
 
-        ends, decays = backend.pallas_call(
-            local,
-            out_shape=(jax.ShapeDtypeStruct((bsz, nbc - 1, dim, npad), acc),) * 2,
-            grid=(bsz, dim // bd, nbc - 1),
-            in_specs=in_specs,
-            out_specs=(chunk_state, chunk_state),
-            interpret=interpret,
-            compiler_params=params,
-            name="jaxcore_selective_scan_blocked_chunk_ends",
-            cost_estimate=cost(1),
-        )(*in_args)
+        ends, decays = chunk_ends_call(
+            local, in_args, in_specs, chunk_state, grid=(bsz, dim // bd, nbc - 1), dim=dim,
+            npad=npad, acc=acc, interpret=interpret, params=params,
+            name="jaxcore_selective_scan_blocked_chunk_ends", cost=cost(1),
+        )  # fmt: skip
 
     def kernel(*refs):
         ins, (h_ref, *rest) = refs[:n_in], refs[n_in:]

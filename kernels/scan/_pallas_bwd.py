@@ -264,17 +264,11 @@ def selective_bwd_call(u, dl, A, Bg, Cg, Dv, z, bias, keep, subs, gy, gh, *, sof
             e_ref[...] = mu.astype(e_ref.dtype)
             p_ref[...] = P.decay_product(sdt, kp, a).astype(p_ref.dtype)
 
-        ends, decays = backend.pallas_call(
-            local,
-            out_shape=(jax.ShapeDtypeStruct((bsz, nc - 1, dim, npad), acc),) * 2,
-            grid=(bsz, nblk, nc - 1),
-            in_specs=in_specs,
-            out_specs=(chunk_state, chunk_state),
-            interpret=interpret,
-            compiler_params=params,
-            name="jaxcore_selective_scan_bwd_chunk_carries",
-            cost_estimate=cost(1),
-        )(*in_args)
+        ends, decays = P.chunk_ends_call(
+            local, in_args, in_specs, chunk_state, grid=(bsz, nblk, nc - 1), dim=dim,
+            npad=npad, acc=acc, interpret=interpret, params=params,
+            name="jaxcore_selective_scan_bwd_chunk_carries", cost=cost(1),
+        )  # fmt: skip
 
     def grads(*refs):  # phase 3 (phase 2 in its prologue)
         r, outs = split_refs(refs)
