@@ -936,8 +936,10 @@ def _cost_selective_blocked(phase: int, u, dl, A, Bg, Cg, Dv, z, bias, keep, h0,
     Flops and transcendentals of every block step (identity steps past L included): per
     channel-step delta_bias (1 flop), softplus (1 flop, 2 transcendentals), dt u (1); per
     (channel, state, step) element dt A (1), exp2 (1 transcendental), (dt u) B (1), the
-    recurrence (3: one combine a1 a2, a2 b1 + b2), + prefix * carry (2), the carry's masked sum
-    over T (1); phase 1 also sums dt (1 per channel-step) and takes the minimum of the keep
+    carry into the first step's input (a_0 h + b_0: 2, counted on every row as the kernel body
+    writes it; compiled, the other rows' fold away), the recurrence (3: one combine a1 a2,
+    a2 b1 + b2; compiled, the unused running products fold away), the carry's masked sum over
+    T (1); phase 1 also sums dt (1 per channel-step) and takes the minimum of the keep
     flags (1 per block), then exp2(A sum dt) per lane (1 flop, 1 exp); phase 3 also * C and
     the sum over N (2 per element), D u (2) and the silu gate (4 flops, 1 exp) per
     channel-step, and folds the nbc - 1 earlier chunks (2 flops per lane-slot). Both scale A by
@@ -1039,7 +1041,8 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
         a_t = a.T[None]  # (1, Np, bd)
         dv = d_ref[...].astype(acc)[None, :] if has_d else None  # (1, bd)
         bias_v = bias_ref[...].astype(acc)[None, :] if has_bias else None  # (1, bd)
-        is_last = lax.broadcasted_iota(jnp.int32, (T, 1, 1), 0) == T - 1
+        step = lax.broadcasted_iota(jnp.int32, (T, 1, 1), 0)
+        is_first, is_last = step == 0, step == T - 1
         first = pl.program_id(2) * bpc
 
         def body(k, carry):
@@ -1063,9 +1066,12 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
                 kt = plgpu.load(k_ref.at[rows], mask=valid, other=1.0).astype(acc)
                 da = jnp.where(kt[:, None, None] > 0, da, 0.0)
             dbu = (dt * uu)[:, None, :] * bt[:, :, None]
-            prefix, hs = linear_recurrence(da, dbu, axis=0)
-            hs = hs + prefix * h[None]  # the states after each step of the block
-            h_next = jnp.sum(jnp.where(is_last, hs, 0.0), axis=0)  # the block's last state
+            # the carry enters through the first step's input (b_0 + a_0 h), so the scan's
+            # running products are unused (compiled away). -0.0 is the exact identity of +:
+            # LLVM folds x + -0.0 -> x, so the selects on these in-thread rows cost nothing.
+            dbu = dbu + jnp.where(is_first, da * h[None], -0.0)
+            _, hs = linear_recurrence(da, dbu, axis=0)  # the states after each step
+            h_next = jnp.sum(jnp.where(is_last, hs, -0.0), axis=0)  # the block's last state
             if not outputs:
                 sdt, kp = ex
                 sdt = sdt + jnp.sum(dt, axis=0)
