@@ -18,6 +18,7 @@ input records it in ``Op.params`` so per-parameter precision overrides reach it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -527,6 +528,12 @@ class _Tracer:
             return no_names
         if prim in ("dot_general", "conv_general_dilated"):
             self._matmul(eqn, prim, here, count, in_names)
+            return no_names
+        expand = getattr(eqn.primitive, "jaxcore_expand", None)
+        if expand is not None:  # a jaxcore primitive: cost the function it lowers to
+            avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+            jx = jax.make_jaxpr(functools.partial(expand, **p))(*avals).jaxpr
+            self.walk(jx, in_names, count, f"{path}/{prim}" if path else str(prim))
             return no_names
         kind = _kind(prim)
         if kind is None:

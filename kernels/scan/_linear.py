@@ -1,7 +1,9 @@
 """Linear recurrences h_t = a_t * h_{t-1} + b_t (elementwise or matrix a) along axis 1.
 
-Implementations (all but "reference" differentiate through :func:`_scan_vjp`, whose backward pass
-is the adjoint recurrence -- itself a reverse linear scan run by the same implementation):
+Implementations (all but "reference" run as the primitive ``linear_scan_p`` (:func:`_scan`),
+linear in (b, h0): its tangent is the same recurrence and its transpose the adjoint recurrence,
+a reverse linear scan, both run by the same implementation; so jvp, grad, jacfwd, hessian and
+vmap of any of them work on every implementation):
 
 - "reference": ``lax.scan``, differentiated by JAX (the oracle).
 - "sequential": ``lax.scan``.
@@ -21,13 +23,18 @@ the backward recomputes each chunk (``jax.checkpoint``), so memory is O(L/T + T)
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.interpreters import ad, batching, mlir
+
+try:  # jax.extend.core.Primitive (JAX >= 0.4.36); jax.core.Primitive before
+    from jax.extend.core import Primitive
+except ImportError:  # pragma: no cover
+    from jax.core import Primitive  # type: ignore[no-redef]
 
 from jaxcore import backend, checks
 
@@ -152,40 +159,85 @@ def _forward(a: Array, b: Array, h0: Array, mode: str, impl: str, chunk: int) ->
     raise AssertionError(impl)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _scan_vjp(a: Array, b: Array, h0: Array, mode: str, impl: str, chunk: int) -> Array:
-    return _forward(a, b, h0, mode, impl, chunk)
+# The fast implementations run as one primitive, linear in (b, h0) for a given a, with the
+# rules JAX needs for every transformation: forward mode (the tangent of a linear recurrence is
+# the same recurrence: dh_t = a_t dh_{t-1} + (da_t h_{t-1} + db_t)), the transpose in (b, h0)
+# (the adjoint recurrence, a reverse linear scan run by the same implementation), so that
+# reverse mode is forward mode transposed, and batching (vmapped axes folded into the batch
+# axis). jvp, jacfwd, hessian and forward-over-reverse work on every implementation, the
+# Pallas kernels included, and the gradient of a is JAX's transpose of da_t h_{t-1}.
+linear_scan_p = Primitive("jaxcore_linear_scan")
 
 
-def _scan_vjp_fwd(a, b, h0, mode, impl, chunk):
-    hs = _forward(a, b, h0, mode, impl, chunk)
-    return hs, (a, hs, h0)
+def _scan(a: Array, b: Array, h0: Array, mode: str, impl: str, chunk: int) -> Array:
+    """All states (batch, length, *state) of h_t = a_t h_{t-1} + b_t from h0, by ``impl``."""
+    return linear_scan_p.bind(a, b, h0, mode=mode, impl=impl, chunk=chunk)
 
 
-def _scan_vjp_bwd(mode, impl, chunk, res, g):
-    a, hs, h0 = res
+def _abstract(a, b, h0, *, mode, impl, chunk):
+    vma = frozenset().union(*(getattr(x, "vma", frozenset()) for x in (a, b, h0)))
+    return b.update(vma=vma) if vma else b
+
+
+linear_scan_p.def_impl(jax.jit(_forward, static_argnames=("mode", "impl", "chunk")))
+linear_scan_p.def_abstract_eval(_abstract)
+mlir.register_lowering(linear_scan_p, mlir.lower_fun(_forward, multiple_results=False))
+linear_scan_p.jaxcore_expand = _forward  # what jaxcore.hardware.trace costs in its place
+
+
+def _shifted(hs: Array, h0: Array) -> Array:
+    """h_{t-1} for every t: h0, then the states but the last."""
+    return jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
+
+
+def _jvp(primals, tangents, *, mode, impl, chunk):
+    a, b, h0 = primals
+    da, db, dh0 = tangents
+    hs = _scan(a, b, h0, mode, impl, chunk)
+    rhs = jnp.zeros_like(b) if type(db) is ad.Zero else db
+    if type(da) is not ad.Zero:
+        rhs = rhs + _apply(da, _shifted(hs, h0), mode).astype(b.dtype)
+    dh0 = jnp.zeros_like(h0) if type(dh0) is ad.Zero else dh0
+    return hs, _scan(a, rhs, dh0, mode, impl, chunk)
+
+
+def _transpose(g, a, b, h0, *, mode, impl, chunk):
+    if ad.is_undefined_primal(a):
+        raise NotImplementedError("linear_scan is linear in b and initial_state, not in a")
+    lin_b, lin_h0 = ad.is_undefined_primal(b), ad.is_undefined_primal(h0)
+    if type(g) is ad.Zero:
+        return None, (ad.Zero(b.aval) if lin_b else None), (ad.Zero(h0.aval) if lin_h0 else None)
     # Adjoint: lam_t = a_{t+1}^T lam_{t+1} + g_t (a reverse linear scan), lam_L = 0.
     at = jnp.swapaxes(a, -1, -2) if mode == "matrix" else a
     a_next = jnp.concatenate([at[:, 1:], jnp.zeros_like(at[:, :1])], axis=1)
-    g = g.astype(hs.dtype)
-    lam = jnp.flip(
-        _forward(jnp.flip(a_next, 1), jnp.flip(g, 1), jnp.zeros_like(h0), mode, impl, chunk),
-        1,
-    )
-    h_prev = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
-    if mode == "matrix":
-        da = lam[..., :, None] * h_prev[..., None, :]
-        dh0 = jnp.einsum("...ji,...j->...i", a[:, 0], lam[:, 0])
-    else:
-        da = lam * h_prev
-        axes = tuple(i for i in range(a.ndim) if a.shape[i] == 1 and da.shape[i] != 1)
-        if axes:
-            da = jnp.sum(da, axis=axes, keepdims=True)
-        dh0 = a[:, 0] * lam[:, 0]
-    return da.astype(a.dtype), lam.astype(hs.dtype), dh0.astype(h0.dtype)
+    zero = jnp.zeros_like(g[:, 0])  # zeros_like keeps g's varying-manual-axes type
+    lam = jnp.flip(_scan(jnp.flip(a_next, 1), jnp.flip(g, 1), zero, mode, impl, chunk), 1)
+    ct_h0 = None
+    if lin_h0:
+        if mode == "matrix":
+            ct_h0 = jnp.einsum("...ji,...j->...i", a[:, 0], lam[:, 0])
+        else:
+            ct_h0 = jnp.broadcast_to(a[:, 0] * lam[:, 0], lam.shape[:1] + lam.shape[2:])
+    return None, (lam if lin_b else None), ct_h0
 
 
-_scan_vjp.defvjp(_scan_vjp_fwd, _scan_vjp_bwd)
+def _batch(args, dims, *, mode, impl, chunk):
+    """vmapped axes folded into the batch axis (0): (V, B, ...) -> (V B, ...)."""
+    moved = [x if d is None else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims)]
+    size = next(x.shape[0] for x, d in zip(moved, dims) if d is not None)
+    bsz = moved[1].shape[0 if dims[1] is None else 1]
+    folded = []
+    for x, d in zip(moved, dims):
+        x = jnp.broadcast_to(x, (size, *x.shape[1 if d is not None else 0 :]))
+        x = jnp.broadcast_to(x, (size, bsz, *x.shape[2:]))
+        folded.append(x.reshape((size * bsz, *x.shape[2:])))
+    out = _scan(*folded, mode=mode, impl=impl, chunk=chunk)
+    return out.reshape((size, bsz, *out.shape[1:])), 0
+
+
+ad.primitive_jvps[linear_scan_p] = _jvp
+ad.primitive_transposes[linear_scan_p] = _transpose
+batching.primitive_batchers[linear_scan_p] = _batch
 
 
 def _readout_scan(
@@ -201,7 +253,7 @@ def _readout_scan(
     """``readout(states, *args)`` chunk by chunk, carrying only the state between chunks.
 
     Returns (readout outputs over the whole length, the last state). Each chunk's states come from
-    the implementation's differentiable scan (:func:`_scan_vjp`) and are recomputed in the
+    the implementation's differentiable scan (:func:`_scan`) and are recomputed in the
     backward pass (``jax.checkpoint``), so only the chunk-boundary states are stored.
     """
     bsz, length = b.shape[:2]
@@ -224,7 +276,7 @@ def _readout_scan(
         def sl(x: Array) -> Array:
             return lax.dynamic_slice_in_dim(x, i * t, t, axis=1)
 
-        hs = _scan_vjp(sl(a_p), sl(b_p), h, mode, impl, inner)
+        hs = _scan(sl(a_p), sl(b_p), h, mode, impl, inner)
         return hs[:, -1], readout(hs, *[sl(x) for x in args_p])
 
     h_last, ys = lax.scan(jax.checkpoint(body, prevent_cse=False), h0, jnp.arange(nc))
@@ -381,7 +433,7 @@ def linear_scan(
     if impl == "reference":
         hs = _sequential(a, b, h0, mode)
     else:
-        hs = _scan_vjp(a, b, h0, mode, impl, chunk)
+        hs = _scan(a, b, h0, mode, impl, chunk)
     h_last = hs[:, -1]
     if reverse:
         hs = jnp.flip(hs, 1)

@@ -7,6 +7,7 @@ Traces only (``jax.make_jaxpr`` on ShapeDtypeStructs): nothing is executed. CHUN
 lowered so that the tiny shapes run several chunks (phase 1 and the folded phase 2 exist).
 """
 
+import functools
 import math
 
 import jax
@@ -272,6 +273,10 @@ def pallas_calls(jaxpr, found=None) -> list:
     for e in jaxpr.eqns:
         if e.primitive.name == "pallas_call":
             found.append(e)
+        expand = getattr(e.primitive, "jaxcore_expand", None)
+        if expand is not None:  # a jaxcore primitive (linear_scan_p): what it lowers to
+            avals = [sd(v.aval.shape, v.aval.dtype) for v in e.invars]
+            pallas_calls(jax.make_jaxpr(functools.partial(expand, **e.params))(*avals).jaxpr, found)
         for p in e.params.values():
             for sub in p if isinstance(p, (tuple, list)) else [p]:
                 j = getattr(sub, "jaxpr", sub)

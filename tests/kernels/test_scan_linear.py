@@ -142,7 +142,7 @@ def test_reference_grad_finite_differences(x64):
     f = jax.jit(
         lambda a, b, h0: linear_scan(a, b, initial_state=h0, implementation="chunked", chunk_size=2)
     )
-    jax.test_util.check_grads(f, (a, b, h0), order=1, modes=["rev"])
+    jax.test_util.check_grads(f, (a, b, h0), order=2, modes=["fwd", "rev"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -231,3 +231,60 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="elementwise a only"):
         am, bm, _ = make("matrix", dtype=jnp.float32)
         linear_scan(am, bm, implementation="pallas_interpret")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["scalar", "broadcast", "matrix"])
+def test_forward_mode(x64, impl, kind):
+    """jvp in all of a, b, initial_state (reverse, resets) equals the reference's, and jacfwd
+    equals jacrev: the tangent of a linear recurrence is the same recurrence, run by ``impl``."""
+    if impl.startswith("pallas") and kind == "matrix":
+        pytest.skip("pallas: elementwise a only")
+    a, b, h0 = make(kind)
+    ta, tb, th = make(kind, seed=1)
+
+    def f(i, reverse):
+        return lambda a, b, h0: linear_scan(
+            a, b, initial_state=h0, reverse=reverse, segment_ids=SEG, chunk_size=4,
+            implementation=i,
+        )  # fmt: skip
+
+    for reverse in (False, True):
+        got = jax.jit(lambda *p, r=reverse: jax.jvp(f(impl, r), p, (ta, tb, th)))(a, b, h0)
+        want = jax.jvp(f("reference", reverse), (a, b, h0), (ta, tb, th))
+        for g, w in zip(got, want):
+            assert_close(g, w, err_msg=f"reverse={reverse}")
+    # jacfwd (one jvp per input element) equals jacrev, on a short piece
+    piece = (
+        lambda i: (
+            lambda b0: linear_scan(  # noqa: E731
+                a[:1, :5], b0, initial_state=h0[:1], chunk_size=2, implementation=i
+            )
+        )
+    )
+    assert_close(
+        jax.jit(jax.jacfwd(piece(impl)))(b[:1, :5]), jax.jacrev(piece("reference"))(b[:1, :5])
+    )
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_interpret"])
+def test_hessian_vmap_of_jvp_and_forward_over_reverse(x64, impl):
+    """Second order through the scan (forward over reverse: jax.hessian, Hessian-vector products)
+    and vmap of jvp, against the reference."""
+    a, b, h0 = make("broadcast")
+    a, b, h0 = a[:, :5], b[:, :5], h0
+
+    def loss(i):
+        return lambda a, b: jnp.sum(jnp.sin(linear_scan(a, b, initial_state=h0, implementation=i)))
+
+    ha = jax.jit(jax.hessian(loss(impl)))(a, b)
+    hr = jax.hessian(loss("reference"))(a, b)
+    assert_close(ha, hr, scale=10)
+    hvp = lambda i: jax.jvp(jax.grad(loss(i), (0, 1)), (a, b), (b[..., 0], a[..., None] + b))  # noqa: E731
+    for g, w in zip(
+        jax.tree.leaves(jax.jit(lambda: hvp(impl))()), jax.tree.leaves(hvp("reference"))
+    ):
+        assert_close(g, w, scale=10)
+    tb = jnp.stack([b, 2 * b, -b])
+    jv = lambda i: jax.vmap(lambda t: jax.jvp(lambda b: loss(i)(a, b), (b,), (t,))[1])(tb)  # noqa: E731
+    assert_close(jax.jit(lambda: jv(impl))(), jv("reference"))

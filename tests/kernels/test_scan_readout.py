@@ -149,3 +149,22 @@ def test_readout_bad_input():
         linear_scan(a, b, readout=lambda h: jnp.sum(h, axis=1))
     with pytest.raises(ValueError, match="readout_args: given without a readout"):
         linear_scan(a, b, readout_args=(c,))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_interpret"])
+def test_readout_forward_mode(x64, impl):
+    """jvp through the hook (chunks walked by lax.scan, each under jax.checkpoint) equals the
+    reference's, in a, b, initial_state and the readout's own argument."""
+    a, b, h0, c = _inputs()
+    ta, tb, th, tc = _inputs(seed=1)
+
+    def f(i):
+        return lambda a, b, h0, c: linear_scan(
+            a, b, initial_state=h0, segment_ids=SEG, readout=two_outputs, readout_args=(c,),
+            return_final_state=True, chunk_size=4, implementation=i,
+        )  # fmt: skip
+
+    got = jax.jit(lambda *p: jax.jvp(f(impl), p, (ta, tb, th, tc)))(a, b, h0, c)
+    want = jax.jvp(f("reference"), (a, b, h0, c), (ta, tb, th, tc))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(g, w)
