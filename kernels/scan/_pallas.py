@@ -81,9 +81,10 @@ SELECTIVE_KERNELS: tuple[str, ...] = (*KERNELS, "blocked")
 # .py, BENCHMARKS.md "Session 7"). (max channels per program, T (a power of two; with gradients
 # at most the largest power of two dividing the saved-state interval), warps,
 # software-pipeline stages: 2 lets Triton load the next block while this one computes).
-# (32, 4, 1, 2): the lowest instruction-count bound of the tilings compiled offline (one warp,
-# 32 channels on the lanes, the 4 x 16 (T, N) of each channel in its registers, 218 registers,
-# no spills).
+# (32, 4, 1, 2): one warp, 32 channels on the lanes, the 4 x 16 (T, N) of each channel in its
+# registers; 168 registers, no spills, bound 156 us offline (session 8). (32, 8, 1, 2) has the
+# lowest bound (143 us) but 254 registers, at the edge of spilling under another Triton
+# revision; benchmarks/gpu_scan.py times both.
 SELECTIVE_BLOCKED_CONFIG: tuple[int, int, int, int] = (32, 4, 1, 2)
 # "blocked": target number of programs. 0: one pass over L (B x D / channels programs: 64 at
 # B=2, D=1024, 32 channels, too few for a GPU). Larger: L is split into chunks, as in the
