@@ -8,6 +8,9 @@ Implementations:
 - "reference": mamba_ssm's algorithm: materialise exp(delta*A) and delta*B*u as (B, L, D, N), then
   ``lax.scan``; differentiated by JAX.
 - "sequential" / "associative": the same materialised tensors through :func:`linear_scan`.
+  These two and "reference" also have forward mode (jax.jvp, jacfwd, hessian): linear_scan is a
+  primitive with a JVP rule. "chunked" and "pallas" are ``custom_vjp`` (their memory-saving
+  backward) and have reverse mode only; ``jax.jvp`` through them raises JAX's TypeError.
 - "chunked" (default): never materialises (B, L, D, N). A ``lax.scan`` over chunks, inside it a
   ``lax.scan`` over the steps of the chunk computing exp(delta*A) on the fly; only the states at
   chunk starts are stored. A ``custom_vjp`` backward walks the chunks in reverse, recomputes the
@@ -300,7 +303,8 @@ def selective_scan(
       segment_ids: (batch, length) ints; the state resets to zero where the id changes.
       chunk_size: steps per chunk for "chunked"/"pallas" (default near sqrt(length), <= 256).
       implementation: None (default "chunked"), "reference", "sequential", "associative",
-        "chunked", "pallas", "pallas_interpret".
+        "chunked", "pallas", "pallas_interpret". Forward-mode autodiff (jax.jvp, jacfwd):
+        "reference", "sequential" or "associative" (they materialise (batch, length, D, N)).
 
     Returns:
       y (batch, length, D) in u's dtype; with ``return_final_state`` also the final state, in
