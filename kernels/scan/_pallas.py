@@ -44,12 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
 
 from jaxcore import backend
 
 from ._common import split_for_programs
+from ._lincall import linear_call
 
 Array = Any
 
@@ -1191,15 +1193,91 @@ def _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg: SelectiveConfig, s
     return y, h_t[..., :n], ypre, subs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(10,))
 def _selective_fused(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
+    """(y, final state) from the Pallas forward. Differentiated by a custom JVP whose tangent map
+    is a ``linear_call``: reverse mode transposes it with the hand backward
+    (:func:`_selective_fused_bwd`: the Pallas reverse kernels or the chunked XLA recompute, from
+    the states the forward saved); forward mode evaluates it as the JVP of the same scan in XLA
+    (:func:`_xla_twin`; a Pallas kernel has no JVP)."""
     y, h_t, _, _ = _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save=False)
     return y, h_t
 
 
-def _selective_fused_fwd(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg):
-    y, h_t, ypre, subs = _fused_impl(u, dl, A, Bm, Cm, Dv, z, bias, h0, keep, cfg, save=True)
-    return (y, h_t), (u, dl, A, Bm, Cm, Dv, z, bias, keep, ypre, subs, h0)
+_DIFF = 9  # the differentiable operands: all but keep (0/1 reset flags)
+
+
+def _xla_twin(cfg, keep, u, dl, A, Bm, Cm, Dv, z, bias, h0):
+    """What the fused Pallas forward computes, in XLA (the chunked recurrence of
+    ``_selective.py``): delta_bias and softplus, the scan, D u and silu(z); y in u's dtype."""
+    from ._selective import _run_chunked
+
+    acc = h0.dtype
+    dt = dl.astype(acc)
+    if bias is not None:
+        dt = dt + bias.astype(acc)[None, None]
+    if cfg.softplus:
+        dt = jax.nn.softplus(dt)
+    uf = u.astype(acc)
+    kp = jnp.ones(u.shape[:2], acc) if keep is None else keep.astype(acc)
+    y, h_t = _run_chunked(
+        uf, dt, A, Bm.astype(acc), Cm.astype(acc), h0, kp, cfg.lb, cfg.lc, cfg.chunk
+    )
+    if Dv is not None:
+        y = y + uf * Dv.astype(acc)[None, None]
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(acc))
+    return y.astype(u.dtype), h_t
+
+
+def _fused_lin(cfg, nz, resid, tangents):
+    """The tangent map (linear in ``tangents``: those of the operands marked in ``nz``)."""
+    primals, keep, _ = resid
+    it = iter(tangents)
+    full = [
+        next(it) if z else None if v is None else jnp.zeros_like(v) for z, v in zip(nz, primals)
+    ]
+    present = [i for i, v in enumerate(primals) if v is not None]
+    args = [primals[i] for i in present]
+
+    def f(*xs):
+        ops = list(primals)
+        for i, x in zip(present, xs):
+            ops[i] = x
+        return _xla_twin(cfg, keep, *ops)
+
+    return jax.jvp(f, tuple(args), tuple(full[i] for i in present))[1]
+
+
+def _fused_lin_t(cfg, nz, resid, cts):
+    """Transpose of :func:`_fused_lin`: the hand backward."""
+    (u, dl, A, Bm, Cm, Dv, z, bias, h0), keep, saved = resid
+    res = (u, dl, A, Bm, Cm, Dv, z, bias, keep, *saved, h0)
+    grads = _selective_fused_bwd(cfg, res, tuple(cts))
+    operands = (u, dl, A, Bm, Cm, Dv, z, bias, h0)
+    return [g for z_, g, p in zip(nz, grads[:_DIFF], operands) if z_]
+
+
+@functools.partial(_selective_fused.defjvp, symbolic_zeros=True)
+def _selective_fused_jvp(cfg, primals, tangents):
+    u, dl, A, Bm, Cm, Dv, z, bias, h0, keep = primals
+    y, h_t, ypre, subs = _fused_impl(*primals, cfg, save=True)
+    ops = primals[:_DIFF]
+    nz = tuple(
+        v is not None and t is not None and not isinstance(t, SymbolicZero)
+        for v, t in zip(ops, tangents[:_DIFF])
+    )
+    if not any(nz):
+        return (y, h_t), (jnp.zeros_like(y), jnp.zeros_like(h_t))
+    resid = (tuple(ops), keep, (ypre, subs))
+    lin = [t for flag, t in zip(nz, tangents[:_DIFF]) if flag]
+    out_t = linear_call(
+        functools.partial(_fused_lin, cfg, nz),
+        functools.partial(_fused_lin_t, cfg, nz),
+        resid,
+        lin,
+    )
+    return (y, h_t), tuple(out_t)
 
 
 def _selective_fused_bwd(cfg, res, cts):
@@ -1311,9 +1389,6 @@ def _selective_fused_bwd_xla(cfg, res, cts):
         gh0.astype(acc),
         gkeep,
     )
-
-
-_selective_fused.defvjp(_selective_fused_fwd, _selective_fused_bwd)
 
 
 def selective_scan_fused(u, delta, A, Bm, Cm, D, z, delta_bias, softplus, h0, keep, lb, lc,

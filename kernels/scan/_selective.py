@@ -8,13 +8,15 @@ Implementations:
 - "reference": mamba_ssm's algorithm: materialise exp(delta*A) and delta*B*u as (B, L, D, N), then
   ``lax.scan``; differentiated by JAX.
 - "sequential" / "associative": the same materialised tensors through :func:`linear_scan`.
-  These two and "reference" also have forward mode (jax.jvp, jacfwd, hessian): linear_scan is a
-  primitive with a JVP rule. "chunked" and "pallas" are ``custom_vjp`` (their memory-saving
-  backward) and have reverse mode only; ``jax.jvp`` through them raises JAX's TypeError.
+  Forward mode (jax.jvp, jacfwd) works on every implementation: here through linear_scan's
+  primitive; "chunked" and "pallas" have a custom JVP whose tangent map is a ``linear_call``
+  (the JVP of the chunked scan; reverse mode transposes it with the hand backward), so
+  Hessian-vector products work too, except through a Pallas kernel.
 - "chunked" (default): never materialises (B, L, D, N). A ``lax.scan`` over chunks, inside it a
   ``lax.scan`` over the steps of the chunk computing exp(delta*A) on the fly; only the states at
-  chunk starts are stored. A ``custom_vjp`` backward walks the chunks in reverse, recomputes the
-  chunk's states from its start state and runs the per-step VJP in reverse.
+  chunk starts are stored. Its custom JVP's tangent map (a ``linear_call``) is transposed by a
+  hand backward that walks the chunks in reverse, recomputes the chunk's states from its start
+  state and runs the per-step VJP in reverse.
 - "pallas" / "pallas_interpret": Pallas forward kernels (real A, time-varying or grouped B/C); by
   default the chunked three-phase kernel with delta_bias/softplus, D and silu(z) fused (see
   ``_pallas.py``; ``_pallas.SELECTIVE_KERNEL = "sequential"`` selects the older one-program-per-
@@ -31,10 +33,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jaxcore import backend, checks
 
 from ._common import SCAN_IMPLEMENTATIONS, check_chunk, check_segment_ids, pad_time, reset_mask
+from ._lincall import linear_call
 from ._linear import linear_scan
 
 Array = Any
@@ -121,15 +125,52 @@ def _chunk_forward(u, dt, A, Bm, Cm, h0, keep, lb, lc):
     return ys, h_t, starts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8))
 def _chunked_core(u, dt, A, Bm, Cm, h0, keep, lb, lc):
+    """y (nc, T, B, D), final state of the chunked scan on time-major chunks.
+
+    Differentiated by a custom JVP whose tangent map is a ``linear_call`` (as ``ssd``'s core):
+    forward mode runs the JVP of the scan over chunks (tangent states carried beside the
+    states, nothing per step stored); reverse mode transposes that call with
+    :func:`_chunked_backward`, which recomputes each chunk from its saved start state. So
+    ``grad`` keeps only the inputs and the chunk-start states, and ``jvp``/``jacfwd`` work too.
+    """
     ys, h_t, _ = _chunk_forward(u, dt, A, Bm, Cm, h0, keep, lb, lc)
     return ys, h_t
 
 
-def _chunked_core_fwd(u, dt, A, Bm, Cm, h0, keep, lb, lc):
-    ys, h_t, starts = _chunk_forward(u, dt, A, Bm, Cm, h0, keep, lb, lc)
-    return (ys, h_t), (u, dt, A, Bm, Cm, keep, starts)
+def _chunked_lin(lb, lc, nz, resid, tangents):
+    """The tangent map (linear in ``tangents``, the non-zero ones marked in ``nz``)."""
+    primals, keep, _ = resid
+    it = iter(tangents)
+    full = tuple(next(it) if z else jnp.zeros_like(v) for z, v in zip(nz, primals))
+    f = lambda *p: _chunk_forward(*p, keep, lb, lc)[:2]  # noqa: E731
+    return jax.jvp(f, primals, full)[1]
+
+
+def _chunked_lin_t(lb, lc, nz, resid, cts):
+    """Transpose of :func:`_chunked_lin`: the hand-written backward."""
+    (u, dt, A, Bm, Cm, h0), keep, starts = resid
+    grads = _chunked_backward(lb, lc, (u, dt, A, Bm, Cm, keep, starts), cts)
+    primals = (u, dt, A, Bm, Cm, h0)
+    return [backend.vary_as(g, p) for z, g, p in zip(nz, grads[:6], primals) if z]
+
+
+@functools.partial(_chunked_core.defjvp, symbolic_zeros=True)
+def _chunked_jvp(lb, lc, primals, tangents):
+    ys, h_t, starts = _chunk_forward(*primals, lb, lc)
+    nz = tuple(not isinstance(v, SymbolicZero) for v in tangents[:6])  # keep: a 0/1 mask
+    if not any(nz):
+        return (ys, h_t), (jnp.zeros_like(ys), jnp.zeros_like(h_t))
+    resid = (tuple(primals[:6]), primals[6], starts)
+    lin = [v for z, v in zip(nz, tangents[:6]) if z]
+    out_t = linear_call(
+        functools.partial(_chunked_lin, lb, lc, nz),
+        functools.partial(_chunked_lin_t, lb, lc, nz),
+        resid,
+        lin,
+    )
+    return (ys, h_t), tuple(out_t)
 
 
 def _chunked_backward(lb, lc, res, cts):
@@ -182,9 +223,6 @@ def _chunked_backward(lb, lc, res, cts):
     gb = gbc if lb == "const" else gb
     gc = gcc if lc == "const" else gc
     return gu, gdt, ga, gb, gc, gh0, jnp.zeros_like(keep)
-
-
-_chunked_core.defvjp(_chunked_core_fwd, _chunked_backward)
 
 
 def _to_chunks(x: Array, t: int, nc: int, value: float = 0.0) -> Array:
@@ -303,8 +341,7 @@ def selective_scan(
       segment_ids: (batch, length) ints; the state resets to zero where the id changes.
       chunk_size: steps per chunk for "chunked"/"pallas" (default near sqrt(length), <= 256).
       implementation: None (default "chunked"), "reference", "sequential", "associative",
-        "chunked", "pallas", "pallas_interpret". Forward-mode autodiff (jax.jvp, jacfwd):
-        "reference", "sequential" or "associative" (they materialise (batch, length, D, N)).
+        "chunked", "pallas", "pallas_interpret". All have forward and reverse mode.
 
     Returns:
       y (batch, length, D) in u's dtype; with ``return_final_state`` also the final state, in

@@ -25,14 +25,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import core as _jcore
-from jax._src.custom_derivatives import linear_call_p as _linear_call_p
-from jax._src.interpreters import batching as _batching
-from jax.custom_derivatives import SymbolicZero, linear_call
+from jax.custom_derivatives import SymbolicZero
 
 from jaxcore import backend, checks
 
 from ._common import check_segment_ids, pad_time, reset_mask
+from ._lincall import linear_call
 
 Array = Any
 
@@ -277,34 +275,6 @@ def _core_jvp(t, primals, tangents):
     lin = [v for z, v in zip(nz, tangents[:6]) if z]
     out_t = linear_call(partial(_core_lin, t, nz), partial(_core_lin_t, t, nz), resid, lin)
     return (y, h_t), tuple(out_t)
-
-
-def _linear_call_batch(vals, dims, *, callee, transpose_thunk, num_callee_consts, num_res):
-    """vmap rule for ``linear_call`` (JAX has none): vmap the callee and its transpose."""
-    size = next(v.shape[d] for v, d in zip(vals, dims) if d is not None)
-    vals = [v if d is None else jnp.moveaxis(v, d, 0) for v, d in zip(vals, dims)]
-    k = num_callee_consts + num_res
-    res = list(vals[:k])
-    res_axes = [None if d is None else 0 for d in dims[:k]]
-    lin = [v if d is not None else jnp.broadcast_to(v, (size, *v.shape))
-           for v, d in zip(vals[k:], dims[k:])]  # fmt: skip
-    f_fun = _jcore.jaxpr_as_fun(callee)
-
-    def f(r, lv):
-        return jax.vmap(lambda r, lv: f_fun(*r, *lv), in_axes=(res_axes, 0))(r, lv)
-
-    def ft(r, cts):
-        tj, tconsts = transpose_thunk()
-        t_fun = _jcore.jaxpr_as_fun(tj)
-        g = lambda rr, c: t_fun(*tconsts, *rr, *c)
-        return jax.vmap(g, in_axes=(res_axes[num_callee_consts:], 0))(r[num_callee_consts:], cts)
-
-    out = linear_call(f, ft, res, lin)
-    return out, [0] * len(out)
-
-
-if _linear_call_p not in _batching.fancy_primitive_batchers:
-    _batching.primitive_batchers[_linear_call_p] = _linear_call_batch
 
 
 def _rowdot(a: Array, b: Array) -> Array:

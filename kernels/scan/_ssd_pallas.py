@@ -37,10 +37,11 @@ Ragged shapes: L is padded up to a multiple of Q (dt = 0: the state is unchanged
 L % Q != 0), P and N up to powers of two >= 16 (zeros; only when they are not), so every load,
 store and dot has power-of-two shapes >= 16 as Triton needs.
 
-Gradients: a ``custom_vjp`` whose forward rule (used only when differentiating) runs the XLA
-``ssd`` ("chunked" on CPU, "matmul" elsewhere) under ``jax.vjp`` and keeps that VJP for the
-backward; undifferentiated calls run the Pallas kernels. On an H200 (session 5, B=2 L=8192 H=16
-P=64 N=64 bf16) the Pallas forward took 0.12-0.14 ms and the "matmul" one 1.32 ms (chunk 256).
+Derivatives: a ``custom_jvp`` whose rule (used only when differentiating) is the JVP of the XLA
+``ssd`` ("chunked" on CPU, "matmul" elsewhere); reverse mode transposes it (the XLA
+implementation's backward), forward mode runs it; undifferentiated calls run the Pallas
+kernels. On an H200 (session 5, B=2 L=8192 H=16 P=64 N=64 bf16) the Pallas forward took
+0.12-0.14 ms and the "matmul" one 1.32 ms (chunk 256).
 """
 
 from __future__ import annotations
@@ -711,7 +712,7 @@ def _forward_fused(x, dt, A, Bg, Cg, D, h0, sidx, cfg: _Cfg):
     return _unpad(y, h_t, length, p, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8,))
 def _ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, cfg):
     Bg = B[:, :, None] if B.ndim == 3 else B
     Cg = C[:, :, None] if C.ndim == 3 else C
@@ -721,27 +722,21 @@ def _ssd_pallas(x, dt, A, B, C, D, h0, segment_ids, cfg):
     return _forward(x, dt, A, Bg, Cg, D, h0, sidx, cfg)
 
 
-def _ssd_pallas_fwd(x, dt, A, B, C, D, h0, segment_ids, cfg):
-    """Differentiated calls run the XLA ``ssd`` forward and keep its VJP as the residual: the
-    Pallas kernels serve the undifferentiated (inference) calls, and training costs exactly the
-    XLA implementation's forward + backward (no second forward in the backward)."""
+@_ssd_pallas.defjvp
+def _ssd_pallas_jvp(cfg, primals, tangents):
+    """Differentiated calls run the XLA ``ssd`` (its JVP): the Pallas kernels serve the
+    undifferentiated (inference) calls. Reverse mode transposes that JVP (the XLA
+    implementation's own backward), so training costs exactly the XLA forward + backward, and
+    forward mode (jvp, jacfwd) works too. No tangent for segment_ids."""
     from ._ssd import ssd
+
+    segment_ids = primals[7]
 
     def f(x, dt, A, B, C, D, h0):
         return ssd(x, dt, A, B, C, D=D, initial_state=h0, return_final_state=True,
                    segment_ids=segment_ids, implementation=cfg.xla_impl)  # fmt: skip
 
-    out, vjp = jax.vjp(f, x, dt, A, B, C, D, h0)
-    return out, vjp
-
-
-def _ssd_pallas_bwd(cfg, vjp, cts):
-    """The saved XLA VJP; no cotangent for segment_ids."""
-    del cfg
-    return (*vjp(cts), None)
-
-
-_ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
+    return jax.jvp(f, tuple(primals[:7]), tuple(tangents[:7]))
 
 
 def check_chunk(chunk_size: int | None, length: int, default: int | None = None) -> int:

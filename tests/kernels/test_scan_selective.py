@@ -199,15 +199,22 @@ def test_vmap_shard_map_pmap():
     assert_close(jax.pmap(one)(u, dl, B, C), want, scale=10)
 
 
-@pytest.mark.parametrize("impl", ["sequential", "associative"])
-def test_forward_mode_on_materialised_paths(x64, impl):
+@pytest.mark.parametrize("lb,lc", [("group", "time"), ("const", "const")])
+@pytest.mark.parametrize("impl", ["chunked", "sequential", "associative", "pallas_interpret"])
+def test_forward_mode(x64, impl, lb, lc):
     """jvp in every input (complex A, grouped B, time-varying C, D, z, delta_bias, softplus,
-    initial and final state, resets) equals the reference's: these paths run linear_scan's
-    primitive, whose tangent is the same recurrence."""
-    d = make(complex_a=True)
-    t = make(complex_a=True, seed=1)
-    B, C = d["bc"]["group"][0], d["bc"]["time"][1]
-    tB, tC = t["bc"]["group"][0], t["bc"]["time"][1]
+    initial and final state, resets) equals the reference's. "chunked": the JVP of its scan over
+    chunks (a linear_call whose transpose is the hand backward); the materialised paths:
+    linear_scan's primitive, whose tangent is the same recurrence; "pallas_interpret" (real A,
+    no constant B/C): the JVP of the chunked scan's XLA twin, a linear_call transposed by the
+    Pallas path's backward."""
+    pallas = impl == "pallas_interpret"
+    if pallas and lb == "const":
+        pytest.skip("pallas kernel: time-varying or grouped B and C")
+    d = make(complex_a=not pallas)
+    t = make(complex_a=not pallas, seed=1)
+    B, C = d["bc"][lb][0], d["bc"][lc][1]
+    tB, tC = t["bc"][lb][0], t["bc"][lc][1]
     seg = jnp.array([[0] * 5 + [1] * (L - 5)] * BZ)
     names = ("u", "delta", "A", "D", "z", "bias", "h0")
 
@@ -227,6 +234,35 @@ def test_forward_mode_on_materialised_paths(x64, impl):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         close = np.allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
         assert close, np.max(np.abs(np.asarray(g) - np.asarray(w)))
+
+
+def test_second_order_chunked(x64):
+    """Hessian-vector products (forward over reverse) through the default "chunked" path, and
+    vmap of jvp, equal the reference's (the hand backward is differentiated in its residuals by
+    jaxcore's linear_call)."""
+    d = make()
+    B, C = d["bc"]["group"][0], d["bc"]["time"][1]
+    names = ("u", "delta", "A", "D", "z", "bias", "h0")
+    args = tuple(d[k] for k in names) + (B, C)
+    e = make(seed=2)
+    vs = tuple(e[k] for k in names) + (e["bc"]["group"][0], e["bc"]["time"][1])
+
+    def loss(i):
+        def f(u, delta, A, D, z, bias, h0, B, C):
+            y, h = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True,
+                                  initial_state=h0, return_final_state=True, chunk_size=4,
+                                  implementation=i)  # fmt: skip
+            return jnp.sum(jnp.tanh(y)) + jnp.sum(jnp.abs(h) ** 2)
+
+        return f
+
+    argnums = tuple(range(len(args)))
+    hvp = lambda i: jax.jvp(jax.grad(loss(i), argnums), args, vs)[1]  # noqa: E731
+    for g, w in zip(jax.jit(lambda: hvp("chunked"))(), hvp("reference")):
+        assert_close(g, w, scale=1e3)
+    ts = jnp.stack([vs[0], -2 * vs[0]])
+    vj = lambda i: jax.vmap(lambda t: jax.jvp(lambda u: loss(i)(u, *args[1:]), (args[0],), (t,))[1])  # noqa: E501, E731
+    assert_close(jax.jit(vj("chunked"))(ts), vj("reference")(ts))
 
 
 @pytest.mark.parametrize("impl", ["chunked", "reference", "pallas_interpret"])

@@ -1,0 +1,183 @@
+"""``linear_call``: a map linear in some operands, with a hand-written transpose, as a primitive
+with every rule JAX needs.
+
+``linear_call(fun, fun_t, res, lin)`` returns ``fun(res, lin)``, linear in the pytree ``lin``
+for fixed ``res``; ``fun_t(res, cts)`` is its transpose (the cotangents of ``lin``). It is what
+``jax.custom_derivatives.linear_call`` does, plus the two rules that one lacks:
+
+- JVP in the residuals too (forward over reverse, e.g. Hessian-vector products through a custom
+  JVP whose tangent map is this call): the tangent of ``fun(res, lin)`` in ``res`` is again
+  linear in ``lin``, ``jvp_res(fun)``, and its transpose is ``jvp_res(fun_t)``; both become
+  another ``linear_call``, so any order works.
+- batching: ``fun`` and ``fun_t`` vmapped, the vmapped call still linear.
+
+The custom JVPs of the chunked ``selective_scan``, its Pallas path and the chunked ``ssd`` use it
+as their tangent map: forward mode evaluates ``fun`` (the JVP of the scan), reverse mode
+transposes it with the hand backward (which stores only the chunk-start states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import ad, batching, mlir
+
+try:  # jax.extend.core.Primitive (JAX >= 0.4.36); jax.core.Primitive before
+    from jax.extend.core import Primitive
+except ImportError:  # pragma: no cover
+    from jax.core import Primitive  # type: ignore[no-redef]
+
+Array = Any
+
+linear_call_p = Primitive("jaxcore_linear_call")
+linear_call_p.multiple_results = True
+
+
+class _Spec:
+    """The flat form of (fun, fun_t): hashable by identity, a primitive parameter.
+
+    ``bilinear``: the second-order term of :func:`_jvp`, ``fun`` differentiated in the
+    residuals along ``dres``; its operands are (res, dres + lin) and it is linear in dres and
+    in lin separately: transposed in lin by ``call_t``, in dres by ``jax.vjp``.
+    """
+
+    def __init__(self, call, call_t, out_avals, n_res: int, bilinear: int = 0):
+        self.call = call  # (res list, lin list) -> out list
+        self.call_t = call_t  # (res list, lin list, ct list) -> lin ct list
+        self.out_avals = tuple(out_avals)  # ShapeDtypeStructs
+        self.n_res = n_res
+        self.bilinear = bilinear  # number of dres operands leading ``lin`` (0: linear)
+
+
+def _varying(aval) -> frozenset:
+    mat = getattr(aval, "mat", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def linear_call(fun: Callable, fun_t: Callable, res: Any, lin: Any) -> Any:
+    """``fun(res, lin)``, linear in ``lin``; ``fun_t(res, cts)`` its transpose (a list or tuple
+    of ``lin``'s leaves' cotangents, or ``lin``'s structure)."""
+    res_flat, res_tree = jax.tree.flatten(res)
+    lin_flat, lin_tree = jax.tree.flatten(lin)
+    out_shape = jax.eval_shape(fun, res, lin)
+    out_avals, out_tree = jax.tree.flatten(out_shape)
+
+    def call(r, x):
+        out = fun(jax.tree.unflatten(res_tree, r), jax.tree.unflatten(lin_tree, x))
+        return jax.tree.leaves(out)
+
+    def call_t(r, _, cts):
+        got = fun_t(jax.tree.unflatten(res_tree, r), jax.tree.unflatten(out_tree, cts))
+        return jax.tree.leaves(got)
+
+    spec = _Spec(call, call_t, out_avals, len(res_flat))
+    outs = linear_call_p.bind(*res_flat, *lin_flat, spec=spec)
+    return jax.tree.unflatten(out_tree, outs)
+
+
+def _abstract(*avals, spec: _Spec):
+    # the outputs vary over the mesh axes of the most varying operand (inside shard_map)
+    like = max(avals, key=lambda a: len(_varying(a)))
+    return [like.update(shape=o.shape, dtype=o.dtype, weak_type=False) for o in spec.out_avals]
+
+
+def _impl(*args, spec: _Spec):
+    return spec.call(list(args[: spec.n_res]), list(args[spec.n_res :]))
+
+
+linear_call_p.def_impl(_impl)
+linear_call_p.def_abstract_eval(_abstract)
+mlir.register_lowering(linear_call_p, mlir.lower_fun(_impl, multiple_results=True))
+linear_call_p.jaxcore_expand = _impl  # what jaxcore.hardware.trace costs in its place
+
+
+def _bind(spec: _Spec, res, lin) -> list:
+    return linear_call_p.bind(*res, *lin, spec=spec)
+
+
+def _jvp(primals, tangents, *, spec: _Spec):
+    n = spec.n_res
+    if spec.bilinear:  # third order: plain autodiff of the second-order term
+        f = lambda *ops: spec.call(list(ops[:n]), list(ops[n:]))  # noqa: E731
+        out, t = jax.jvp(f, tuple(primals), tuple(ad.instantiate_zeros(t) for t in tangents))
+        return list(out), list(t)
+    res, lin = list(primals[:n]), list(primals[n:])
+    dres, dlin = tangents[:n], tangents[n:]
+    out = _bind(spec, res, lin)
+    parts = []
+    if any(type(t) is not ad.Zero for t in dlin):
+        parts.append(_bind(spec, res, [ad.instantiate_zeros(t) for t in dlin]))
+    if any(type(t) is not ad.Zero for t in dres):
+        dr = [ad.instantiate_zeros(t) for t in dres]
+
+        def call2(r, x):  # d/dres fun(res, lin) . dres, x = dres + lin: linear in each
+            d, lx = x[:n], x[n:]
+            return jax.jvp(lambda r: spec.call(list(r), lx), (tuple(r),), (tuple(d),))[1]
+
+        def call2_t(r, x, cts):  # its transpose in lin: d/dres fun_t(res, cts) . dres
+            d = x[:n]
+            f = lambda r: spec.call_t(list(r), None, cts)  # noqa: E731
+            return jax.jvp(f, (tuple(r),), (tuple(d),))[1]
+
+        spec2 = _Spec(call2, call2_t, spec.out_avals, n, bilinear=n)
+        parts.append(_bind(spec2, res, dr + lin))
+    if not parts:
+        return out, [ad.Zero(jax.typeof(o).to_tangent_aval()) for o in out]
+    tangent = parts[0] if len(parts) == 1 else [a + b for a, b in zip(*parts)]
+    return out, list(tangent)
+
+
+def _transpose(cts, *args, spec: _Spec):
+    n = spec.n_res
+    res, lin = list(args[:n]), list(args[n:])
+    if any(ad.is_undefined_primal(r) for r in res):
+        raise NotImplementedError("linear_call: transposed in its residual operands")
+    cts = [ad.instantiate_zeros(c) for c in cts]
+    undefined = [ad.is_undefined_primal(x) for x in lin]
+    k = spec.bilinear
+    if k and any(undefined[:k]):  # the second-order term, transposed in dres: lin is known
+        if any(undefined[k:]):
+            raise NotImplementedError("linear_call: transposed in dres and lin at once")
+        zeros = [jnp.zeros(x.aval.shape, x.aval.dtype) for x in lin[:k]]
+        _, vjp = jax.vjp(lambda d: spec.call(res, list(d) + lin[k:]), zeros)
+        (got,) = vjp(cts)
+        return [None] * n + [
+            g if u else None for g, u in zip(list(got) + [None] * len(lin[k:]), undefined)
+        ]
+    known = [None if u else x for x, u in zip(lin, undefined)]
+    got = spec.call_t(res, known, cts)
+    return [None] * n + [None] * k + [g if u else None for g, u in zip(got, undefined[k:])]
+
+
+def _batch(args, dims, *, spec: _Spec):
+    n = spec.n_res
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    res_axes = [None if d is None else 0 for d in dims[:n]]
+    lin = [x if d is not None else jnp.broadcast_to(x, (size, *x.shape))
+           for x, d in zip(moved[n:], dims[n:])]  # fmt: skip
+
+    def call(r, x):
+        return jax.vmap(lambda r, x: spec.call(list(r), list(x)), in_axes=(res_axes, 0))(r, x)
+
+    def call_t(r, x, cts):
+        x_axes = None if x is None else [None if v is None else 0 for v in x]
+        f = lambda r, x, c: spec.call_t(list(r), x, list(c))  # noqa: E731
+        return jax.vmap(f, in_axes=(res_axes, x_axes, 0))(r, x, cts)
+
+    out_avals = [jax.ShapeDtypeStruct((size, *o.shape), o.dtype) for o in spec.out_avals]
+    spec_b = _Spec(call, call_t, out_avals, n, spec.bilinear)
+    outs = _bind(spec_b, moved[:n], lin)
+    return outs, [0] * len(outs)
+
+
+ad.primitive_jvps[linear_call_p] = _jvp
+ad.primitive_transposes[linear_call_p] = _transpose
+batching.primitive_batchers[linear_call_p] = _batch
+
+__all__ = ["linear_call", "linear_call_p"]
