@@ -163,6 +163,20 @@ def vma(x: jax.Array) -> frozenset:
     return frozenset(getattr(aval, "vma", ()) or ())
 
 
+def vary_together(*xs: jax.Array) -> list[jax.Array]:
+    """Inside ``jax.shard_map``: each of ``xs`` marked varying over every manual mesh axis any
+    of them varies over (``lax.pcast(..., to="varying")``; its transpose sums), so that a loop
+    carrying one of them and combining it with the others keeps one type. Outside: unchanged."""
+    from jax import lax
+
+    union = frozenset().union(*(vma(x) for x in xs))
+    out = []
+    for x in xs:
+        missing = union - vma(x)
+        out.append(lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x)
+    return out
+
+
 def vary_as(g: jax.Array, primal: jax.Array) -> jax.Array:
     """A cotangent typed like its primal under ``shard_map`` (what a ``custom_vjp`` backward
     must return with ``check_vma=True``): summed over the mesh axes it varies over and the

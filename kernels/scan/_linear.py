@@ -406,6 +406,8 @@ def linear_scan(
     a = a.astype(dtype)
     b = b.astype(dtype)
     h0 = jnp.zeros_like(b[:, 0]) if initial_state is None else initial_state.astype(dtype)
+    # inside shard_map: a, b and the state vary over the same mesh axes (one loop carry type)
+    a, b, h0 = backend.vary_together(a, b, h0)
     if mode == "diag":
         a = a.reshape(a.shape + (1,) * (b.ndim - a.ndim))
     if reverse:

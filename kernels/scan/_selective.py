@@ -387,6 +387,8 @@ def selective_scan(
         initial_state = jnp.asarray(initial_state)
         checks.check_shape(initial_state, (bsz, dim, n), "initial_state")
         h0 = initial_state.astype(sdt)
+    # inside shard_map: the state varies over the mesh axes the inputs vary over (one carry type)
+    h0 = backend.vary_together(h0, uf, dt, Bm, Cm)[0]
     if segment_ids is None:
         keep = jnp.ones((bsz, length), acc)
     else:

@@ -423,6 +423,8 @@ def ssd(
         initial_state = jnp.asarray(initial_state)
         checks.check_shape(initial_state, (bsz, heads, p, n), "initial_state")
         h0 = initial_state.astype(acc)
+    # inside shard_map: the state varies over the mesh axes the inputs vary over (one carry type)
+    h0 = backend.vary_together(h0, xf, Bg, Cg)[0]
     if impl in ("pallas", "pallas_interpret"):
         h0 = None if initial_state is None else h0  # zeros inside the kernel
         y, h_t = _run_pallas(x, dt, A, B, C, D, h0, pallas_chunk, segment_ids, impl)

@@ -288,3 +288,31 @@ def test_hessian_vmap_of_jvp_and_forward_over_reverse(x64, impl):
     tb = jnp.stack([b, 2 * b, -b])
     jv = lambda i: jax.vmap(lambda t: jax.jvp(lambda b: loss(i)(a, b), (b,), (t,))[1])(tb)  # noqa: E731
     assert_close(jax.jit(lambda: jv(impl))(), jv("reference"))
+
+
+@pytest.mark.parametrize("impl", ["sequential", "chunked", "associative"])
+def test_shard_map_with_replicated_b_and_state(impl):
+    """Inside shard_map, a sharded over the batch, b and the initial state replicated (not
+    varying over the mesh axis): one carry type for every implementation, and the replicated
+    inputs' gradients summed over the shards."""
+    n = jax.device_count()
+    k = jax.random.split(jax.random.key(2), 3)
+    a = jax.random.uniform(k[0], (n, 9, 4), jnp.float32, 0.5, 1.0)
+    b = jax.random.normal(k[1], (1, 9, 4), jnp.float32)
+    h0 = jax.random.normal(k[2], (1, 4), jnp.float32)
+    mesh = jax.make_mesh((n,), ("batch",))
+    f = jax.shard_map(
+        lambda a, b, h0: linear_scan(a, b, initial_state=h0, implementation=impl, chunk_size=4),
+        mesh=mesh, in_specs=(P("batch"), P(), P()), out_specs=P("batch"),
+    )  # fmt: skip
+    a_s = jax.device_put(a, NamedSharding(mesh, P("batch")))
+    b_s, h_s = (jax.device_put(x, NamedSharding(mesh, P())) for x in (b, h0))
+    ref = lambda a, b, h0: linear_scan(  # noqa: E731
+        a, jnp.broadcast_to(b, a.shape), initial_state=jnp.broadcast_to(h0, (n, 4)),
+        implementation="reference",
+    )  # fmt: skip
+    assert_close(jax.jit(f)(a_s, b_s, h_s), ref(a, b, h0), scale=10)
+    loss = lambda g: lambda *x: jnp.sum(jnp.sin(g(*x)))  # noqa: E731
+    got = jax.jit(jax.grad(loss(f), (0, 1, 2)))(a_s, b_s, h_s)
+    for g, r in zip(got, jax.grad(loss(ref), (0, 1, 2))(a, b, h0)):
+        assert_close(g, r, scale=10)

@@ -310,3 +310,33 @@ def test_gpu_default_falls_back_for_inputs_pallas_does_not_cover(monkeypatch):
     assert backend.resolve_implementation("selective_scan", None) == "pallas"
     got = selective_scan(d["u"], d["delta"], d["A"], B, C)  # complex A: falls back to chunked
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sequential"])
+def test_shard_map_with_replicated_initial_state(impl):
+    """Inputs sharded over the batch, the initial state replicated (not varying over the mesh
+    axis): one carry type, and the state's gradient summed over the shards."""
+    n = jax.device_count()
+    k = jax.random.split(jax.random.key(5), 6)
+    u, dl = (jax.random.normal(k[i], (n, 6, DIM)) for i in (0, 1))
+    A = -jnp.exp(jax.random.normal(k[2], (DIM, N)))
+    B, C = (jax.random.normal(k[i], (n, 6, N)) for i in (3, 4))
+    h0 = jax.random.normal(k[5], (1, DIM, N))
+
+    def f(impl):
+        return lambda u, dl, B, C, h0: selective_scan(
+            u, dl, A, B, C, initial_state=jnp.broadcast_to(h0, (u.shape[0], DIM, N)),
+            delta_softplus=True, chunk_size=4, implementation=impl,
+        )  # fmt: skip
+
+    mesh = jax.make_mesh((n,), ("batch",))
+    sm = jax.shard_map(f(impl), mesh=mesh, in_specs=(P("batch"),) * 4 + (P(),),
+                       out_specs=P("batch"))  # fmt: skip
+    args = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in (u, dl, B, C)]
+    args.append(jax.device_put(h0, NamedSharding(mesh, P())))
+    want = f("reference")(u, dl, B, C, h0)
+    assert_close(jax.jit(sm)(*args), want, scale=10)
+    loss = lambda g: lambda *a: jnp.sum(jnp.sin(g(*a)))  # noqa: E731
+    got = jax.jit(jax.grad(loss(sm), (0, 4)))(*args)
+    for g, r in zip(got, jax.grad(loss(f("reference")), (0, 4))(u, dl, B, C, h0)):
+        assert_close(g, r, scale=100)

@@ -257,3 +257,32 @@ def test_gpu_default_falls_back_to_matmul_where_the_pallas_kernels_do_not_apply(
     assert_close(ssd(*a, chunk_size=24), want, scale=10)
     with pytest.raises(ValueError, match="chunk_size: implementation='pallas' needs a power"):
         ssd(*a, chunk_size=24, implementation="pallas")
+
+
+def test_shard_map_with_replicated_initial_state():
+    """Inputs sharded over the batch, the initial state replicated: one carry type for the
+    chunked core, and the state's gradient summed over the shards."""
+    n = jax.device_count()
+    k = jax.random.split(jax.random.key(6), 6)
+    x = jax.random.normal(k[0], (n, 6, H, P))
+    dt = jax.nn.softplus(jax.random.normal(k[1], (n, 6, H)))
+    A = -jnp.exp(jax.random.normal(k[2], (H,)))
+    B, C = jax.random.normal(k[3], (n, 6, N)), jax.random.normal(k[4], (n, 6, N))
+    h0 = jax.random.normal(k[5], (1, H, P, N))
+
+    def f(impl):
+        return lambda x, dt, B, C, h0: ssd(
+            x, dt, A, B, C, initial_state=jnp.broadcast_to(h0, (x.shape[0], H, P, N)),
+            chunk_size=4, implementation=impl,
+        )  # fmt: skip
+
+    mesh = jax.make_mesh((n,), ("batch",))
+    sm = jax.shard_map(f("chunked"), mesh=mesh, in_specs=(P_("batch"),) * 4 + (P_(),),
+                       out_specs=P_("batch"))  # fmt: skip
+    args = [jax.device_put(v, NamedSharding(mesh, P_("batch"))) for v in (x, dt, B, C)]
+    args.append(jax.device_put(h0, NamedSharding(mesh, P_())))
+    assert_close(jax.jit(sm)(*args), f("reference")(x, dt, B, C, h0), scale=10)
+    loss = lambda g: lambda *a: jnp.sum(jnp.sin(g(*a)))  # noqa: E731
+    got = jax.jit(jax.grad(loss(sm), (0, 4)))(*args)
+    for g, r in zip(got, jax.grad(loss(f("reference")), (0, 4))(x, dt, B, C, h0)):
+        assert_close(g, r, scale=100)
