@@ -156,7 +156,11 @@ def pallas_call(kernel, *, out_shape, **kwargs):
 
 def vma(x: jax.Array) -> frozenset:
     """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
+    return aval_vma(jax.typeof(x))
+
+
+def aval_vma(aval: object) -> frozenset:
+    """:func:`vma` of an abstract value (what a primitive's abstract evaluation receives)."""
     mat = getattr(aval, "mat", None)
     if mat is not None and hasattr(mat, "varying"):
         return frozenset(mat.varying)

@@ -23,12 +23,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.interpreters import ad, batching, mlir
 
 try:  # jax.extend.core.Primitive (JAX >= 0.4.36); jax.core.Primitive before
     from jax.extend.core import Primitive
 except ImportError:  # pragma: no cover
     from jax.core import Primitive  # type: ignore[no-redef]
+
+from jaxcore import backend
 
 Array = Any
 
@@ -52,11 +55,42 @@ class _Spec:
         self.bilinear = bilinear  # number of dres operands leading ``lin`` (0: linear)
 
 
-def _varying(aval) -> frozenset:
-    mat = getattr(aval, "mat", None)
-    if mat is not None and hasattr(mat, "varying"):
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()) or ())
+def tangent_call(fun, backward, primals, tangents, consts, saved, out) -> Any:
+    """The tangent of a custom JVP rule whose primal output is ``out = fun(consts, *primals)``,
+    as a :func:`linear_call`: forward mode evaluates ``jax.jvp`` of ``fun``; reverse mode
+    transposes it with ``backward(primals, consts, saved, cts)``, the cotangents of every
+    primal (typed like it under shard_map here). ``primals`` may hold None (absent operands);
+    those and symbolic-zero tangents are left out of the linear operands; ``consts`` (not
+    differentiated) and ``saved`` (the forward's residuals) are residual operands."""
+    nz = tuple(
+        p is not None and t is not None and not isinstance(t, SymbolicZero)
+        for p, t in zip(primals, tangents)
+    )
+    if not any(nz):
+        return jax.tree.map(jnp.zeros_like, out)
+
+    def lin_fn(res, lin):
+        prim, c, _ = res
+        it = iter(lin)
+        full = [
+            next(it) if z else None if p is None else jnp.zeros_like(p) for z, p in zip(nz, prim)
+        ]
+        return jax.jvp(lambda *p: fun(c, *p), tuple(prim), tuple(full))[1]
+
+    def lin_t(res, cts):
+        prim, c, sv = res
+        grads = backward(prim, c, sv, cts)
+        return [backend.vary_as(g, p) for z, g, p in zip(nz, grads, prim) if z]
+
+    lin = [t for z, t in zip(nz, tangents) if z]
+    return linear_call(lin_fn, lin_t, (tuple(primals), consts, saved), lin)
+
+
+def aval_like(avals, shape, dtype):
+    """An output aval of ``shape`` and ``dtype`` varying (inside shard_map) over the mesh axes of
+    the most varying of ``avals``."""
+    like = max(avals, key=lambda a: len(backend.aval_vma(a)))
+    return like.update(shape=shape, dtype=dtype, weak_type=False)
 
 
 def linear_call(fun: Callable, fun_t: Callable, res: Any, lin: Any) -> Any:
@@ -81,9 +115,7 @@ def linear_call(fun: Callable, fun_t: Callable, res: Any, lin: Any) -> Any:
 
 
 def _abstract(*avals, spec: _Spec):
-    # the outputs vary over the mesh axes of the most varying operand (inside shard_map)
-    like = max(avals, key=lambda a: len(_varying(a)))
-    return [like.update(shape=o.shape, dtype=o.dtype, weak_type=False) for o in spec.out_avals]
+    return [aval_like(avals, o.shape, o.dtype) for o in spec.out_avals]
 
 
 def _impl(*args, spec: _Spec):

@@ -46,6 +46,7 @@ from ._common import (
     pad_time,
     reset_mask,
 )
+from ._lincall import aval_like
 
 Array = Any
 
@@ -175,8 +176,7 @@ def _scan(a: Array, b: Array, h0: Array, mode: str, impl: str, chunk: int) -> Ar
 
 
 def _abstract(a, b, h0, *, mode, impl, chunk):
-    vma = frozenset().union(*(getattr(x, "vma", frozenset()) for x in (a, b, h0)))
-    return b.update(vma=vma) if vma else b
+    return aval_like((a, b, h0), b.shape, b.dtype)
 
 
 linear_scan_p.def_impl(jax.jit(_forward, static_argnames=("mode", "impl", "chunk")))

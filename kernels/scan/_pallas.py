@@ -44,14 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
 
 from jaxcore import backend
 
 from ._common import split_for_programs
-from ._lincall import linear_call
+from ._lincall import tangent_call
 
 Array = Any
 
@@ -1230,52 +1229,18 @@ def _xla_twin(cfg, keep, u, dl, A, Bm, Cm, Dv, z, bias, h0):
     return y.astype(u.dtype), h_t
 
 
-def _fused_lin(cfg, nz, resid, tangents):
-    """The tangent map (linear in ``tangents``: those of the operands marked in ``nz``)."""
-    primals, keep, _ = resid
-    it = iter(tangents)
-    full = [
-        next(it) if z else None if v is None else jnp.zeros_like(v) for z, v in zip(nz, primals)
-    ]
-    present = [i for i, v in enumerate(primals) if v is not None]
-    args = [primals[i] for i in present]
-
-    def f(*xs):
-        ops = list(primals)
-        for i, x in zip(present, xs):
-            ops[i] = x
-        return _xla_twin(cfg, keep, *ops)
-
-    return jax.jvp(f, tuple(args), tuple(full[i] for i in present))[1]
-
-
-def _fused_lin_t(cfg, nz, resid, cts):
-    """Transpose of :func:`_fused_lin`: the hand backward."""
-    (u, dl, A, Bm, Cm, Dv, z, bias, h0), keep, saved = resid
-    res = (u, dl, A, Bm, Cm, Dv, z, bias, keep, *saved, h0)
-    grads = _selective_fused_bwd(cfg, res, tuple(cts))
-    operands = (u, dl, A, Bm, Cm, Dv, z, bias, h0)
-    return [g for z_, g, p in zip(nz, grads[:_DIFF], operands) if z_]
-
-
 @functools.partial(_selective_fused.defjvp, symbolic_zeros=True)
 def _selective_fused_jvp(cfg, primals, tangents):
-    u, dl, A, Bm, Cm, Dv, z, bias, h0, keep = primals
     y, h_t, ypre, subs = _fused_impl(*primals, cfg, save=True)
-    ops = primals[:_DIFF]
-    nz = tuple(
-        v is not None and t is not None and not isinstance(t, SymbolicZero)
-        for v, t in zip(ops, tangents[:_DIFF])
-    )
-    if not any(nz):
-        return (y, h_t), (jnp.zeros_like(y), jnp.zeros_like(h_t))
-    resid = (tuple(ops), keep, (ypre, subs))
-    lin = [t for flag, t in zip(nz, tangents[:_DIFF]) if flag]
-    out_t = linear_call(
-        functools.partial(_fused_lin, cfg, nz),
-        functools.partial(_fused_lin_t, cfg, nz),
-        resid,
-        lin,
+
+    def backward(p, keep, saved, cts):
+        u, dl, A, Bm, Cm, Dv, z, bias, h0 = p
+        grads = _selective_fused_bwd(cfg, (u, dl, A, Bm, Cm, Dv, z, bias, keep, *saved, h0), cts)
+        return grads[:_DIFF]
+
+    fun = functools.partial(_xla_twin, cfg)
+    out_t = tangent_call(
+        fun, backward, primals[:_DIFF], tangents[:_DIFF], primals[_DIFF], (ypre, subs), (y, h_t)
     )
     return (y, h_t), tuple(out_t)
 

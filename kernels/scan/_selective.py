@@ -33,12 +33,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from jaxcore import backend, checks
 
 from ._common import SCAN_IMPLEMENTATIONS, check_chunk, check_segment_ids, pad_time, reset_mask
-from ._lincall import linear_call
+from ._lincall import tangent_call
 from ._linear import linear_scan
 
 Array = Any
@@ -139,37 +138,18 @@ def _chunked_core(u, dt, A, Bm, Cm, h0, keep, lb, lc):
     return ys, h_t
 
 
-def _chunked_lin(lb, lc, nz, resid, tangents):
-    """The tangent map (linear in ``tangents``, the non-zero ones marked in ``nz``)."""
-    primals, keep, _ = resid
-    it = iter(tangents)
-    full = tuple(next(it) if z else jnp.zeros_like(v) for z, v in zip(nz, primals))
-    f = lambda *p: _chunk_forward(*p, keep, lb, lc)[:2]  # noqa: E731
-    return jax.jvp(f, primals, full)[1]
-
-
-def _chunked_lin_t(lb, lc, nz, resid, cts):
-    """Transpose of :func:`_chunked_lin`: the hand-written backward."""
-    (u, dt, A, Bm, Cm, h0), keep, starts = resid
-    grads = _chunked_backward(lb, lc, (u, dt, A, Bm, Cm, keep, starts), cts)
-    primals = (u, dt, A, Bm, Cm, h0)
-    return [backend.vary_as(g, p) for z, g, p in zip(nz, grads[:6], primals) if z]
-
-
 @functools.partial(_chunked_core.defjvp, symbolic_zeros=True)
 def _chunked_jvp(lb, lc, primals, tangents):
     ys, h_t, starts = _chunk_forward(*primals, lb, lc)
-    nz = tuple(not isinstance(v, SymbolicZero) for v in tangents[:6])  # keep: a 0/1 mask
-    if not any(nz):
-        return (ys, h_t), (jnp.zeros_like(ys), jnp.zeros_like(h_t))
-    resid = (tuple(primals[:6]), primals[6], starts)
-    lin = [v for z, v in zip(nz, tangents[:6]) if z]
-    out_t = linear_call(
-        functools.partial(_chunked_lin, lb, lc, nz),
-        functools.partial(_chunked_lin_t, lb, lc, nz),
-        resid,
-        lin,
-    )
+
+    def fun(keep, *p):
+        return _chunk_forward(*p, keep, lb, lc)[:2]
+
+    def backward(p, keep, starts, cts):
+        return _chunked_backward(lb, lc, (*p[:5], keep, starts), cts)[:6]
+
+    # keep (a 0/1 mask) is not differentiated
+    out_t = tangent_call(fun, backward, primals[:6], tangents[:6], primals[6], starts, (ys, h_t))
     return (ys, h_t), tuple(out_t)
 
 

@@ -25,12 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from jaxcore import backend, checks
 
 from ._common import check_segment_ids, pad_time, reset_mask
-from ._lincall import linear_call
+from ._lincall import tangent_call
 
 Array = Any
 
@@ -250,30 +249,12 @@ def _core(t, x, dt, A, Bg, Cg, h0, sidx):
     return y, h_t
 
 
-def _core_lin(t, nz, resid, tangents):
-    """The tangent map (linear in ``tangents``, the non-zero ones marked in ``nz``)."""
-    primals, sidx, _ = resid
-    it = iter(tangents)
-    full = tuple(next(it) if z else jnp.zeros_like(v) for z, v in zip(nz, primals))
-    f = lambda *p: _core_fwd_impl(t, *p, sidx)[:2]
-    return jax.jvp(f, primals, full)[1]
-
-
-def _core_lin_t(t, nz, resid, cts):
-    """Transpose of :func:`_core_lin`: the hand-written backward."""
-    grads = _core_bwd(t, resid[2], cts)
-    return [backend.vary_as(gv, p) for z, gv, p in zip(nz, grads, resid[0]) if z]
-
-
 @partial(_core.defjvp, symbolic_zeros=True)
 def _core_jvp(t, primals, tangents):
     y, h_t, res = _core_fwd_impl(t, *primals)
-    nz = tuple(not isinstance(v, SymbolicZero) for v in tangents[:6])
-    if not any(nz):
-        return (y, h_t), (jnp.zeros_like(y), jnp.zeros_like(h_t))
-    resid = (tuple(primals[:6]), primals[6], res)
-    lin = [v for z, v in zip(nz, tangents[:6]) if z]
-    out_t = linear_call(partial(_core_lin, t, nz), partial(_core_lin_t, t, nz), resid, lin)
+    fun = lambda sidx, *p: _core_fwd_impl(t, *p, sidx)[:2]  # noqa: E731
+    backward = lambda p, sidx, res, cts: _core_bwd(t, res, cts)  # noqa: E731
+    out_t = tangent_call(fun, backward, primals[:6], tangents[:6], primals[6], res, (y, h_t))
     return (y, h_t), tuple(out_t)
 
 

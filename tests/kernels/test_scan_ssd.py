@@ -157,18 +157,21 @@ def test_jvp_and_jacfwd_match_reference(x64):
     assert_close(jax.jit(jf("chunked"))(args[2]), jf("reference")(args[2]), scale=100)
 
 
+def loss(impl):
+    """sum(sin(y)) + |final state|^2 of :func:`_fn` (a scalar of every output)."""
+
+    def f(*a):
+        y, h = _fn(impl)(*a)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(h * h)
+
+    return f
+
+
 def test_custom_backward_subsets_remat_vmap(x64):
     """The hand backward (transpose of the linear_call) vs autodiff of the reference, float64:
     gradients of a subset of the inputs, under jax.checkpoint, and vmap of grad and of jvp."""
     d = make()
     args = tuple(d[k] for k in ("x", "dt", "A", "B", "C", "h0"))
-
-    def loss(impl):
-        def f(*a):
-            y, h = _fn(impl)(*a)
-            return jnp.sum(jnp.sin(y)) + jnp.sum(h * h)
-
-        return f
 
     for argnums in ((1, 2, 5),):  # a subset: the other cotangents are symbolic zeros
         got = jax.jit(jax.grad(jax.checkpoint(loss("chunked")), argnums))(*args)
@@ -195,13 +198,6 @@ def test_second_order_matches_reference(x64):
     args = tuple(d[k] for k in ("x", "dt", "A", "B", "C", "h0"))
     ks = jax.random.split(jax.random.key(9), len(args))
     vs = tuple(jax.random.normal(k, a.shape, a.dtype) for k, a in zip(ks, args))
-
-    def loss(impl):
-        def f(*a):
-            y, h = _fn(impl)(*a)
-            return jnp.sum(jnp.sin(y)) + jnp.sum(h * h)
-
-        return f
 
     argnums = tuple(range(len(args)))
     hvp = lambda i: jax.jvp(jax.grad(loss(i), argnums), args, vs)[1]  # noqa: E731
