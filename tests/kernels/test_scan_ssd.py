@@ -208,13 +208,19 @@ def test_second_order_matches_reference(x64):
         assert_close(a, b, scale=1e3)
 
 
-def test_vmap_and_shard_map_match_reference():
-    n = jax.device_count()
-    k = jax.random.split(jax.random.key(4), 6)
+def _per_device_inputs(n: int, seed: int):
+    """x, dt, A, B, C with batch n (one example per device), L=6, and a (1, H, P, N) state."""
+    k = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(k[0], (n, 6, H, P))
     dt = jax.nn.softplus(jax.random.normal(k[1], (n, 6, H)))
     A = -jnp.exp(jax.random.normal(k[2], (H,)))
     B, C = jax.random.normal(k[3], (n, 6, N)), jax.random.normal(k[4], (n, 6, N))
+    return x, dt, A, B, C, jax.random.normal(k[5], (1, H, P, N))
+
+
+def test_vmap_and_shard_map_match_reference():
+    n = jax.device_count()
+    x, dt, A, B, C, _ = _per_device_inputs(n, seed=4)
     ref = lambda x, dt, A, B, C: ssd(x, dt, A, B, C, implementation="reference")
     want = ref(x, dt, A, B, C)
     one = lambda x, dt, A, B, C: ssd(x[None], dt[None], A, B[None], C[None], chunk_size=4)[0]
@@ -259,12 +265,7 @@ def test_shard_map_with_replicated_initial_state():
     """Inputs sharded over the batch, the initial state replicated: one carry type for the
     chunked core, and the state's gradient summed over the shards."""
     n = jax.device_count()
-    k = jax.random.split(jax.random.key(6), 6)
-    x = jax.random.normal(k[0], (n, 6, H, P))
-    dt = jax.nn.softplus(jax.random.normal(k[1], (n, 6, H)))
-    A = -jnp.exp(jax.random.normal(k[2], (H,)))
-    B, C = jax.random.normal(k[3], (n, 6, N)), jax.random.normal(k[4], (n, 6, N))
-    h0 = jax.random.normal(k[5], (1, H, P, N))
+    x, dt, A, B, C, h0 = _per_device_inputs(n, seed=6)
 
     def f(impl):
         return lambda x, dt, B, C, h0: ssd(
