@@ -6,7 +6,9 @@ f32, B=1, N=8, H=64, causal. Cases (peers in the same process, alternating):
   * compiled temporary memory of forward+backward at T=8192 (ours vs jax.nn);
   * T=65536 (N=1) forward+backward runs (time and temp memory);
   * useful causal FLOP/s of the forward at T=4096 as a fraction of a 2048^3 f32 matmul measured
-    in the same run.
+    in the same run;
+  * forward mode: ``jax.jvp`` at T=4096 (time and temp memory; a peer without forward mode is
+    recorded as such).
 ``--quick``: T=512 / 1024 and no 64k case.
 """
 
@@ -37,6 +39,12 @@ def _fns(impl: str):
         )
     fb = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * jnp.cos(q)), argnums=(0, 1, 2))
     return jax.jit(f), jax.jit(fb)
+
+
+def _jvp_fn(impl: str):
+    """Forward mode: out and its tangent along (cos q, cos k, cos v)."""
+    f = _fns(impl)[0]
+    return jax.jit(lambda q, k, v: jax.jvp(f, (q, k, v), (jnp.cos(q), jnp.cos(k), jnp.cos(v))))
 
 
 def _qkv(t: int, n: int, h: int = 64):
@@ -96,6 +104,23 @@ def main() -> None:
             peer_name=peer,
             args=(q, k, v),
             flops=3.5 * fwd_flops,
+        )
+
+    # forward mode (jax.jvp): ours is O(T) (the tangent rides along the online softmax)
+    for peer in peers:
+        try:
+            pj = _jvp_fn(peer)
+            pj.lower(q, k, v)
+        except Exception as e:  # e.g. a custom_vjp peer: no forward mode
+            bench.record({"case": f"jvp T={t_main}", "peer": peer, "peer_error": str(e)[:120]})
+            continue
+        bench.compare(
+            f"jvp T={t_main} N={n} H={h} causal f32",
+            ours=_jvp_fn("ours"),
+            peer=pj,
+            peer_name=peer,
+            args=(q, k, v),
+            flops=2.0 * fwd_flops,
         )
 
     qm, km, vm = _qkv(t_mem, n, h)

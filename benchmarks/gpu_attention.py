@@ -17,8 +17,12 @@ bias rows (3.).
 3. Speed with a bias: the same at T=4096 with a per-head bias (1, N, T, T) bf16 (relative
    position / ALiBi style), gradients w.r.t. q, k, v (and, in a second row, the bias too),
    against cuDNN with the same bias.
+4. Forward mode (last, cheap): ``jax.jvp`` and a Hessian-vector product through the compiled
+   Mosaic and Triton paths (their custom JVP: the XLA twin's JVP, the backward kernels
+   differentiated through it) against the float32 reference, bf16, one causal GQA case.
 
-``--parts`` picks a subset (default: smoke, speed, mosaic, mosaic_bwd, pallas, bias); ``sweep``
+``--parts`` picks a subset (default: smoke, speed, mosaic, mosaic_bwd, pallas, bias,
+forward_mode); ``sweep``
 adds the other Mosaic tilings, the Mosaic forward with the Triton backward and two spill-free
 Triton backward tilings, ``split`` the Triton checks with ``split_loops=True``.
 ``--quick`` runs tiny shapes (on CPU the kernel runs in interpret mode, cuDNN is skipped).
@@ -385,8 +389,46 @@ def bias_speed(bench: Bench, on_gpu: bool, quick: bool) -> None:
         bench.record(rec)
 
 
-PARTS = ("smoke", "speed", "mosaic", "mosaic_bwd", "pallas", "bias")
+PARTS = ("smoke", "speed", "mosaic", "mosaic_bwd", "pallas", "bias", "forward_mode")
 EXTRA = ("sweep", "split")  # only when named: more Mosaic tilings; Triton split_loops checks
+
+
+def forward_mode(bench: Bench, on_gpu: bool, family: str) -> bool:
+    """jvp and HVP of the compiled kernel (bf16) vs the float32 reference; True when close."""
+    impl = family if on_gpu else f"{family}_interpret"
+    rng = np.random.default_rng(1)
+    b, t, n, kh, h = (2, 256, 4, 2, 64) if on_gpu else (1, 128, 2, 1, 64)
+    shapes = ((b, t, n, h), (b, t, kh, h), (b, t, kh, h))
+    prim = tuple(jnp.asarray(rng.standard_normal(sh), jnp.bfloat16) for sh in shapes)
+    tan = tuple(jnp.asarray(rng.standard_normal(sh), jnp.bfloat16) for sh in shapes)
+    f32 = lambda xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
+
+    def parts(impl):
+        def f(q, k, v):
+            return dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+        def loss(q, k, v):
+            return jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))
+
+        jvp = lambda p, t: jax.jvp(f, p, t)[1]  # noqa: E731
+        hvp = lambda p, t: jax.jvp(jax.grad(loss, argnums=(0, 1, 2)), p, t)[1]  # noqa: E731
+        return jax.jit(lambda p, t: (jvp(p, t), hvp(p, t)))
+
+    label = f"forward mode {family} bf16 B={b} T={t} N={n} K={kh} H={h} causal: jvp, hvp"
+    try:
+        got = parts(impl)(prim, tan)
+    except Exception as e:
+        bench.record({"case": label, "ok": False, "error": report_failure(label, e)})
+        return False
+    want = parts("reference")(f32(prim), f32(tan))
+    errs = [
+        float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(w))) / np.max(np.abs(w)))
+        for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    ]
+    ok = bool(np.all(np.isfinite(errs))) and max(errs) < 5e-2
+    bench.record({"case": label, "max_rel_err_jvp": errs[0], "max_rel_err_hvp": max(errs[1:]),
+                  "tol": 5e-2, "ok": ok})  # fmt: skip
+    return ok
 
 
 def main() -> None:
@@ -421,6 +463,9 @@ def main() -> None:
         ok["pallas split_loops"] = check(bench, on_gpu, "pallas", blocks=dict(split_loops=True))
     if "bias" in parts:
         bias_speed(bench, on_gpu, args.quick)
+    if "forward_mode" in parts:
+        for family in ("mosaic", "pallas") if mosaic else ("pallas",):
+            ok[f"{family} forward mode"] = forward_mode(bench, on_gpu, family)
     bench.finish()
     bad = [kind for kind, good in ok.items() if not good]
     if bad:

@@ -40,6 +40,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from jaxcore import backend, checks
+from jaxcore.autodiff import linear_call
 
 from .scan import linear_scan
 
@@ -313,22 +314,46 @@ def _solve(opts: _Opts, f_conv, consts, h0, xs, guess, unrolled: bool):
 # implicit adjoint: one transposed linear scan with the converged Jacobians
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _solve_implicit(opts, f_conv, consts, h0, xs, guess):
+    """The solver, differentiated implicitly at its answer H (H_t = f(H_{t-1}, x_t)): the
+    tangent dH_t = J_t dH_{t-1} + (df/d(x_t, consts, h0) along the input tangents) is one linear
+    scan with the Jacobians J_t = df/dh at (H_{t-1}, x_t), never the solver's iterations. A
+    custom JVP whose tangent map is a ``linear_call``: forward mode runs that scan, reverse mode
+    its transpose, the adjoint scan of :func:`_adjoint`."""
     return _solve(opts, f_conv, consts, h0, xs, guess, unrolled=False)
 
 
-def _solve_implicit_fwd(opts, f_conv, consts, h0, xs, guess):
-    out = _solve(opts, f_conv, consts, h0, xs, guess, unrolled=False)
-    return out, (consts, h0, xs, out[0], guess)
+def _dense(opts, H) -> bool:
+    return H.shape[0] * H.shape[1] ** 2 <= DENSE_MAX_ENTRIES
 
 
-def _solve_implicit_bwd(opts, f_conv, res, cts):
-    consts, h0, xs, H, guess = res
-    g = cts[0]
-    T, n = H.shape
+def _tangent(opts, f_conv, res, lin):
+    """dH for input tangents lin = (dconsts, dh0, dxs) at the answer H."""
+    consts, h0, xs, H = res
     Hprev = _prev(h0, H)
-    if T * n * n <= DENSE_MAX_ENTRIES:
+
+    def F(consts_, h0_, xs_):  # f at (H_{t-1}, x_t) with H fixed but h0 = H_{-1} free
+        return _feval(f_conv, consts_, _prev(h0_, H), xs_)
+
+    b = jax.jvp(F, (consts, h0, xs), tuple(lin))[1]
+    if _dense(opts, H):  # dH_t = J_t dH_{t-1} + b_t
+        jac = _dense_jac(f_conv, consts, Hprev, xs)
+        return linear_scan(jac[None], b[None], implementation=opts.scan_impl)[0]
+
+    def body(dh, inp):  # dense Jacobians too large: the same recurrence by JVPs
+        h, x, b_t = inp
+        dh = jax.jvp(lambda hh: f_conv(hh, x, *consts), (h,), (dh,))[1] + b_t
+        return dh, dh
+
+    return lax.scan(body, jnp.zeros_like(h0), (Hprev, xs, b))[1]
+
+
+def _adjoint(opts, f_conv, res, g):
+    """The transpose of :func:`_tangent`: (dconsts, dh0, dxs) from the cotangent g of H."""
+    consts, h0, xs, H = res
+    Hprev = _prev(h0, H)
+    if _dense(opts, H):
         jac = _dense_jac(f_conv, consts, Hprev, xs)  # J_t = df/dh at (h_{t-1}, x_t)
         # lam_t = g_t + J_{t+1}^T lam_{t+1}
         at = jnp.swapaxes(jac, -1, -2)
@@ -350,11 +375,38 @@ def _solve_implicit_bwd(opts, f_conv, res, cts):
         return _feval(f_conv, consts_, _prev(h0_, H), xs_)
 
     _, vjp = jax.vjp(F, consts, h0, xs)
-    dconsts, dh0, dxs = vjp(lam.astype(H.dtype))
-    return dconsts, dh0, dxs, jnp.zeros_like(guess)
+    return vjp(lam.astype(H.dtype))
 
 
-_solve_implicit.defvjp(_solve_implicit_fwd, _solve_implicit_bwd)
+@_solve_implicit.defjvp
+def _solve_implicit_jvp(opts, f_conv, primals, tangents):
+    consts, h0, xs, guess = primals
+    out = _solve_implicit(opts, f_conv, *primals)  # itself: differentiable again
+    H, aux = out
+    # the linear operands: the tangents that are not float0 (integer inputs)
+    flat, tree = jax.tree.flatten(tangents[:3])
+    live = [jax.dtypes.result_type(t) != jax.dtypes.float0 for t in flat]
+
+    def full(lin):
+        it = iter(lin)
+        return jax.tree.unflatten(tree, [next(it) if z else t for z, t in zip(live, flat)])
+
+    def fun(res, lin):
+        return _tangent(opts, f_conv, res, full(lin))
+
+    def fun_t(res, g):
+        got = jax.tree.leaves(_adjoint(opts, f_conv, res, g))
+        return [x for z, x in zip(live, got) if z]
+
+    lin = [t for z, t in zip(live, flat) if z]
+    dH = linear_call(fun, fun_t, (consts, h0, xs, H), lin) if lin else jnp.zeros_like(H)
+    return out, (dH, jax.tree.map(_zero_tangent, aux))
+
+
+def _zero_tangent(x):
+    """The tangent of a diagnostic output (iterations, flags, residual): zero."""
+    t = jax.typeof(x).to_tangent_aval()
+    return jnp.zeros(t.shape, t.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

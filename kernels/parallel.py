@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxcore import backend, checks
+from jaxcore.autodiff import tangent_call
 
 Array = Any
 AxisName = Any  # a mesh axis name or a tuple of them
@@ -346,14 +347,28 @@ def _grad_branches(cfg: _RingConfig):
     return diag, [lower, upper]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _ring(cfg: _RingConfig, q, k, v, qs, ks):
+    """(out, lse) of the ring. A custom JVP whose tangent map is a ``linear_call``
+    (:func:`jaxcore.autodiff.tangent_call`): forward mode evaluates the JVP of the same ring
+    (the tangents of K/V travel with them), reverse mode transposes it with :func:`_ring_bwd`
+    (dK/dV travel home around the ring)."""
     return _ring_forward(cfg, q, k, v, qs, ks)
 
 
-def _ring_fwd(cfg, q, k, v, qs, ks):
-    out, lse = _ring_forward(cfg, q, k, v, qs, ks)
-    return (out, lse), (q, k, v, qs, ks, out, lse)
+@functools.partial(_ring.defjvp, symbolic_zeros=True)
+def _ring_jvp(cfg, primals, tangents):
+    q, k, v, qs, ks = primals
+    out = _ring(cfg, *primals)  # itself: differentiable again
+
+    def fun(consts, q, k, v):
+        return _ring_forward(cfg, q, k, v, *consts)
+
+    def backward(prim, consts, saved, cts):
+        return _ring_bwd(cfg, (*prim, *consts, *saved), cts)[:3]
+
+    tan = tangent_call(fun, backward, (q, k, v), tangents[:3], (qs, ks), out, out)
+    return out, tuple(tan)
 
 
 def _ring_bwd(cfg, res, cts):
@@ -389,9 +404,6 @@ def _ring_bwd(cfg, res, cts):
         carry = (zeros[0], (k, v, ks), zeros[1:])
         (dq, _, (dk, dv)), _ = lax.scan(step, carry, jnp.arange(p))
     return dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype), None, None
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _check_attention_args(query, key, value, segment_ids) -> None:

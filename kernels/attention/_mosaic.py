@@ -47,9 +47,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxcore import backend
+from jaxcore.autodiff import tangent_call
 
 from . import _pallas
 from ._common import Inputs, MaskSpec
@@ -61,7 +63,7 @@ _BIG = 1e30
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """Static options of one call (hashable: a custom_vjp nondiff argument)."""
+    """Static options of one call (hashable: a custom_jvp nondiff argument)."""
 
     spec: MaskSpec
     groups: int  # query heads per key/value head
@@ -476,20 +478,40 @@ def _forward(cfg: MosaicConfig, q: jax.Array, k: jax.Array, v: jax.Array, lens=N
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )(q, k, v, *(() if lens is None else (lens,)), *(() if seg is None else seg))
+    # inside shard_map: plgpu.kernel types its outputs invariant (it traces with check_vma
+    # off); they vary like the inputs, and the custom JVP's tangents are typed so
+    out, lse, *_ = backend.vary_together(out, lse, q, k, v)
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _flash(cfg: MosaicConfig, pcfg: _pallas.PallasConfig, q, k, v, lens, qseg, kseg, rng):
+    """(out, lse) from the Mosaic GPU forward. A custom JVP whose tangent map is a
+    ``linear_call`` (:func:`jaxcore.autodiff.tangent_call`): reverse mode transposes it with the
+    MOSAIC_BACKWARD kernels; forward mode evaluates the JVP of the same attention in blockwise
+    XLA (:func:`_xla.padded_twin`; qseg / kseg already hide padded and past-length keys)."""
     seg = (qseg, kseg, rng) if cfg.has_segments else None
     return _forward(cfg, q, k, v, lens, seg)
 
 
-def _flash_fwd(cfg, pcfg, q, k, v, lens, qseg, kseg, rng):
-    val = lambda x: None if x is None else x.value  # noqa: E731
-    seg = (qseg.value, kseg.value, rng.value) if cfg.has_segments else None
-    out, lse = _forward(cfg, q.value, k.value, v.value, val(lens), seg)
-    return (out, lse), (q.value, k.value, v.value, val(lens), val(qseg), val(kseg), out, lse)
+def _twin(cfg: MosaicConfig, consts, q, k, v):
+    from ._xla import padded_twin
+
+    _, qseg, kseg, _ = consts
+    return padded_twin(cfg.spec, cfg.groups, q, k, v, qseg, kseg, None, None)
+
+
+@functools.partial(_flash.defjvp, symbolic_zeros=True)
+def _flash_jvp(cfg, pcfg, primals, tangents):
+    q, k, v, *consts = primals
+    out = _flash(cfg, pcfg, *primals)  # itself: differentiable again
+
+    def backward(prim, consts, saved, cts):
+        return _flash_bwd(cfg, pcfg, (*prim, *consts[:3], *saved), cts)
+
+    fun = functools.partial(_twin, cfg)
+    tan = tangent_call(fun, backward, (q, k, v), tangents[:3], tuple(consts), out, out)
+    return out, tuple(tan)
 
 
 # Which kernels differentiate implementation="mosaic" (read at trace time): "triton" (the Triton
@@ -515,31 +537,18 @@ def backward_kind(hp: int, hvp: int, dtype, interpret: bool = False) -> str:
 
 
 def _flash_bwd(cfg, pcfg, res, cts):
+    """(dq, dk, dv) of the (padded) operands by the MOSAIC_BACKWARD kernels."""
     q, k, v, lens, qseg, kseg, out, lse = res
     do, dlse = cts
-    if isinstance(do, SymbolicZero):
-        do = jnp.zeros(out.shape, out.dtype)
-    if isinstance(dlse, SymbolicZero):
-        dlse = jnp.zeros(lse.shape, lse.dtype)
     if backward_kind(q.shape[3], v.shape[3], q.dtype, cfg.interpret) == "mosaic":
         from . import _mosaic_bwd
 
         seg = (qseg, kseg) if cfg.has_segments else None
         dq, dk, dv = _mosaic_bwd.backward(cfg, q, k, v, lens, out, lse, do, dlse, seg=seg)
-        return (*_typed((dq, dk, dv), (q, k, v)), None, None, None, None)
+        return dq, dk, dv
     pcfg = dataclasses.replace(pcfg, bias_grad=False)
     dq, dk, dv, _ = _pallas._backward(pcfg, q, k, v, qseg, kseg, None, None, out, lse, do, dlse)
-    return (*_typed((dq, dk, dv), (q, k, v)), None, None, None, None)
-
-
-def _typed(grads, primals):
-    """Gradients typed as their primals under shard_map (check_vma=True)."""
-    from jaxcore import backend
-
-    return tuple(backend.vary_as(g, p) for g, p in zip(grads, primals, strict=True))
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+    return dq, dk, dv
 
 
 UNSUPPORTED = (

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcore import backend, checks
+from jaxcore.autodiff import tangent_call
 
 from ._common import compute_dtype, soft_cap
 from ._decode import decode_attention
@@ -117,7 +118,7 @@ def _mask_positions(cache: jax.Array, lengths: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
-    """Static configuration of the "xla" loops (hashable: a custom_vjp nondiff argument)."""
+    """Static configuration of the "xla" loops (hashable: a custom_jvp nondiff argument)."""
 
     tq: int
     page_size: int
@@ -407,26 +408,44 @@ def _over_groups(fn, cfg: _Cfg, batched, shared):
     return jax.lax.map(lambda xs: fn(*xs, *shared), grouped)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _paged_xla(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
-    """o (B, K, G, Tq, Hv), lse (B, K, G, Tq) of scaled q (B, Tq, K, G, H) (compute dtype)."""
-    return _paged_xla_fwd(q, key_pages, value_pages, tables, lengths, cfg)[0]
+    """o (B, K, G, Tq, Hv), lse (B, K, G, Tq) of scaled q (B, Tq, K, G, H) (compute dtype).
+
+    A custom JVP whose tangent map is a ``linear_call`` (:func:`jaxcore.autodiff.tangent_call`):
+    forward mode evaluates the JVP of the XLA loops, reverse mode transposes it with
+    :func:`_paged_xla_bwd` (a scatter-add into the page pool)."""
+    return _paged_fwd(q, key_pages, value_pages, tables, lengths, cfg)
 
 
 def _ungroup(x):
     return x.reshape(-1, *x.shape[2:])
 
 
-def _paged_xla_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
+def _paged_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg, kernel: str | None = None):
     def fn(q, tables, lengths, key_pages, value_pages):
         return _fwd_group(q, key_pages, value_pages, tables, lengths, cfg)
 
-    if cfg.kernel == "xla":
+    if (kernel or cfg.kernel) == "xla":
         o, lse = _over_groups(fn, cfg, (q, tables, lengths), (key_pages, value_pages))
-        o, lse = _ungroup(o), _ungroup(lse)
-    else:
-        o, lse = _pallas_fwd(q, key_pages, value_pages, tables, lengths, cfg)
-    return (o, lse), (q, key_pages, value_pages, tables, lengths, o, lse)
+        return _ungroup(o), _ungroup(lse)
+    return _pallas_fwd(q, key_pages, value_pages, tables, lengths, cfg)
+
+
+@functools.partial(_paged_xla.defjvp, symbolic_zeros=True)
+def _paged_jvp(cfg, primals, tangents):
+    q, key_pages, value_pages, tables, lengths = primals
+    out = _paged_xla(*primals, cfg)  # itself: differentiable again
+
+    def fun(consts, q, key_pages, value_pages):  # the XLA loops (a Pallas kernel has no JVP)
+        return _paged_fwd(q, key_pages, value_pages, *consts, cfg, kernel="xla")
+
+    def backward(prim, consts, saved, cts):
+        return _paged_xla_bwd(cfg, (*prim, *consts, *saved), cts)[:3]
+
+    prim = (q, key_pages, value_pages)
+    tan = tangent_call(fun, backward, prim, tangents[:3], (tables, lengths), out, out)
+    return out, tuple(tan)
 
 
 def _paged_xla_bwd(cfg: _Cfg, res, cts):
@@ -449,9 +468,6 @@ def _paged_xla_bwd(cfg: _Cfg, res, cts):
     dkp = backend.vary_as(dkp.astype(key_pages.dtype), key_pages)
     dvp = backend.vary_as(dvp.astype(value_pages.dtype), value_pages)
     return backend.vary_as(_ungroup(dq), q), dkp, dvp, None, None
-
-
-_paged_xla.defvjp(_paged_xla_fwd, _paged_xla_bwd)
 
 
 def paged_decode_attention(

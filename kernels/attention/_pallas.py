@@ -33,6 +33,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 
 from jaxcore import backend
+from jaxcore.autodiff import tangent_call
 
 from ._common import Inputs, MaskSpec
 
@@ -729,36 +730,37 @@ def _backward(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask, out, lse, do, 
     return dq, dk, dv, dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _flash(cfg: PallasConfig, q, k, v, qseg, kseg, bias, mask):
+    """(out, lse) from the Pallas forward. A custom JVP whose tangent map is a ``linear_call``
+    (:func:`jaxcore.autodiff.tangent_call`): reverse mode transposes it with the Pallas backward
+    kernels; forward mode evaluates the JVP of the same attention in blockwise XLA
+    (:func:`_xla.padded_twin`: a Pallas kernel has no JVP)."""
     return _forward(cfg, q, k, v, qseg, kseg, bias, mask)
 
 
-def _flash_fwd(cfg, *args):
-    """Symbolic-zeros rule: a bias that is not differentiated gets no dS output at all."""
-    bias_grad = args[5] is not None and args[5].perturbed
-    args = [None if a is None else a.value for a in args]
-    out, lse = _forward(cfg, *args)
-    return (out, lse), (*args, out, lse, () if bias_grad else None)
+def _twin(cfg: PallasConfig, consts, q, k, v, bias):
+    from ._xla import padded_twin
+
+    qseg, kseg, mask = consts
+    return padded_twin(cfg.spec, cfg.groups, q, k, v, qseg, kseg, bias, mask)
 
 
-def _flash_bwd(cfg, res, cts):
-    q, k, v, qseg, kseg, bias, mask, out, lse, bias_grad = res
-    do, dlse = cts
-    if isinstance(do, SymbolicZero):  # only the lse is used
-        do = jnp.zeros(out.shape, out.dtype)
-    if isinstance(dlse, SymbolicZero):  # the usual case: return_lse=False
-        dlse = jnp.zeros(lse.shape, lse.dtype)
-    cfg = dataclasses.replace(cfg, bias_grad=bias_grad is not None)
-    dq, dk, dv, dbias = _backward(cfg, q, k, v, qseg, kseg, bias, mask, out, lse, do, dlse)
-    # under shard_map: a replicated input (e.g. a bias shared by the shards) gets its gradient
-    # summed over them, typed as its primal
-    dq, dk, dv = (backend.vary_as(g, p) for g, p in ((dq, q), (dk, k), (dv, v)))
-    dbias = None if dbias is None else backend.vary_as(dbias, bias)
-    return dq, dk, dv, None, None, dbias, None
+@functools.partial(_flash.defjvp, symbolic_zeros=True)
+def _flash_jvp(cfg, primals, tangents):
+    q, k, v, qseg, kseg, bias, mask = primals
+    out = _flash(cfg, *primals)  # itself: differentiable again
+    tq, tk, tv, _, _, tbias, _ = tangents
+    # a bias that is not differentiated gets no dS output at all
+    bcfg = dataclasses.replace(cfg, bias_grad=bias is not None and type(tbias) is not SymbolicZero)
 
+    def backward(prim, consts, saved, cts):
+        (q, k, v, bias), (qseg, kseg, mask) = prim, consts
+        return _backward(bcfg, q, k, v, qseg, kseg, bias, mask, *saved, *cts)
 
-_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+    fun = functools.partial(_twin, cfg)
+    prim, consts = (q, k, v, bias), (qseg, kseg, mask)
+    return out, tuple(tangent_call(fun, backward, prim, (tq, tk, tv, tbias), consts, out, out))
 
 
 def default_blocks(t: int, s: int, h: int, hv: int, interpret: bool) -> dict:

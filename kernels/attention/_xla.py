@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcore import checks
+from jaxcore.autodiff import tangent_call
 
 from ._common import Inputs, MaskSpec, compute_dtype, normalize
 
@@ -368,30 +369,49 @@ def _backward(q, k, v, o, lse, do, dlse, aux: _Aux, cfg: Config, b: int, kh: int
     return carry
 
 
-# ----------------------------------------------------------------------------- custom_vjp
+# ----------------------------------------------------------------------------- derivatives
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _flash(cfg: Config, b: int, kh: int, q, k, v, bias, mask, kvlen, qseg, kvseg):
-    aux = _Aux(bias, mask, kvlen, qseg, kvseg)
-    return _forward(q, k, v, aux, cfg, b, kh)
+    """(out, lse) in rows layout. A custom JVP whose tangent map is a ``linear_call``
+    (:func:`jaxcore.autodiff.tangent_call`): forward mode evaluates the JVP of the same blockwise
+    forward (O(T) memory: the tangent accumulators ride along the online softmax); reverse mode
+    transposes it with the FlashAttention-2 backward (:func:`_backward`), storing only q, k, v,
+    out and the lse."""
+    return _forward(q, k, v, _Aux(bias, mask, kvlen, qseg, kvseg), cfg, b, kh)
 
 
-def _flash_fwd(cfg, b, kh, q, k, v, bias, mask, kvlen, qseg, kvseg):
-    aux = _Aux(bias, mask, kvlen, qseg, kvseg)
-    out, lse = _forward(q, k, v, aux, cfg, b, kh)
-    return (out, lse), (q, k, v, bias, mask, kvlen, qseg, kvseg, out, lse)
+@functools.partial(_flash.defjvp, symbolic_zeros=True)
+def _flash_jvp(cfg, b, kh, primals, tangents):
+    q, k, v, bias, *consts = primals
+    out = _flash(cfg, b, kh, *primals)  # itself: differentiable again
+
+    def fun(consts, q, k, v, bias):
+        return _forward(q, k, v, _Aux(bias, *consts), cfg, b, kh)
+
+    def backward(prim, consts, saved, cts):
+        q, k, v, bias = prim
+        aux = _Aux(bias, *consts)
+        return _backward(q, k, v, *saved, *cts, aux, cfg, b, kh)
+
+    tan = tangent_call(fun, backward, (q, k, v, bias), tangents[:4], tuple(consts), out, out)
+    return out, tuple(tan)
 
 
-def _flash_bwd(cfg, b, kh, res, cts):
-    q, k, v, bias, mask, kvlen, qseg, kvseg, out, lse = res
-    do, dlse = cts
-    aux = _Aux(bias, mask, kvlen, qseg, kvseg)
-    dq, dk, dv, dbias = _backward(q, k, v, out, lse, do, dlse, aux, cfg, b, kh)
-    return dq, dk, dv, dbias, None, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+def padded_twin(spec: MaskSpec, groups: int, q, k, v, qseg, kseg, bias, mask):
+    """What the Pallas and Mosaic kernels compute from their padded operands, in this module's
+    differentiable blockwise XLA (their forward-mode tangent map). q (B, Tp, N, Hp), k
+    (B, Sp, K, Hp), v (B, Sp, K, Hvp); qseg (B, Tp) / kseg (B, Sp) int segment ids that also
+    hide padded keys (or None); bias / mask (int, 1 = attend) padded (B|1, N|1, Tp|1, Sp|1) or
+    None. Returns (out (B, Tp, N, Hvp) in q's dtype, lse (B, N, Tp))."""
+    tp, sp = q.shape[1], k.shape[1]
+    inp = Inputs(
+        q, k, v, bias, None if mask is None else mask != 0, None, None, qseg, kseg,
+        dataclasses.replace(spec, t=tp, s=sp), False,
+    )  # fmt: skip
+    out, lse = attention_xla(inp)
+    return out, jnp.swapaxes(lse, 1, 2)
 
 
 def _prepare(inp: Inputs, block_q: int | None, block_k: int | None):

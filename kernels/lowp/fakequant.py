@@ -1,4 +1,4 @@
-"""Differentiable fake quantization with a straight-through estimator (``jax.custom_vjp``).
+"""Differentiable fake quantization with a straight-through estimator (``jax.custom_jvp``).
 
 The forward value is exactly ``round(x, fmt)`` (or ``block_round``); the backward pass is the
 identity (``ste="identity"``) or the identity masked to the representable range
@@ -32,46 +32,45 @@ from .rounding import (
 STES = ("identity", "clipped")
 
 
-def _forward(x, rand, fmt, mode, ste, sr_bits):
-    """(quantized x, gradient mask or None)."""
+def _forward(x, rand, fmt, mode, sr_bits):
+    """x rounded onto ``fmt``, bit-exact, in x's dtype."""
     dt = x.dtype
     if isinstance(fmt, BlockFormat):
-        y, lim = block_round_with_limit(x, fmt, mode, rand, sr_bits)
-        mask = None
-        if ste == "clipped":
-            mask = jnp.abs(x.astype(jnp.float32)) <= lim
-        return y.astype(dt), mask
+        return block_round_with_limit(x, fmt, mode, rand, sr_bits)[0].astype(dt)
     w = word_of(dt) if np.dtype(dt) in (np.float32, np.float64) else F32
     xin = x.astype(w.fdtype)
     y = from_bits(round_bits(to_bits(xin, w), w, fmt, mode, rand=rand, sr_bits=sr_bits), w)
-    mask = None
-    if ste == "clipped":
-        if isinstance(fmt, FloatFormat):
-            lo, hi = -fmt.max, fmt.max
-        else:
-            lo, hi = fmt.min, fmt.max
-        mask = (xin >= w.fdtype.type(lo)) & (xin <= w.fdtype.type(hi))
-    return y.astype(dt), mask
+    return y.astype(dt)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _in_range(x, rand, fmt, mode, sr_bits):
+    """The "clipped" STE's mask: x inside the format's range (per block: its scaled range)."""
+    if isinstance(fmt, BlockFormat):
+        lim = block_round_with_limit(x, fmt, mode, rand, sr_bits)[1]
+        return jnp.abs(x.astype(jnp.float32)) <= lim
+    w = word_of(x.dtype) if np.dtype(x.dtype) in (np.float32, np.float64) else F32
+    xin = x.astype(w.fdtype)
+    lo, hi = (-fmt.max, fmt.max) if isinstance(fmt, FloatFormat) else (fmt.min, fmt.max)
+    return (xin >= w.fdtype.type(lo)) & (xin <= w.fdtype.type(hi))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _fq(x, rand, fmt, mode, ste, sr_bits):
-    return _forward(x, rand, fmt, mode, ste, sr_bits)[0]
+    return _forward(x, rand, fmt, mode, sr_bits)
 
 
-def _fq_fwd(x, rand, fmt, mode, ste, sr_bits):
-    y, mask = _forward(x, rand, fmt, mode, ste, sr_bits)
-    return y, (mask, rand)
-
-
-def _fq_bwd(fmt, mode, ste, sr_bits, res, g):
-    mask, rand = res
-    gx = g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
-    grand = None if rand is None else np.zeros(rand.shape, jax.dtypes.float0)
-    return gx, grand
-
-
-_fq.defvjp(_fq_fwd, _fq_bwd)
+@_fq.defjvp
+def _fq_jvp(fmt, mode, ste, sr_bits, primals, tangents):
+    """The straight-through tangent: dx (masked to the range for "clipped"). Linear in dx, so
+    reverse mode transposes it (the residual is the mask); forward mode and higher orders work
+    (the rule calls ``_fq`` again for its value; the mask has no tangent)."""
+    x, rand = primals
+    dx = tangents[0]
+    y = _fq(x, rand, fmt, mode, ste, sr_bits)
+    if ste == "clipped":
+        mask = _in_range(jax.lax.stop_gradient(x), rand, fmt, mode, sr_bits)
+        dx = jnp.where(mask, dx, jnp.zeros_like(dx))
+    return y, dx.astype(y.dtype)
 
 
 def fake_quant(

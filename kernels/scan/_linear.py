@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
     from jax.core import Primitive  # type: ignore[no-redef]
 
 from jaxcore import backend, checks
+from jaxcore.autodiff import aval_like
 
 from ._common import (
     SCAN_IMPLEMENTATIONS,
@@ -46,7 +47,6 @@ from ._common import (
     pad_time,
     reset_mask,
 )
-from ._lincall import aval_like
 
 Array = Any
 

@@ -48,9 +48,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
 
 from jaxcore import backend
+from jaxcore.autodiff import tangent_call, with_jvp_of
 
 from ._common import split_for_programs
-from ._lincall import tangent_call
 
 Array = Any
 
@@ -640,8 +640,11 @@ def _pad_chunks(x: Array, lp: int, value: float = 0.0) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8, 9, 10))
 def _selective_pallas(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, interpret):
+    """(y, final state) of the sequential Pallas kernel. A custom JVP whose tangent map is a
+    ``linear_call``: reverse mode transposes it with the chunked XLA backward from the chunk
+    states the kernel saved; forward mode is the JVP of the chunked XLA scan."""
     y, h_t, _ = _selective_fwd_impl(u, dt, A, Bm, Cm, h0, keep, lb, chunk, interpret)
     return y, h_t
 
@@ -659,12 +662,33 @@ def _selective_fwd_impl(u, dt, A, Bm, Cm, h0, keep, lb, chunk, interpret):
     return y[:, :length], h_t, starts
 
 
-def _selective_pallas_fwd(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, interpret):
-    y, h_t, starts = _selective_fwd_impl(u, dt, A, Bm, Cm, h0, keep, lb, chunk, interpret)
-    return (y, h_t), (u, dt, A, Bm, Cm, keep, starts)
+@functools.partial(_selective_pallas.defjvp, symbolic_zeros=True)
+def _selective_pallas_jvp(lb, lc, chunk, interpret, primals, tangents):
+    from ._selective import _run_chunked
+
+    u, dt, A, Bm, Cm, h0, keep = primals
+
+    def twin(keep, u, dt, A, Bm, Cm, h0):
+        return _run_chunked(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk)
+
+    def fast(*p):
+        return _selective_fwd_impl(*p, lb, chunk, interpret)
+
+    def slow(*p):  # the saved states get zero tangents: only the backward reads them
+        starts = jax.eval_shape(fast, *p)[2]
+        return (*twin(p[6], *p[:6]), jnp.zeros(starts.shape, starts.dtype))
+
+    y, h_t, starts = with_jvp_of(fast, slow)(*primals)  # differentiable again
+
+    def backward(prim, keep, saved, cts):
+        return _selective_pallas_bwd(lb, lc, chunk, (*prim[:5], keep, saved), cts)[:6]
+
+    prim = (u, dt, A, Bm, Cm, h0)
+    tan = tangent_call(twin, backward, prim, tangents[:6], keep, starts, (y, h_t))
+    return (y, h_t), tuple(tan)
 
 
-def _selective_pallas_bwd(lb, lc, chunk, interpret, res, cts):
+def _selective_pallas_bwd(lb, lc, chunk, res, cts):
     from ._selective import _chunked_backward, _from_chunks, _to_chunks
 
     u, dt, A, Bm, Cm, keep, starts = res
@@ -676,9 +700,6 @@ def _selective_pallas_bwd(lb, lc, chunk, interpret, res, cts):
     gu, gdt, ga, gb, gc, gh0, _ = _chunked_backward(lb, lc, res_c, (c(gy), gh))
     back = lambda v: _from_chunks(v, length)
     return back(gu), back(gdt), ga, back(gb), back(gc), gh0, jnp.zeros_like(keep)
-
-
-_selective_pallas.defvjp(_selective_pallas_fwd, _selective_pallas_bwd)
 
 
 def selective_scan_pallas(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk, interpret):
@@ -1161,7 +1182,7 @@ def _selective_blocked_call(u, dl, A, Bg, Cg, Dv, z, bias, h0, keep, *, softplus
 
 
 class SelectiveConfig(NamedTuple):
-    """Static configuration of one fused selective-scan call (hashable: a custom_vjp argument)."""
+    """Static configuration of one fused selective-scan call (hashable: a custom_jvp argument)."""
 
     softplus: bool
     lb: str  # B's layout, for the XLA backward
@@ -1229,9 +1250,27 @@ def _xla_twin(cfg, keep, u, dl, A, Bm, Cm, Dv, z, bias, h0):
     return y.astype(u.dtype), h_t
 
 
+@functools.cache
+def _fused_saving(cfg: SelectiveConfig):
+    """The forward that also saves the backward's states; its JVP (needed only to differentiate
+    the JVP rule again: Hessian-vector products) is the XLA twin's. The saved states get zero
+    tangents: only the backward reads them, and its own JVP is its twin's (see tangent_call)."""
+
+    def fast(*p):
+        return _fused_impl(*p, cfg, save=True)
+
+    def slow(*p):
+        y, h_t = _xla_twin(cfg, p[_DIFF], *p[:_DIFF])
+        _, _, ypre, subs = jax.eval_shape(fast, *p)
+        zero = lambda s: None if s is None else jnp.zeros(s.shape, s.dtype)  # noqa: E731
+        return y, h_t, zero(ypre), zero(subs)
+
+    return with_jvp_of(fast, slow)
+
+
 @functools.partial(_selective_fused.defjvp, symbolic_zeros=True)
 def _selective_fused_jvp(cfg, primals, tangents):
-    y, h_t, ypre, subs = _fused_impl(*primals, cfg, save=True)
+    y, h_t, ypre, subs = _fused_saving(cfg)(*primals)
 
     def backward(p, keep, saved, cts):
         u, dl, A, Bm, Cm, Dv, z, bias, h0 = p

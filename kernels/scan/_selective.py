@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcore import backend, checks
+from jaxcore.autodiff import tangent_call
 
 from ._common import SCAN_IMPLEMENTATIONS, check_chunk, check_segment_ids, pad_time, reset_mask
-from ._lincall import tangent_call
 from ._linear import linear_scan
 
 Array = Any

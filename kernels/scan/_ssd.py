@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcore import backend, checks
+from jaxcore.autodiff import tangent_call
 
 from ._common import check_segment_ids, pad_time, reset_mask
-from ._lincall import tangent_call
 
 Array = Any
 

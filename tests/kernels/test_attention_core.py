@@ -306,3 +306,117 @@ def test_reference_oracle_is_softmax():
     np.testing.assert_allclose(
         np.asarray(lse[0, :, 0]), np.log(np.exp(logits).sum(-1)), rtol=1e-5, atol=1e-5
     )
+
+
+# ----------------------------------------------------------------------------- forward mode
+# Every fast path is a custom JVP whose tangent map is a linear_call (jaxcore.autodiff): forward
+# mode runs the JVP of the blockwise XLA forward, reverse mode the hand backward kernels.
+
+FWD_GRID = [
+    ("xla_small", CASES[0]),
+    ("xla_small", CASES[4]),
+    ("xla_small", CASES[5]),
+    ("pallas_small", CASES[4]),
+    ("pallas_small", CASES[5]),
+    ("xla", CASES[3]),
+    ("pallas_interpret", CASES[2]),
+]
+
+
+def _finite(lse):
+    return jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
+@pytest.mark.parametrize("impl, case", FWD_GRID, ids=[f"{c[0]}-{i}" for i, c in FWD_GRID])
+def test_forward_mode_matches_reference_float64(x64, impl, case):
+    """jax.jvp in every differentiable input (q, k, v, bias): out and lse tangents."""
+    _, b, t, s, n, k, h, hv, opts = case
+    q, kk, v, kw = _case(b, t, s, n, k, h, hv, opts, jnp.float64)
+    bias = kw.pop("bias", None)
+    rng = np.random.default_rng(1)
+    tan = lambda x: None if x is None else jnp.asarray(rng.standard_normal(x.shape))  # noqa: E731
+    primals, tangents = (q, kk, v, bias), tuple(tan(x) for x in (q, kk, v, bias))
+
+    def run(which):
+        def f(q, k, v, bias):
+            out, lse = _attend(which, q, k, v, dict(kw, bias=bias) if bias is not None else kw)
+            return out, _finite(lse)
+
+        return jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
+
+    (out, lse), (dout, dlse) = run(impl)
+    (ref, ref_lse), (dref, dref_lse) = run("reference")
+    _close64(out, ref)
+    _close64(lse, ref_lse)
+    _close64(dout, dref, err_msg="out tangent")
+    _close64(dlse, dref_lse, err_msg="lse tangent")
+
+
+@pytest.mark.parametrize("impl", ["xla_small", "pallas_small"])
+def test_hessian_vector_product_matches_reference_float64(x64, impl):
+    """Forward over reverse: the JVP of the gradient (the backward kernels differentiated through
+    their XLA twin)."""
+    _, b, t, s, n, k, h, hv, opts = CASES[4]  # bias, mask, soft cap
+    q, kk, v, kw = _case(b, t, s, n, k, h, hv, opts, jnp.float64)
+    bias = kw.pop("bias")
+
+    def hvp(which):
+        def loss(q, k, v, bias):
+            out, lse = _attend(which, q, k, v, dict(kw, bias=bias))
+            return jnp.sum(jnp.sin(out)) + 0.3 * jnp.sum(_finite(lse) ** 2)
+
+        g = jax.grad(loss, argnums=(0, 1, 2, 3))
+        return jax.jit(lambda p: jax.jvp(g, p, p))((q, kk, v, bias))
+
+    (g, hv_), (g_ref, hv_ref) = hvp(impl), hvp("reference")
+    for name, a, w in zip(("dq", "dk", "dv", "dbias"), g, g_ref):
+        _close64(a, w, err_msg=name)
+    for name, a, w in zip(("Hq", "Hk", "Hv", "Hbias"), hv_, hv_ref):
+        _close64(a, w, err_msg=name)
+
+
+def test_jacfwd_equals_jacrev_and_vmap_of_jvp(x64):
+    q, kk, v, kw = _case(2, 9, 9, 2, 1, 8, 8, dict(is_causal=True, seg=True), jnp.float64)
+
+    def f(q):
+        return dot_product_attention(q, kk, v, implementation="xla", **kw)
+
+    jf, jr = jax.jacfwd(f)(q), jax.jacrev(f)(q)
+    _close64(jf, jr)
+    ts = jnp.stack([q, jnp.cos(q), jnp.sin(q)])
+    got = jax.vmap(lambda t: jax.jvp(f, (q,), (t,))[1])(ts)
+    want = jnp.einsum("btnhBTNH,sBTNH->sbtnh", jr, ts)
+    _close64(got, want)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_forward_mode_fully_masked_rows_have_zero_tangents(impl):
+    b, t, n, h = 2, 20, 2, 16
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32) for _ in range(3))
+    seg_q = jnp.zeros((b, t), jnp.int32).at[:, 5:9].set(7)  # segment 7 has no keys
+    kw = dict(segment_ids=(seg_q, jnp.zeros((b, t), jnp.int32)))
+
+    def f(q, k, v):
+        o, lse = dot_product_attention(q, k, v, implementation=impl, return_lse=True, **kw)
+        return o, _finite(lse)
+
+    _, (do, dlse) = jax.jit(lambda p: jax.jvp(f, p, p))((q, k, v))
+    assert np.all(np.isfinite(np.asarray(do))) and np.all(np.isfinite(np.asarray(dlse)))
+    np.testing.assert_array_equal(np.asarray(do[:, 5:9]), 0.0)
+    np.testing.assert_array_equal(np.asarray(dlse[:, 5:9]), 0.0)
+
+
+def test_forward_mode_memory_is_linear_in_length():
+    """jit(jvp) of the XLA path keeps O(T) temporaries: doubling T at most ~doubles them, while
+    the reference's JVP (T x S logits and their tangents) grows ~4x."""
+
+    def temp(impl, t):
+        q = jnp.ones((1, t, 2, 32), jnp.float32)
+        f = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, implementation=impl)  # noqa: E731
+        g = jax.jit(lambda p: jax.jvp(f, p, p))
+        return g.lower((q, q, q)).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp("xla", 2048) <= 2.5 * temp("xla", 1024)
+    assert temp("reference", 2048) >= 3.5 * temp("reference", 1024)
+    assert temp("xla", 2048) * 8 < temp("reference", 2048)

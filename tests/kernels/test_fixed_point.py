@@ -178,6 +178,50 @@ def test_implicit_gradients_check_grads_and_unrolled(x64):
     assert max_err(g1, g2) < 1e-9
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["dense_jacobians", "jvp_scan"])
+@pytest.mark.parametrize("method", ["newton", "quasi_newton", "jacobi"])
+def test_implicit_forward_mode_and_hvp_equal_sequential(x64, monkeypatch, method, dense):
+    """jax.jvp (every input: params, xs, h0) and Hessian-vector products of the implicit
+    adjoint against the sequential loop's; dense=False takes the JVP-per-step branch."""
+    if not dense:
+        monkeypatch.setattr(fp, "DENSE_MAX_ENTRIES", 0)
+    T = 40
+    params, h0 = make("gru", 3, 2, 0.8)
+    xs = inputs(T, 2)
+    h0 = h0 + 0.1
+    tan = jax.tree.map(lambda a: jnp.cos(3.0 * a) + 0.5, (params, xs, h0))
+
+    def run(p, xs, h0, ref):  # fresh traces: DENSE_MAX_ENTRIES is read at trace time
+        f = lambda h, x: rnn.gru_cell(p, h, x)  # noqa: E731
+        if ref:
+            return fp.solve_recurrence_reference(f, h0, xs)
+        return fp.solve_recurrence(f, h0, xs, method=method, **STRICT).states
+
+    got = jax.jit(lambda a, t: jax.jvp(lambda *x: run(*x, False), a, t))((params, xs, h0), tan)
+    want = jax.jvp(lambda *x: run(*x, True), (params, xs, h0), tan)
+    assert max_err(got, want) < 1e-9
+    w = jnp.arange(T, dtype=jnp.float64)[:, None]
+
+    def hvp(ref):
+        g = jax.grad(lambda *a: jnp.sum(jnp.sin(run(*a, ref)) * w), argnums=(0, 1, 2))
+        return jax.jvp(g, (params, xs, h0), tan)[1]
+
+    assert max_err(jax.jit(lambda: hvp(False))(), hvp(True)) < 1e-8
+
+
+def test_implicit_derivatives_check_grads_second_order(x64):
+    params, h0 = make("lstm", 2, 2, 0.8)
+    xs = inputs(8, 2)
+
+    def loss(xs):
+        s = fp.solve_recurrence(
+            lambda h, x: rnn.lstm_cell(params, h, x), h0, xs, method="newton", tol=1e-14
+        )
+        return jnp.sum(jnp.tanh(s.states[0]))
+
+    check_grads(jax.jit(loss), (xs,), order=2, modes=["fwd", "rev"], eps=1e-5)
+
+
 def test_nonconvergence_result_code_and_throw(x64):
     params, h0 = make("gru", N0, D0, 0.9)
     xs = inputs(T0, D0)

@@ -99,6 +99,31 @@ def test_stochastic_fake_quant_and_transforms():
     assert jax.jit(lambda v: lowp.fake_quant(v, lowp.float8_e4m3fn))(xb).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("fmt", [SAT_E4M3, lowp.IntFormat(8), lowp.MXFP4], ids=str)
+def test_forward_mode_and_second_order(fmt):
+    """jax.jvp / jacfwd give the same straight-through map as the VJP; a Hessian-vector product
+    through fake_quant (the STE is locally linear) is the loss's curvature passed through it."""
+    x = _x()
+    t = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape).astype(np.float32))
+    for ste in ("identity", "clipped"):
+        f = lambda v, ste=ste: lowp.fake_quant(v, fmt, ste=ste)  # noqa: E731
+        y, dy = jax.jit(lambda v, u, f=f: jax.jvp(f, (v,), (u,)))(x, t)
+        _, vjp = jax.vjp(f, x)
+        mask = np.asarray(vjp(jnp.ones_like(x))[0])  # the STE's 0/1 mask
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(f(x)))
+        np.testing.assert_array_equal(np.asarray(dy), mask * np.asarray(t))
+        if ste == "clipped":
+            assert 0 < mask.sum() < mask.size
+    row = x[0, :32]  # one MX block
+    jf = jax.jacfwd(lambda v: lowp.fake_quant(v, fmt, ste="clipped"))(row)
+    jr = jax.jacrev(lambda v: lowp.fake_quant(v, fmt, ste="clipped"))(row)
+    np.testing.assert_array_equal(np.asarray(jf), np.asarray(jr))
+    loss = lambda v: jnp.sum(jnp.sin(lowp.fake_quant(v, fmt)))  # noqa: E731
+    hvp = jax.jvp(jax.grad(loss), (x,), (t,))[1]
+    want = -jnp.sin(lowp.fake_quant(x, fmt)) * t  # d/dx cos(q(x)) with dq/dx = 1
+    np.testing.assert_allclose(np.asarray(hvp), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 def test_fake_quant_errors():
     x = _x()
     with pytest.raises(ValueError, match="ste"):

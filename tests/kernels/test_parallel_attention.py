@@ -153,6 +153,36 @@ def test_usp_2d_matches_single_device(causal, axis_type):
     _check(fn, q, k, v, seg, causal)
 
 
+@pytest.mark.parametrize("which", ["ring", "ring_reference", "ulysses", "usp"])
+def test_forward_mode_matches_single_device(which):
+    """jax.jvp through the sharded attentions (ring: its custom JVP runs the ring on the
+    tangents; Ulysses: the all-to-alls and the local kernel's JVP) == the reference's."""
+    q, k, v, seg = _inputs(1, 32, 4, 2, 8, seed=30, segments=True)
+    tq, tk, tv, _ = _inputs(1, 32, 4, 2, 8, seed=31)
+    impl = "reference" if which == "ring_reference" else None
+    if which.startswith("ring"):
+        mesh = _mesh((4,), ("seq",), AUTO)
+        kw = dict(axis="seq", implementation=impl)
+        sharded = par.sharded_ring_attention
+    elif which == "ulysses":
+        mesh, kw, sharded = _mesh((4,), ("seq",), AUTO), {}, par.sharded_ulysses_attention
+    else:
+        mesh, kw, sharded = _mesh((2, 4), ("ring", "ulysses"), AUTO), {}, par.sharded_usp_attention
+
+    def fn(q, k, v):
+        return sharded(mesh, q, k, v, is_causal=True, segment_ids=seg, **kw)
+
+    def ref(q, k, v):
+        return attention.dot_product_attention(
+            q, k, v, is_causal=True, segment_ids=seg, implementation="reference"
+        )
+
+    got = jax.jit(lambda p, t: jax.jvp(fn, p, t))((q, k, v), (tq, tk, tv))
+    want = jax.jvp(ref, (q, k, v), (tq, tk, tv))
+    for name, g, w in zip(("out", "tangent"), got, want):
+        assert_close(g, w, scale=20, err_msg=name)
+
+
 def test_under_pmap():
     """The building blocks take the pmap axis like a shard_map axis."""
     p = 4

@@ -265,6 +265,44 @@ def test_second_order_chunked(x64):
     assert_close(jax.jit(vj("chunked"))(ts), vj("reference")(ts))
 
 
+@pytest.mark.parametrize("kernel", ["chunked", "blocked", "sequential"])
+def test_second_order_and_forward_mode_pallas(x64, monkeypatch, kernel):
+    """Hessian-vector products and jvp through every Pallas selective kernel (interpreted): the
+    forward kernel and the backward kernels get the JVPs of their XLA twins (the chunked scan
+    and its reverse), so the rule differentiates again."""
+    from jaxcore.kernels.scan import _pallas
+
+    monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", kernel)
+    if kernel == "blocked":
+        monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_CONFIG", (8, 8, 4, 1))
+    d = make()
+    B, C = d["bc"]["group"][0], d["bc"]["time"][1]
+    names = ("u", "delta", "A", "D", "z", "bias", "h0")
+    args = tuple(d[k] for k in names) + (B, C)
+    e = make(seed=2)
+    vs = tuple(e[k] for k in names) + (e["bc"]["group"][0], e["bc"]["time"][1])
+
+    def out(i):
+        def f(u, delta, A, D, z, bias, h0, B, C):
+            return selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True,
+                                  initial_state=h0, return_final_state=True, chunk_size=4,
+                                  implementation=i)  # fmt: skip
+
+        return f
+
+    def loss(i):
+        return lambda *a: jnp.sum(jnp.tanh(out(i)(*a)[0])) + jnp.sum(out(i)(*a)[1] ** 2)
+
+    got = jax.jit(lambda: jax.jvp(out("pallas_interpret"), args, vs))()
+    want = jax.jvp(out("reference"), args, vs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(g, w, scale=10)
+    argnums = tuple(range(len(args)))
+    hvp = lambda i: jax.jvp(jax.grad(loss(i), argnums), args, vs)[1]  # noqa: E731
+    for g, w in zip(jax.jit(lambda: hvp("pallas_interpret"))(), hvp("reference")):
+        assert_close(g, w, scale=1e3)
+
+
 @pytest.mark.parametrize("impl", ["chunked", "reference", "pallas_interpret"])
 def test_nan_propagates(impl):
     d = make(dtype=jnp.float32)

@@ -1,11 +1,11 @@
-"""kernels/scan/_lincall.py: linear_call, a map linear in ``lin`` with a hand transpose, under
+"""jaxcore/autodiff.py: linear_call, a map linear in ``lin`` with a hand transpose, under
 every transformation, against the same map written in plain JAX (float64)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxcore.kernels.scan._lincall import linear_call
 
+from jaxcore.autodiff import linear_call
 from jaxcore.testing import assert_close
 
 

@@ -1,5 +1,4 @@
-"""``linear_call``: a map linear in some operands, with a hand-written transpose, as a primitive
-with every rule JAX needs.
+"""Custom derivatives shared by the kernel families.
 
 ``linear_call(fun, fun_t, res, lin)`` returns ``fun(res, lin)``, linear in the pytree ``lin``
 for fixed ``res``; ``fun_t(res, cts)`` is its transpose (the cotangents of ``lin``). It is what
@@ -11,9 +10,17 @@ for fixed ``res``; ``fun_t(res, cts)`` is its transpose (the cotangents of ``lin
   another ``linear_call``, so any order works.
 - batching: ``fun`` and ``fun_t`` vmapped, the vmapped call still linear.
 
-The custom JVPs of the chunked ``selective_scan``, its Pallas path and the chunked ``ssd`` use it
-as their tangent map: forward mode evaluates ``fun`` (the JVP of the scan), reverse mode
-transposes it with the hand backward (which stores only the chunk-start states).
+``tangent_call`` builds the tangent of a custom JVP rule from it: forward mode evaluates the JVP
+of a differentiable twin of the kernel (plain JAX, e.g. the chunked XLA scan or flash attention),
+reverse mode transposes it with the kernel's own hand backward (Pallas kernels, or an XLA
+recompute from saved states), so training costs what a ``custom_vjp`` costs. ``with_jvp_of``
+gives a function with no JVP of its own (a ``pallas_call``) the JVP of a twin, so that rules
+built this way can be differentiated again (Hessian-vector products through Pallas kernels).
+
+Users: ``selective_scan`` (the chunked core and every Pallas kernel), ``ssd`` (chunked core),
+``dot_product_attention`` (XLA, Pallas, Mosaic), ``paged_decode_attention``, ring attention,
+and ``solve_recurrence``'s implicit adjoint (``linear_call`` directly); ``linear_scan``'s
+primitive shares ``aval_like``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.dtypes import float0
 from jax.interpreters import ad, batching, mlir
 
 try:  # jax.extend.core.Primitive (JAX >= 0.4.36); jax.core.Primitive before
@@ -77,13 +85,55 @@ def tangent_call(fun, backward, primals, tangents, consts, saved, out) -> Any:
         ]
         return jax.jvp(lambda *p: fun(c, *p), tuple(prim), tuple(full))[1]
 
+    def slow_backward(prim, c, sv, cts):  # the twin's: differentiable in prim (sv unused)
+        del sv
+        _, vjp = jax.vjp(lambda *p: fun(c, *p), *prim)
+        return vjp(cts)
+
+    def fast_backward(prim, c, sv, cts):
+        return tuple(backward(prim, c, sv, cts))[: len(prim)]
+
+    diff_backward = with_jvp_of(fast_backward, slow_backward)
+
     def lin_t(res, cts):
         prim, c, sv = res
-        grads = backward(prim, c, sv, cts)
+        grads = diff_backward(prim, c, sv, cts)
         return [backend.vary_as(g, p) for z, g, p in zip(nz, grads, prim) if z]
 
     lin = [t for z, t in zip(nz, tangents) if z]
     return linear_call(lin_fn, lin_t, (tuple(primals), consts, saved), lin)
+
+
+def with_jvp_of(fast: Callable, slow: Callable) -> Callable:
+    """``fast`` (e.g. Pallas kernels, which have no JVP) with the JVP of ``slow``, a function of
+    the same arguments that computes the same values in differentiable JAX. Both return the same
+    pytree; the tangents are cast to ``fast``'s output dtypes. Differentiable to any order
+    (the rule calls the wrapped function again for its primal output).
+
+    Arguments are pytrees of arrays (or None); integer arrays get float0 tangents. Arguments
+    whose values ``slow`` ignores (e.g. states a backward kernel reads, computed from the
+    others) contribute no tangent: correct where they are functions of the other arguments
+    and ``slow`` recomputes them."""
+    wrapped = jax.custom_jvp(fast)
+
+    @wrapped.defjvp
+    def _rule(primals, tangents):
+        out = wrapped(*primals)
+        t = jax.jvp(slow, primals, tangents)[1]
+        t = jax.tree.map(_typed_like, t, out)
+        return out, t
+
+    return wrapped
+
+
+def _typed_like(d, o):
+    """Tangent ``d`` in the dtype of ``o`` and, inside shard_map, varying over (at least) the
+    mesh axes ``o`` varies over (a constant such as a zero tangent is invariant)."""
+    if d.dtype == float0:
+        return d
+    d = d.astype(o.dtype)
+    missing = backend.vma(o) - backend.vma(d)
+    return jax.lax.pcast(d, tuple(sorted(missing, key=str)), to="varying") if missing else d
 
 
 def aval_like(avals, shape, dtype):
