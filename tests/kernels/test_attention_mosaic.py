@@ -37,6 +37,14 @@ def _f32(*xs):
 _loss = attention_loss
 
 
+def _attend(impl, q, k, v, kw):
+    """(out, lse): the reference, or the Mosaic kernel interpreted with 64-key blocks."""
+    inp = normalize(q, k, v, **kw)
+    if impl == "reference":
+        return attention_reference(inp)
+    return attention_mosaic(inp, interpret=True, blocks=dict(block_k=64))
+
+
 CASES = [
     # (b, t, s, n, k, h, hv), dtype, options, blocks
     ((1, 128, 256, 2, 1, 64, 64), jnp.bfloat16, dict(is_causal=True), dict(block_k=64)),
@@ -128,12 +136,7 @@ def test_gradients_against_reference(kw):
     q, k, v = _inputs(1, 96, 160, 4, 2, 64, 64, jnp.bfloat16, seed=3)
 
     def f(impl, q, k, v):
-        inp = normalize(q, k, v, **kw)
-        if impl == "reference":
-            out, lse = attention_reference(inp)
-        else:
-            out, lse = attention_mosaic(inp, interpret=True, blocks=dict(block_k=64))
-        return _loss(out, lse)
+        return _loss(*_attend(impl, q, k, v, kw))
 
     got = jax.jit(jax.grad(lambda *a: f("mosaic", *a), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(lambda *a: f("reference", *a), argnums=(0, 1, 2))(*_f32(q, k, v))
@@ -169,11 +172,7 @@ def test_segment_ids_values_lse_and_gradients(kw):
         kw["key_value_seq_lengths"] = jnp.array([120, 136], jnp.int32)
 
     def f(impl, q, k, v):
-        inp = normalize(q, k, v, segment_ids=seg, **kw)
-        if impl == "reference":
-            out, lse = attention_reference(inp)
-        else:
-            out, lse = attention_mosaic(inp, interpret=True, blocks=dict(block_k=64))
+        out, lse = _attend(impl, q, k, v, dict(kw, segment_ids=seg))
         return _loss(out, lse), (out, lse)
 
     vg = lambda impl, *a: jax.value_and_grad(  # noqa: E731
@@ -202,11 +201,7 @@ def test_forward_mode_against_reference():
     tangents = _inputs(2, 100, 100, 2, 1, 64, 64, jnp.bfloat16, seed=6)
 
     def f(impl, q, k, v):
-        inp = normalize(q, k, v, **kw)
-        if impl == "reference":
-            out, lse = attention_reference(inp)
-        else:
-            out, lse = attention_mosaic(inp, interpret=True, blocks=dict(block_k=64))
+        out, lse = _attend(impl, q, k, v, kw)
         return out, jnp.where(jnp.isfinite(lse), lse, 0.0)
 
     (out, lse), (dout, dlse) = jax.jit(lambda p, t: jax.jvp(lambda *a: f("mosaic", *a), p, t))(

@@ -236,32 +236,51 @@ def test_forward_mode(x64, impl, lb, lc):
         assert close, np.max(np.abs(np.asarray(g) - np.asarray(w)))
 
 
+def _second_order_inputs():
+    """Arguments (u, delta, A, D, z, bias, h0, B grouped, C time-varying) and tangents."""
+    d, e = make(), make(seed=2)
+    names = ("u", "delta", "A", "D", "z", "bias", "h0")
+    args = tuple(d[k] for k in names) + (d["bc"]["group"][0], d["bc"]["time"][1])
+    vs = tuple(e[k] for k in names) + (e["bc"]["group"][0], e["bc"]["time"][1])
+    return args, vs
+
+
+def _full_scan(i):
+    """(y, final state) of every option at once, as a function of the differentiable inputs."""
+
+    def f(u, delta, A, D, z, bias, h0, B, C):
+        return selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True,
+                              initial_state=h0, return_final_state=True, chunk_size=4,
+                              implementation=i)  # fmt: skip
+
+    return f
+
+
+def _scan_loss(i):
+    def loss(*a):
+        y, h = _full_scan(i)(*a)
+        return jnp.sum(jnp.tanh(y)) + jnp.sum(jnp.abs(h) ** 2)
+
+    return loss
+
+
+def _check_hvp(impl, args, vs):
+    argnums = tuple(range(len(args)))
+    hvp = lambda i: jax.jvp(jax.grad(_scan_loss(i), argnums), args, vs)[1]  # noqa: E731
+    for g, w in zip(jax.jit(lambda: hvp(impl))(), hvp("reference")):
+        assert_close(g, w, scale=1e3)
+
+
 def test_second_order_chunked(x64):
     """Hessian-vector products (forward over reverse) through the default "chunked" path, and
     vmap of jvp, equal the reference's (the hand backward is differentiated in its residuals by
     jaxcore's linear_call)."""
-    d = make()
-    B, C = d["bc"]["group"][0], d["bc"]["time"][1]
-    names = ("u", "delta", "A", "D", "z", "bias", "h0")
-    args = tuple(d[k] for k in names) + (B, C)
-    e = make(seed=2)
-    vs = tuple(e[k] for k in names) + (e["bc"]["group"][0], e["bc"]["time"][1])
-
-    def loss(i):
-        def f(u, delta, A, D, z, bias, h0, B, C):
-            y, h = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True,
-                                  initial_state=h0, return_final_state=True, chunk_size=4,
-                                  implementation=i)  # fmt: skip
-            return jnp.sum(jnp.tanh(y)) + jnp.sum(jnp.abs(h) ** 2)
-
-        return f
-
-    argnums = tuple(range(len(args)))
-    hvp = lambda i: jax.jvp(jax.grad(loss(i), argnums), args, vs)[1]  # noqa: E731
-    for g, w in zip(jax.jit(lambda: hvp("chunked"))(), hvp("reference")):
-        assert_close(g, w, scale=1e3)
+    args, vs = _second_order_inputs()
+    _check_hvp("chunked", args, vs)
     ts = jnp.stack([vs[0], -2 * vs[0]])
-    vj = lambda i: jax.vmap(lambda t: jax.jvp(lambda u: loss(i)(u, *args[1:]), (args[0],), (t,))[1])  # noqa: E501, E731
+    vj = lambda i: jax.vmap(
+        lambda t: jax.jvp(lambda u: _scan_loss(i)(u, *args[1:]), (args[0],), (t,))[1]
+    )  # noqa: E501, E731
     assert_close(jax.jit(vj("chunked"))(ts), vj("reference")(ts))
 
 
@@ -275,32 +294,12 @@ def test_second_order_and_forward_mode_pallas(x64, monkeypatch, kernel):
     monkeypatch.setattr(_pallas, "SELECTIVE_KERNEL", kernel)
     if kernel == "blocked":
         monkeypatch.setattr(_pallas, "SELECTIVE_BLOCKED_CONFIG", (8, 8, 4, 1))
-    d = make()
-    B, C = d["bc"]["group"][0], d["bc"]["time"][1]
-    names = ("u", "delta", "A", "D", "z", "bias", "h0")
-    args = tuple(d[k] for k in names) + (B, C)
-    e = make(seed=2)
-    vs = tuple(e[k] for k in names) + (e["bc"]["group"][0], e["bc"]["time"][1])
-
-    def out(i):
-        def f(u, delta, A, D, z, bias, h0, B, C):
-            return selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True,
-                                  initial_state=h0, return_final_state=True, chunk_size=4,
-                                  implementation=i)  # fmt: skip
-
-        return f
-
-    def loss(i):
-        return lambda *a: jnp.sum(jnp.tanh(out(i)(*a)[0])) + jnp.sum(out(i)(*a)[1] ** 2)
-
-    got = jax.jit(lambda: jax.jvp(out("pallas_interpret"), args, vs))()
-    want = jax.jvp(out("reference"), args, vs)
+    args, vs = _second_order_inputs()
+    got = jax.jit(lambda: jax.jvp(_full_scan("pallas_interpret"), args, vs))()
+    want = jax.jvp(_full_scan("reference"), args, vs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert_close(g, w, scale=10)
-    argnums = tuple(range(len(args)))
-    hvp = lambda i: jax.jvp(jax.grad(loss(i), argnums), args, vs)[1]  # noqa: E731
-    for g, w in zip(jax.jit(lambda: hvp("pallas_interpret"))(), hvp("reference")):
-        assert_close(g, w, scale=1e3)
+    _check_hvp("pallas_interpret", args, vs)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "reference", "pallas_interpret"])
