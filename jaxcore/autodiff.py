@@ -101,7 +101,8 @@ def tangent_call(fun, backward, primals, tangents, consts, saved, out) -> Any:
         return [backend.vary_as(g, p) for z, g, p in zip(nz, grads, prim) if z]
 
     lin = [t for z, t in zip(nz, tangents) if z]
-    return linear_call(lin_fn, lin_t, (tuple(primals), consts, saved), lin)
+    shape = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), out)  # the tangent's
+    return linear_call(lin_fn, lin_t, (tuple(primals), consts, saved), lin, shape)
 
 
 def with_jvp_of(fast: Callable, slow: Callable) -> Callable:
@@ -143,12 +144,15 @@ def aval_like(avals, shape, dtype):
     return like.update(shape=shape, dtype=dtype, weak_type=False)
 
 
-def linear_call(fun: Callable, fun_t: Callable, res: Any, lin: Any) -> Any:
+def linear_call(fun: Callable, fun_t: Callable, res: Any, lin: Any, out_shape: Any = None) -> Any:
     """``fun(res, lin)``, linear in ``lin``; ``fun_t(res, cts)`` its transpose (a list or tuple
-    of ``lin``'s leaves' cotangents, or ``lin``'s structure)."""
+    of ``lin``'s leaves' cotangents, or ``lin``'s structure). ``out_shape``: the output's
+    ShapeDtypeStructs if known (else ``fun`` is traced once to find them; reverse mode never
+    traces it otherwise)."""
     res_flat, res_tree = jax.tree.flatten(res)
     lin_flat, lin_tree = jax.tree.flatten(lin)
-    out_shape = jax.eval_shape(fun, res, lin)
+    if out_shape is None:
+        out_shape = jax.eval_shape(fun, res, lin)
     out_avals, out_tree = jax.tree.flatten(out_shape)
 
     def call(r, x):
