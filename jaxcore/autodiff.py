@@ -127,14 +127,23 @@ def with_jvp_of(fast: Callable, slow: Callable) -> Callable:
     return wrapped
 
 
+def with_saved(fast: Callable, twin: Callable) -> Callable:
+    """A forward ``fast(*args) -> (outs, saved)`` that also returns the states its backward
+    reads, with the JVP of ``twin(*args) -> outs`` (differentiable JAX) for ``outs`` and zero
+    tangents for ``saved`` (only the backward reads them, and :func:`tangent_call`
+    differentiates the backward through its twin, which recomputes them)."""
+
+    def slow(*args):
+        saved = jax.eval_shape(fast, *args)[1]
+        return twin(*args), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), saved)
+
+    return with_jvp_of(fast, slow)
+
+
 def _typed_like(d, o):
     """Tangent ``d`` in the dtype of ``o`` and, inside shard_map, varying over (at least) the
     mesh axes ``o`` varies over (a constant such as a zero tangent is invariant)."""
-    if d.dtype == float0:
-        return d
-    d = d.astype(o.dtype)
-    missing = backend.vma(o) - backend.vma(d)
-    return jax.lax.pcast(d, tuple(sorted(missing, key=str)), to="varying") if missing else d
+    return d if d.dtype == float0 else backend.vary_over(d.astype(o.dtype), backend.vma(o))
 
 
 def aval_like(avals, shape, dtype):

@@ -167,18 +167,22 @@ def aval_vma(aval: object) -> frozenset:
     return frozenset(getattr(aval, "vma", ()) or ())
 
 
-def vary_together(*xs: jax.Array) -> list[jax.Array]:
-    """Inside ``jax.shard_map``: each of ``xs`` marked varying over every manual mesh axis any
-    of them varies over (``lax.pcast(..., to="varying")``; its transpose sums), so that a loop
-    carrying one of them and combining it with the others keeps one type. Outside: unchanged."""
+def vary_over(x: jax.Array, axes: frozenset) -> jax.Array:
+    """``x`` marked varying over the manual mesh axes ``axes`` it does not vary over yet
+    (``lax.pcast(..., to="varying")``: no data moves; its transpose sums). Outside shard_map
+    (``axes`` empty): ``x``."""
     from jax import lax
 
+    missing = frozenset(axes) - vma(x)
+    return lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x
+
+
+def vary_together(*xs: jax.Array) -> list[jax.Array]:
+    """Inside ``jax.shard_map``: each of ``xs`` marked varying over every manual mesh axis any
+    of them varies over (:func:`vary_over`), so that a loop carrying one of them and combining
+    it with the others keeps one type. Outside: unchanged."""
     union = frozenset().union(*(vma(x) for x in xs))
-    out = []
-    for x in xs:
-        missing = union - vma(x)
-        out.append(lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x)
-    return out
+    return [vary_over(x, union) for x in xs]
 
 
 def vary_as(g: jax.Array, primal: jax.Array) -> jax.Array:
@@ -188,9 +192,7 @@ def vary_as(g: jax.Array, primal: jax.Array) -> jax.Array:
     varying over those the primal varies over and it does not."""
     from jax import lax
 
-    extra, missing = vma(g) - vma(primal), vma(primal) - vma(g)
+    extra = vma(g) - vma(primal)
     if extra:
         g = lax.psum(g, tuple(sorted(extra, key=str)))
-    if missing:
-        g = lax.pcast(g, tuple(sorted(missing, key=str)), to="varying")
-    return g
+    return vary_over(g, vma(primal))

@@ -328,15 +328,17 @@ def _dense(opts, H) -> bool:
     return H.shape[0] * H.shape[1] ** 2 <= DENSE_MAX_ENTRIES
 
 
+def _f_at(f_conv, H):
+    """(consts, h0, xs) -> f(H_{t-1}, x_t) for every t, with H fixed but h0 = H_{-1} free: the
+    inputs' part of the tangent and adjoint maps."""
+    return lambda consts, h0, xs: _feval(f_conv, consts, _prev(h0, H), xs)
+
+
 def _tangent(opts, f_conv, res, lin):
     """dH for input tangents lin = (dconsts, dh0, dxs) at the answer H."""
     consts, h0, xs, H = res
     Hprev = _prev(h0, H)
-
-    def F(consts_, h0_, xs_):  # f at (H_{t-1}, x_t) with H fixed but h0 = H_{-1} free
-        return _feval(f_conv, consts_, _prev(h0_, H), xs_)
-
-    b = jax.jvp(F, (consts, h0, xs), tuple(lin))[1]
+    b = jax.jvp(_f_at(f_conv, H), (consts, h0, xs), tuple(lin))[1]
     if _dense(opts, H):  # dH_t = J_t dH_{t-1} + b_t
         jac = _dense_jac(f_conv, consts, Hprev, xs)
         return linear_scan(jac[None], b[None], implementation=opts.scan_impl)[0]
@@ -371,10 +373,7 @@ def _adjoint(opts, f_conv, res, g):
         _, lams = lax.scan(body, g[-1], inputs, reverse=True)
         lam = jnp.concatenate([lams, g[-1:]], axis=0)
 
-    def F(consts_, h0_, xs_):
-        return _feval(f_conv, consts_, _prev(h0_, H), xs_)
-
-    _, vjp = jax.vjp(F, consts, h0, xs)
+    _, vjp = jax.vjp(_f_at(f_conv, H), consts, h0, xs)
     return vjp(lam.astype(H.dtype))
 
 

@@ -422,11 +422,11 @@ def _ungroup(x):
     return x.reshape(-1, *x.shape[2:])
 
 
-def _paged_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg, kernel: str | None = None):
+def _paged_fwd(q, key_pages, value_pages, tables, lengths, cfg: _Cfg):
     def fn(q, tables, lengths, key_pages, value_pages):
         return _fwd_group(q, key_pages, value_pages, tables, lengths, cfg)
 
-    if (kernel or cfg.kernel) == "xla":
+    if cfg.kernel == "xla":
         o, lse = _over_groups(fn, cfg, (q, tables, lengths), (key_pages, value_pages))
         return _ungroup(o), _ungroup(lse)
     return _pallas_fwd(q, key_pages, value_pages, tables, lengths, cfg)
@@ -437,8 +437,10 @@ def _paged_jvp(cfg, primals, tangents):
     q, key_pages, value_pages, tables, lengths = primals
     out = _paged_xla(*primals, cfg)  # itself: differentiable again
 
+    xla = dataclasses.replace(cfg, kernel="xla")
+
     def fun(consts, q, key_pages, value_pages):  # the XLA loops (a Pallas kernel has no JVP)
-        return _paged_fwd(q, key_pages, value_pages, *consts, cfg, kernel="xla")
+        return _paged_fwd(q, key_pages, value_pages, *consts, xla)
 
     def backward(prim, consts, saved, cts):
         return _paged_xla_bwd(cfg, (*prim, *consts, *saved), cts)[:3]

@@ -32,31 +32,32 @@ from .rounding import (
 STES = ("identity", "clipped")
 
 
-def _forward(x, rand, fmt, mode, sr_bits):
-    """x rounded onto ``fmt``, bit-exact, in x's dtype."""
+def _forward(x, rand, fmt, mode, ste, sr_bits):
+    """(quantized x, gradient mask or None)."""
     dt = x.dtype
     if isinstance(fmt, BlockFormat):
-        return block_round_with_limit(x, fmt, mode, rand, sr_bits)[0].astype(dt)
+        y, lim = block_round_with_limit(x, fmt, mode, rand, sr_bits)
+        mask = None
+        if ste == "clipped":
+            mask = jnp.abs(x.astype(jnp.float32)) <= lim
+        return y.astype(dt), mask
     w = word_of(dt) if np.dtype(dt) in (np.float32, np.float64) else F32
     xin = x.astype(w.fdtype)
     y = from_bits(round_bits(to_bits(xin, w), w, fmt, mode, rand=rand, sr_bits=sr_bits), w)
-    return y.astype(dt)
-
-
-def _in_range(x, rand, fmt, mode, sr_bits):
-    """The "clipped" STE's mask: x inside the format's range (per block: its scaled range)."""
-    if isinstance(fmt, BlockFormat):
-        lim = block_round_with_limit(x, fmt, mode, rand, sr_bits)[1]
-        return jnp.abs(x.astype(jnp.float32)) <= lim
-    w = word_of(x.dtype) if np.dtype(x.dtype) in (np.float32, np.float64) else F32
-    xin = x.astype(w.fdtype)
-    lo, hi = (-fmt.max, fmt.max) if isinstance(fmt, FloatFormat) else (fmt.min, fmt.max)
-    return (xin >= w.fdtype.type(lo)) & (xin <= w.fdtype.type(hi))
+    mask = None
+    if ste == "clipped":
+        if isinstance(fmt, FloatFormat):
+            lo, hi = -fmt.max, fmt.max
+        else:
+            lo, hi = fmt.min, fmt.max
+        mask = (xin >= w.fdtype.type(lo)) & (xin <= w.fdtype.type(hi))
+    return y.astype(dt), mask
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _fq(x, rand, fmt, mode, ste, sr_bits):
-    return _forward(x, rand, fmt, mode, sr_bits)
+    """(quantized x, mask or None): the mask rides along so one rounding serves both."""
+    return _forward(x, rand, fmt, mode, ste, sr_bits)
 
 
 @_fq.defjvp
@@ -66,11 +67,11 @@ def _fq_jvp(fmt, mode, ste, sr_bits, primals, tangents):
     (the rule calls ``_fq`` again for its value; the mask has no tangent)."""
     x, rand = primals
     dx = tangents[0]
-    y = _fq(x, rand, fmt, mode, ste, sr_bits)
-    if ste == "clipped":
-        mask = _in_range(jax.lax.stop_gradient(x), rand, fmt, mode, sr_bits)
+    y, mask = _fq(x, rand, fmt, mode, ste, sr_bits)
+    if mask is not None:
         dx = jnp.where(mask, dx, jnp.zeros_like(dx))
-    return y, dx.astype(y.dtype)
+        return (y, mask), (dx.astype(y.dtype), np.zeros(mask.shape, jax.dtypes.float0))
+    return (y, None), (dx.astype(y.dtype), None)
 
 
 def fake_quant(
@@ -110,4 +111,4 @@ def fake_quant(
                     "float32 first"
                 )
     rand = random_words(x.shape, key, None) if mode == "stochastic" else None
-    return _fq(x, rand, grid, mode, ste, sr_bits)
+    return _fq(x, rand, grid, mode, ste, sr_bits)[0]

@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu  # masked load/store (Triton and interpret)
 
 from jaxcore import backend
-from jaxcore.autodiff import tangent_call, with_jvp_of
+from jaxcore.autodiff import tangent_call, with_saved
 
 from ._common import split_for_programs
 
@@ -672,13 +672,10 @@ def _selective_pallas_jvp(lb, lc, chunk, interpret, primals, tangents):
         return _run_chunked(u, dt, A, Bm, Cm, h0, keep, lb, lc, chunk)
 
     def fast(*p):
-        return _selective_fwd_impl(*p, lb, chunk, interpret)
+        y, h_t, starts = _selective_fwd_impl(*p, lb, chunk, interpret)
+        return (y, h_t), starts
 
-    def slow(*p):  # the saved states get zero tangents: only the backward reads them
-        starts = jax.eval_shape(fast, *p)[2]
-        return (*twin(p[6], *p[:6]), jnp.zeros(starts.shape, starts.dtype))
-
-    y, h_t, starts = with_jvp_of(fast, slow)(*primals)  # differentiable again
+    (y, h_t), starts = with_saved(fast, lambda *p: twin(p[6], *p[:6]))(*primals)
 
     def backward(prim, keep, saved, cts):
         return _selective_pallas_bwd(lb, lc, chunk, (*prim[:5], keep, saved), cts)[:6]
@@ -1250,38 +1247,23 @@ def _xla_twin(cfg, keep, u, dl, A, Bm, Cm, Dv, z, bias, h0):
     return y.astype(u.dtype), h_t
 
 
-@functools.cache
-def _fused_saving(cfg: SelectiveConfig):
-    """The forward that also saves the backward's states; its JVP (needed only to differentiate
-    the JVP rule again: Hessian-vector products) is the XLA twin's. The saved states get zero
-    tangents: only the backward reads them, and its own JVP is its twin's (see tangent_call)."""
-
-    def fast(*p):
-        return _fused_impl(*p, cfg, save=True)
-
-    def slow(*p):
-        y, h_t = _xla_twin(cfg, p[_DIFF], *p[:_DIFF])
-        _, _, ypre, subs = jax.eval_shape(fast, *p)
-        zero = lambda s: None if s is None else jnp.zeros(s.shape, s.dtype)  # noqa: E731
-        return y, h_t, zero(ypre), zero(subs)
-
-    return with_jvp_of(fast, slow)
-
-
 @functools.partial(_selective_fused.defjvp, symbolic_zeros=True)
 def _selective_fused_jvp(cfg, primals, tangents):
-    y, h_t, ypre, subs = _fused_saving(cfg)(*primals)
+    fun = functools.partial(_xla_twin, cfg)  # (keep, *differentiable operands)
+
+    def fast(*p):  # also the states the backward reads (with_saved: differentiable again)
+        y, h_t, ypre, subs = _fused_impl(*p, cfg, save=True)
+        return (y, h_t), (ypre, subs)
+
+    out, saved = with_saved(fast, lambda *p: fun(p[_DIFF], *p[:_DIFF]))(*primals)
 
     def backward(p, keep, saved, cts):
         u, dl, A, Bm, Cm, Dv, z, bias, h0 = p
         grads = _selective_fused_bwd(cfg, (u, dl, A, Bm, Cm, Dv, z, bias, keep, *saved, h0), cts)
         return grads[:_DIFF]
 
-    fun = functools.partial(_xla_twin, cfg)
-    out_t = tangent_call(
-        fun, backward, primals[:_DIFF], tangents[:_DIFF], primals[_DIFF], (ypre, subs), (y, h_t)
-    )
-    return (y, h_t), tuple(out_t)
+    diff, keep = primals[:_DIFF], primals[_DIFF]
+    return out, tuple(tangent_call(fun, backward, diff, tangents[:_DIFF], keep, saved, out))
 
 
 def _selective_fused_bwd(cfg, res, cts):

@@ -11,7 +11,7 @@ Implementations:
   Forward mode (jax.jvp, jacfwd) works on every implementation: here through linear_scan's
   primitive; "chunked" and "pallas" have a custom JVP whose tangent map is a ``linear_call``
   (the JVP of the chunked scan; reverse mode transposes it with the hand backward), so
-  Hessian-vector products work too, except through a Pallas kernel.
+  Hessian-vector products work too (through the Pallas kernels: their XLA twins' JVPs).
 - "chunked" (default): never materialises (B, L, D, N). A ``lax.scan`` over chunks, inside it a
   ``lax.scan`` over the steps of the chunk computing exp(delta*A) on the fly; only the states at
   chunk starts are stored. Its custom JVP's tangent map (a ``linear_call``) is transposed by a
